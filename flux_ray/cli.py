@@ -1,0 +1,112 @@
+"""`flux-ray` command line: each subcommand validates the spec first, then calls a driver function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from flux_ray.spec import SpecError, load_spec, spec_to_yaml
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key by dotted path, e.g. --set train.learning_rate=3e-4 (repeatable)")
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: max(8, cores))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flux-ray", description="Distributed Flux.1 LoRA fine-tuning on Ray")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="check a spec and print the effective spec with every default")
+    _spec_args(p)
+    for name, text in [("cache", "encode the datasets into the cache"), ("train", "train from an existing cache"),
+                       ("run", "cache, then train"), ("tune", "a Ray Tune sweep over the spec's tune section")]:
+        p = sub.add_parser(name, help=text)
+        _spec_args(p)
+        _ray_args(p)
+    p = sub.add_parser("tiny-model", help="write a tiny random Flux in diffusers layout")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("demo-data", help="write a small generated image dataset with captions")
+    p.add_argument("directory")
+    p.add_argument("-n", type=int, default=32)
+    p = sub.add_parser("export", help="convert a run's LoRA or a checkpoint to another format")
+    p.add_argument("source", help="run directory, checkpoint directory or LoRA file")
+    p.add_argument("--format", choices=["diffusers", "comfyui", "kohya"], default="diffusers")
+    p.add_argument("--out", default=None)
+    p.add_argument("--merge", action="store_true", help="fuse into the base transformer and save it (bf16)")
+    p.add_argument("--spec", dest="spec_path", default=None, help="job spec (default: the run's job_spec.yaml)")
+    from flux_ray.jobs_client import add_job_commands
+
+    add_job_commands(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    if args.cmd == "tiny-model":
+        from flux_ray.core.tiny import write_tiny_flux
+
+        print(write_tiny_flux(args.directory, seed=args.seed, overwrite=args.overwrite))
+        return 0
+    if args.cmd == "demo-data":
+        from flux_ray.data.demo import write_demo_data
+
+        n = write_demo_data(args.directory, n=args.n)
+        print(f"wrote {n} images to {args.directory}")
+        return 0
+    if args.cmd == "export":
+        from flux_ray.core.lora_export import export_cli
+
+        return export_cli(args)
+    if args.cmd in ("submit", "status", "logs", "stop"):
+        from flux_ray.jobs_client import run_job_command
+
+        return run_job_command(args)
+    spec = load_spec(args.spec, args.overrides)
+    if args.cmd == "validate":
+        print(spec_to_yaml(spec), end="")
+        return 0
+    from flux_ray import job
+
+    job.init_ray(args.num_cpus)
+    if args.cmd == "cache":
+        summary = job.cache(spec).to_dict()
+        print(json.dumps(summary, indent=1))
+        return 0
+    if args.cmd == "tune":
+        from flux_ray.tune.sweep import run_sweep
+
+        result = run_sweep(spec)
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    summary = job.run(spec, do_cache=args.cmd == "run")
+    print(f"\nLoRA:        {summary['lora']}\ncache:       {summary['cache_uri']}\n"
+          f"MLflow:      {summary['mlflow']['tracking_uri']} run {summary['mlflow']['run_id']}\n"
+          f"steps:       {summary['steps']}  final loss {summary['final_loss']}\n"
+          f"summary:     {summary['run_uri']}/run_summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Flux flow-matching math: packing, image ids, sigma sampling and shifts, loss. Pure torch.
+
+Each function mirrors a diffusers reference (tests compare them): ``FluxPipeline._pack_latents``,
+``_unpack_latents``, ``_prepare_latent_image_ids``, ``calculate_shift`` and the scheduler's
+``time_shift``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHNELL_SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.25])
+SCHNELL_PROBS = torch.tensor([0.7, 0.1, 0.1, 0.1])
+
+
+def pack_latents(latents_bchw: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches as tokens."""
+    b, c, h, w = latents_bchw.shape
+    x = latents_bchw.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
+    """Inverse of pack_latents for a latent grid of latent_h x latent_w."""
+    b, _, d = packed.shape
+    c = d // 4
+    x = packed.view(b, latent_h // 2, latent_w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, latent_h, latent_w)
+
+
+def latent_image_ids(latent_h: int, latent_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(h/2 * w/2, 3) position ids: (0, row, col) per packed token."""
+    ids = torch.zeros(latent_h // 2, latent_w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(latent_h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(latent_w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def text_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    return torch.zeros(seq_len, 3, device=device, dtype=dtype)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu for resolution-dependent shifting: linear in the packed image sequence length."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Static shift: s*sigma / (1 + (s-1)*sigma); equals the scheduler's exponential time shift at mu=ln s."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def effective_shift(flow, image_seq_len: int, scheduler_config: dict | None) -> float | None:
+    """The shift the spec asks for at this sequence length (None: no shift)."""
+    if flow.flow_schedule_auto_shift:
+        cfg = scheduler_config or {}
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return math.exp(mu)
+    return flow.flow_schedule_shift
+
+
+def sample_sigmas(batch_size: int, flow, *, image_seq_len: int, scheduler_config: dict | None = None,
+                  fast_schedule: bool = False, generator: torch.Generator | None = None,
+                  device=None) -> torch.Tensor:
+    """Training sigmas in (0, 1]: logit-normal (default), uniform or Beta(2,2), then shifted."""
+    if fast_schedule:
+        idx = torch.multinomial(SCHNELL_PROBS, batch_size, replacement=True, generator=generator)
+        return SCHNELL_SIGMAS[idx].to(device)
+    if flow.flow_use_uniform_schedule:
+        sigmas = torch.rand(batch_size, generator=generator)
+    elif flow.flow_use_beta_schedule:
+        # The median of 3 uniforms is exactly Beta(2,2) (2nd order statistic) and takes a generator.
+        u = torch.rand(batch_size, 3, generator=generator)
+        sigmas = u.median(dim=1).values
+    else:
+        sigmas = torch.sigmoid(flow.flow_sigmoid_scale * torch.randn(batch_size, generator=generator))
+    shift = effective_shift(flow, image_seq_len, scheduler_config)
+    if shift is not None:
+        sigmas = shift_sigmas(sigmas, shift)
+    return sigmas.clamp(1e-5, 1.0).to(device)
+
+
+def eval_sigmas(num: int, flow, *, image_seq_len: int, scheduler_config: dict | None = None,
+                fast_schedule: bool = False) -> torch.Tensor:
+    """A fixed grid of sigmas for eval loss: the inference schedule's sigmas for this size."""
+    if fast_schedule:
+        return SCHNELL_SIGMAS.clone()
+    sigmas = torch.linspace(1.0, 1.0 / num, num)
+    shift = effective_shift(flow, image_seq_len, scheduler_config)
+    return shift_sigmas(sigmas, shift) if shift is not None else sigmas
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) x_0 + sigma * noise (rectified flow)."""
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return (1 - s) * latents + s * noise
+
+
+def flow_loss(pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor, loss_type: str = "mse",
+              huber_c: float = 0.1, reduce: bool = True) -> torch.Tensor:
+    """Loss against the velocity target noise - latents: mean per sample, then over the batch."""
+    target = (noise - latents).float()
+    diff = pred.float() - target
+    if loss_type == "huber":
+        per = huber_c * (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c)
+    else:
+        per = diff.pow(2)
+    per_sample = per.reshape(per.shape[0], -1).mean(dim=1)
+    return per_sample.mean() if reduce else per_sample
+
+
+def guidance_values(batch_size: int, flow, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Distilled-guidance input per sample: constant or uniform in [min, max]."""
+    if flow.flux_guidance_mode == "random-range":
+        u = torch.rand(batch_size, generator=generator)
+        return flow.flux_guidance_min + u * (flow.flux_guidance_max - flow.flux_guidance_min)
+    return torch.full((batch_size,), float(flow.flux_guidance_value))
+
+
+def normalize_latents(raw: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
+    """VAE latents -> the transformer's latent space (Flux: (x - shift) * scale)."""
+    return (raw - shift_factor) * scaling_factor
+
+
+def joint_attention_mask(text_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """(B, L_txt) T5 mask -> (B, 1, 1, L_txt + N_img) boolean mask, ones over image tokens."""
+    b = text_mask.shape[0]
+    ones = torch.ones(b, num_image_tokens, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([text_mask.bool(), ones], dim=1)[:, None, None, :]

@@ -1,0 +1,62 @@
+"""Quantized frozen bases: optimum-quanto int8/int4/int2, bitsandbytes NF4, torchao fp8."""
+from __future__ import annotations
+
+import torch
+
+QUANTO = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2"}
+
+
+def check_quantization_supported(precision: str, device: torch.device) -> None:
+    """Fail early, with the option named, when this device cannot run the quantized base."""
+    if precision in ("nf4-bnb", "fp8-torchao") and device.type != "cuda":
+        raise ValueError(f"model.base_model_precision={precision!r} needs a CUDA device; this worker runs on "
+                         f"{device.type} (use no_change or an *-quanto precision on CPU)")
+    if precision == "fp8-torchao":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"model.base_model_precision='fp8-torchao' needs compute capability >= 8.9 "
+                             f"(this card: {major}.{minor})")
+        try:
+            import torchao  # noqa: F401
+        except ImportError as e:
+            raise ValueError("model.base_model_precision='fp8-torchao' needs the torchao package") from e
+
+
+def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device) -> torch.nn.Module:
+    """Quantize the transformer's blocks in place (on the device when quantize_via=accelerator)."""
+    precision = model_spec.base_model_precision
+    if precision == "no_change":
+        return transformer.to(device)
+    check_quantization_supported(precision, device)
+    where = device if model_spec.quantize_via == "accelerator" else torch.device("cpu")
+    transformer.to(where)
+    if precision in QUANTO:
+        from optimum import quanto
+
+        quanto.quantize(transformer, weights=getattr(quanto, QUANTO[precision]),
+                        exclude=["proj_out", "x_embedder", "context_embedder", "norm_out*", "time_text_embed*"])
+        quanto.freeze(transformer)
+    elif precision == "nf4-bnb":
+        _to_nf4(transformer)
+    else:
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        quantize_(transformer, Float8WeightOnlyConfig())
+    return transformer.to(device)
+
+
+def _to_nf4(transformer: torch.nn.Module) -> None:
+    import bitsandbytes as bnb
+
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    for blk in blocks:
+        for name, mod in list(blk.named_modules()):
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", device=mod.weight.device)
+            q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4")
+            if mod.bias is not None:
+                q.bias = torch.nn.Parameter(mod.bias.data.clone(), requires_grad=False)
+            parent = blk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else blk
+            setattr(parent, name.rsplit(".", 1)[-1], q.to(mod.weight.device))

@@ -1,0 +1,92 @@
+"""Validation images from the live (LoRA-wrapped) transformer, written as one grid per step."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from flux_ray import storage
+
+
+def prompt_library(eval_spec) -> dict[str, str]:
+    """nickname -> prompt; ``validation_prompt`` is nicknamed 'validation'."""
+    prompts = {}
+    if eval_spec.validation_prompt:
+        prompts["validation"] = eval_spec.validation_prompt
+    if eval_spec.user_prompt_library:
+        lib = json.loads(Path(eval_spec.user_prompt_library).read_text())
+        if not isinstance(lib, dict) or not all(isinstance(v, str) for v in lib.values()):
+            raise ValueError(f"eval.user_prompt_library {eval_spec.user_prompt_library!r}: expected a JSON object "
+                             "of nickname -> prompt")
+        prompts.update(lib)
+    return prompts
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, img in enumerate(images):
+        grid.paste(img, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Validator:
+    """Renders the prompt library at each validation size with the training transformer."""
+
+    def __init__(self, spec, transformer, device: torch.device):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        from flux_ray.core.model import load_text_encoders, load_vae
+
+        self.spec, self.device = spec, device
+        self.prompts = prompt_library(spec.eval)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tok, clip, tok2, t5 = load_text_encoders(spec.model, dtype=dtype, device=device)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.model.base_path, subfolder="scheduler")
+        self.pipe = FluxPipeline(scheduler=sched, vae=load_vae(spec.model, dtype=dtype, device=device),
+                                 text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
+                                 transformer=transformer)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def render(self) -> list[tuple[str, Image.Image]]:
+        ev, out = self.spec.eval, []
+        for name, prompt in self.prompts.items():
+            for w, h in ev.validation_sizes:
+                kwargs = {}
+                if ev.validation_guidance_real > 1:
+                    kwargs = {"true_cfg_scale": ev.validation_guidance_real,
+                              "negative_prompt": ev.validation_negative_prompt}
+                img = self.pipe(prompt, width=w, height=h, num_inference_steps=ev.validation_num_inference_steps,
+                                guidance_scale=ev.validation_guidance, max_sequence_length=self.spec.model.t5_max_length,
+                                generator=torch.Generator().manual_seed(ev.validation_seed), **kwargs).images[0]
+                out.append((f"{name}-{w}x{h}", img))
+        return out
+
+    def __call__(self, step: int) -> dict:
+        """Write step-N/<nickname>-WxH.png and step-N.png (grid) under the run's validation folder."""
+        was_training = self.pipe.transformer.training
+        self.pipe.transformer.eval()
+        try:
+            images = self.render()
+        finally:
+            self.pipe.transformer.train(was_training)
+        base = storage.join(self.spec.run_uri, "validation")
+        for name, img in images:
+            storage.write_bytes_atomic(storage.join(base, f"step-{step:06d}", f"{name}.png"), _png(img), self.spec.storage)
+        grid_uri = storage.join(base, f"step-{step:06d}.png")
+        storage.write_bytes_atomic(grid_uri, _png(make_grid([i for _, i in images])), self.spec.storage)
+        return {"validation_grid": grid_uri}

@@ -1,0 +1,203 @@
+"""The cache job (driver side): images -> buckets/crops -> VAE latents + text embeddings -> Parquet.
+
+Runs as Ray Data pipelines: decode on CPU tasks, VAE and text encoders on actor pools (a GPU per
+actor when there are GPUs). Work is committed in chunks of ``cache.commit_every`` images; a rerun
+encodes only samples no committed shard holds (new images, or what a killed run had not committed).
+Bad files become skip rows with a reason, so they are counted and not retried.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flux_ray import storage
+from flux_ray.data import sources
+from flux_ray.data.cache_layout import CachePaths, dataset_key, empty_manifest, sample_id, text_key, vae_identity
+
+log = logging.getLogger("flux_ray.cache")
+EMPTY_CAPTION = ""
+
+
+@dataclass
+class CacheSummary:
+    cache_uri: str
+    datasets: dict = field(default_factory=dict)     # dataset id -> per-dataset numbers
+    text_key: str = ""
+    unique_captions: int = 0
+    captions_encoded: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read_manifest(uri: str, st, kind: str, key: str, meta: dict) -> dict:
+    path = storage.join(uri, "manifest.json")
+    return storage.read_json(path, st) if storage.exists(path, st) else empty_manifest(kind, key, meta)
+
+
+def _committed_column(uri: str, manifest: dict, st, column: str) -> set:
+    fs, _ = storage.resolve(uri, st)
+    seen: set = set()
+    for shard in manifest["shards"]:
+        _, path = storage.resolve(storage.join(uri, shard["file"]), st)
+        seen.update(pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist())
+    return seen
+
+
+def _write_chunk(ds, uri: str, st, min_rows: int) -> list[dict]:
+    """Write a Ray Dataset into a fresh shard folder; return the files' manifest entries."""
+    chunk = f"shards/chunk-{uuid.uuid4().hex[:12]}"
+    fs, path = storage.resolve(storage.join(uri, chunk), st)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows)
+    entries = []
+    for f in storage.list_files(storage.join(uri, chunk), st, suffixes=(".parquet",)):
+        rel = chunk + "/" + f.uri.rstrip("/").rsplit("/", 1)[-1]
+        _, p = storage.resolve(f.uri, st)
+        entries.append({"file": rel, "rows": pq.read_metadata(p, filesystem=fs).num_rows, "bytes": f.size})
+    return entries
+
+
+def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Table | None = None) -> dict:
+    manifest = dict(manifest, shards=manifest["shards"] + new_entries, version=manifest["version"] + 1)
+    if index is not None:
+        name = f"index-v{manifest['version']}.parquet"
+        fs, path = storage.resolve(storage.join(uri, name), st)
+        pq.write_table(index, path, filesystem=fs)
+        manifest["index"] = name
+    storage.write_json_atomic(storage.join(uri, "manifest.json"), manifest, st)
+    return manifest
+
+
+def _ray_resources(spec) -> dict:
+    return {"num_gpus": 1} if spec.scaling.use_gpu else {"num_cpus": 1}
+
+
+def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dict:
+    """Encode what is missing for one dataset; returns its committed manifest."""
+    import ray
+
+    from flux_ray.data.encoders import DecodeAndCrop, VaeEncoder
+
+    st = spec.storage
+    key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
+    uri = CachePaths(spec.cache.uri).latents(key)
+    storage.ensure_bucket(uri, st)
+    meta = {"dataset_id": ds_spec.id, "vae": vae_identity(spec.model, vae_config), "dtype": spec.cache.latent_dtype,
+            "shift_factor": vae_config.get("shift_factor") or 0.0, "scaling_factor": vae_config.get("scaling_factor", 1.0)}
+    manifest = _read_manifest(uri, st, "latents", key, meta)
+    t0 = time.time()
+    refs = sources.list_images(ds_spec, st)
+    captions = sources.captions_for(refs, ds_spec, st)
+    done = _committed_column(uri, manifest, st, "sample_id")
+    rows = [dict(asdict(r), sample_id=sample_id(r)) for r in refs]
+    todo = [r for r in rows if r["sample_id"] not in done]
+    log.info("dataset %s: %d images, %d cached, %d to encode -> %s", ds_spec.id, len(rows), len(rows) - len(todo),
+             len(todo), uri)
+    step = spec.cache.commit_every
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        pipe = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk) // 8, 64)))
+        pipe = pipe.map(DecodeAndCrop, fn_constructor_kwargs={"dataset_spec": ds_spec, "storage_spec": st,
+                                                              "seed": spec.train.seed}, concurrency=(1, 4))
+        pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size,
+                                fn_constructor_kwargs={"model_spec": spec.model, "latent_dtype": spec.cache.latent_dtype,
+                                                       "use_gpu": spec.scaling.use_gpu},
+                                concurrency=spec.cache.num_vae_actors, **_ray_resources(spec))
+        entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
+        manifest = _commit(uri, st, manifest, entries)
+        summary.bytes_written += sum(e["bytes"] for e in entries)
+        log.info("dataset %s: committed %d/%d", ds_spec.id, min(start + step, len(todo)), len(todo))
+    by_id = {r["sample_id"]: r for r in rows}
+    index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
+                      "caption": [captions.get(r["uri"], "") for r in by_id.values()]})
+    index = index.append_column("caption_id", pa.array([sources.caption_id(c) for c in index["caption"].to_pylist()]))
+    manifest = _commit(uri, st, manifest, [], index)
+    summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
+    summary.datasets[ds_spec.id]["key"] = key
+    return manifest
+
+
+def _dataset_stats(uri: str, st, manifest: dict, seen: int, encoded_now: int, seconds: float) -> dict:
+    fs, _ = storage.resolve(uri, st)
+    index_ids = set(pq.read_table(storage.resolve(storage.join(uri, manifest["index"]), st)[1], filesystem=fs)
+                    .column("sample_id").to_pylist())
+    skipped, buckets = Counter(), Counter()
+    skipped_files: dict[str, str] = {}
+    for shard in manifest["shards"]:
+        t = pq.read_table(storage.resolve(storage.join(uri, shard["file"]), st)[1], filesystem=fs,
+                          columns=["sample_id", "rel_path", "skip_reason", "bucket_w", "bucket_h"]).to_pylist()
+        for r in t:
+            if r["sample_id"] not in index_ids:
+                continue
+            if r["skip_reason"]:
+                skipped[r["skip_reason"]] += 1
+                skipped_files[r["rel_path"]] = r["skip_reason"]
+            else:
+                buckets[f"{r['bucket_w']}x{r['bucket_h']}"] += 1
+    return {"images_seen": seen, "encoded_this_run": encoded_now, "usable": sum(buckets.values()),
+            "skipped": dict(skipped), "skipped_files": skipped_files, "buckets": dict(sorted(buckets.items())),
+            "seconds": round(seconds, 2), "images_per_s": round(encoded_now / seconds, 2) if seconds else 0.0}
+
+
+def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
+    """Encode each caption not yet in the text cache exactly once (the empty caption included)."""
+    import ray
+
+    from flux_ray.data.encoders import TextEncoder
+
+    st = spec.storage
+    key = text_key(spec.model, spec.cache.text_embed_dtype)
+    uri = CachePaths(spec.cache.uri).text(key)
+    storage.ensure_bucket(uri, st)
+    manifest = _read_manifest(uri, st, "text", key, {"dtype": spec.cache.text_embed_dtype,
+                                                    "t5_max_length": spec.model.t5_max_length})
+    done = _committed_column(uri, manifest, st, "caption_id")
+    todo = sorted({sources.caption_id(c): c for c in captions | {EMPTY_CAPTION}}.items())
+    todo = [{"caption_id": cid, "caption": c} for cid, c in todo if cid not in done]
+    summary.text_key, summary.unique_captions, summary.captions_encoded = key, len(captions | {EMPTY_CAPTION}), len(todo)
+    if todo:
+        pipe = ray.data.from_items(todo).map_batches(
+            TextEncoder, batch_size=spec.cache.text_batch_size, concurrency=spec.cache.num_text_actors,
+            fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
+                                   "use_gpu": spec.scaling.use_gpu}, **_ray_resources(spec))
+        entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
+        manifest = _commit(uri, st, manifest, entries)
+        summary.bytes_written += sum(e["bytes"] for e in entries)
+    return manifest
+
+
+def run_cache(spec) -> CacheSummary:
+    """Cache every enabled dataset of the spec (train and eval) and their captions."""
+    from flux_ray.core.model import ensure_base_model, load_vae_config
+    from flux_ray.data.demo import write_demo_data
+
+    t0 = time.time()
+    ensure_base_model(spec.model)
+    vae_config = load_vae_config(spec.model)
+    summary = CacheSummary(cache_uri=spec.cache.uri)
+    captions: set[str] = set()
+    for ds_spec in spec.enabled_datasets():
+        if ds_spec.make_demo_if_missing and ds_spec.type == "local":
+            from pathlib import Path
+
+            if not Path(ds_spec.instance_data_dir).exists():
+                write_demo_data(ds_spec.instance_data_dir)
+        manifest = cache_dataset(spec, ds_spec, vae_config, summary)
+        uri = CachePaths(spec.cache.uri).latents(summary.datasets[ds_spec.id]["key"])
+        fs, path = storage.resolve(storage.join(uri, manifest["index"]), spec.storage)
+        captions.update(pq.read_table(path, filesystem=fs, columns=["caption"]).column("caption").to_pylist())
+        if summary.datasets[ds_spec.id]["usable"] == 0:
+            raise ValueError(f"dataset {ds_spec.id!r}: no usable images after decoding "
+                             f"(skipped: {summary.datasets[ds_spec.id]['skipped']})")
+    cache_text(spec, captions, summary)
+    summary.seconds = round(time.time() - t0, 2)
+    storage.write_json_atomic(storage.join(spec.cache.uri, "last_cache_summary.json"), summary.to_dict(), spec.storage)
+    return summary

@@ -1,0 +1,131 @@
+"""Ray-free callables for the cache pipeline: decode+crop, VAE encode, text encode.
+
+Each is a class that loads what it needs in ``__init__`` and maps ``dict[str, ndarray] -> dict``
+batches, so Ray Data runs it on an actor pool and tests call it directly.
+
+What is stored from the VAE: the latent distribution's mean and std (not one sample), in the cache
+dtype (bf16 by default), so each epoch draws a fresh sample ``mean + std * eps`` exactly as
+encoding the image again would, at the cost of 2x the bytes of a single sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flux_ray.core.model import DTYPES
+
+TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
+
+
+def tensor_to_bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """Raw little-endian bytes of ``t`` cast to dtype (bf16 stored via its 16-bit pattern)."""
+    t = t.detach().to("cpu", dtype).contiguous()
+    return t.view(TORCH_TO_NP_VIEW[dtype]).numpy().tobytes()
+
+
+def bytes_to_tensor(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+    view = TORCH_TO_NP_VIEW[dtype]
+    arr = np.frombuffer(data, dtype=torch.empty(0, dtype=view).numpy().dtype).reshape(shape)
+    return torch.from_numpy(arr.copy()).view(dtype)
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+class DecodeAndCrop:
+    """Reads an image (local or S3), decodes, buckets and crops it; bad files become skip rows."""
+
+    def __init__(self, dataset_spec, storage_spec=None, seed: int = 0):
+        self.ds = dataset_spec
+        self.storage = storage_spec
+        self.seed = seed
+
+    def __call__(self, row: dict) -> dict:
+        from flux_ray.data import decode, sources
+
+        out = dict(row, skip_reason="", pixels=np.zeros(0, np.float32), bucket_w=0, bucket_h=0, orig_w=0,
+                   orig_h=0, crop_box=[0, 0, 0, 0])
+        try:
+            ref = sources.ImageRef(**{k: row[k] for k in ("dataset_id", "uri", "rel_path", "size", "mtime_ns")})
+            data = sources.read_bytes(ref, self.ds, self.storage)
+            prep = decode.prepare_image(data, row["rel_path"], self.ds, seed=self.seed ^ hash_int(row["sample_id"]))
+        except decode.SkipImage as e:
+            out["skip_reason"] = e.reason
+            return out
+        except OSError as e:  # unreadable source: count it, never crash the job
+            out["skip_reason"] = f"read_error:{type(e).__name__}"
+            return out
+        out.update(pixels=prep.pixels_chw.astype(np.float32).ravel(), bucket_w=prep.bucket_w, bucket_h=prep.bucket_h,
+                   orig_w=prep.orig_w, orig_h=prep.orig_h, crop_box=list(prep.crop_box))
+        return out
+
+
+def hash_int(text: str) -> int:
+    return int(text[:8], 16)
+
+
+class VaeEncoder:
+    """Encodes same-bucket groups of a batch with the VAE; stores mean and std bytes."""
+
+    def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False):
+        from flux_ray.core.model import load_vae
+
+        self.device = pick_device(use_gpu)
+        compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.vae = load_vae(model_spec, dtype=compute, device=self.device)
+        self.compute = compute
+        self.dtype = DTYPES[latent_dtype]
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["sample_id"])
+        means, stds = [b""] * n, [b""] * n
+        lat_h, lat_w = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(n):
+            if not batch["skip_reason"][i]:
+                groups.setdefault((int(batch["bucket_w"][i]), int(batch["bucket_h"][i])), []).append(i)
+        for (w, h), idx in groups.items():
+            px = np.stack([np.asarray(batch["pixels"][i]).reshape(3, h, w) for i in idx])
+            x = torch.from_numpy(px).to(self.device, self.compute)
+            dist = self.vae.encode(x).latent_dist
+            for j, i in enumerate(idx):
+                means[i] = tensor_to_bytes(dist.mean[j], self.dtype)
+                stds[i] = tensor_to_bytes(dist.std[j], self.dtype)
+                lat_h[i], lat_w[i] = dist.mean.shape[2], dist.mean.shape[3]
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out.update(latent_mean=np.array(means, dtype=object), latent_std=np.array(stds, dtype=object),
+                   latent_h=lat_h, latent_w=lat_w)
+        return out
+
+
+class TextEncoder:
+    """CLIP pooled + T5 sequence embeddings (and the T5 mask) for unique captions."""
+
+    def __init__(self, model_spec, embed_dtype: str = "bf16", use_gpu: bool = False):
+        from flux_ray.core.model import load_text_encoders
+
+        self.device = pick_device(use_gpu)
+        compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tok, self.clip, self.tok2, self.t5 = load_text_encoders(model_spec, dtype=compute, device=self.device)
+        self.max_len = model_spec.t5_max_length
+        self.dtype = DTYPES[embed_dtype]
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        captions = [str(c) for c in batch["caption"]]
+        clip_in = self.tok(captions, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
+                           return_tensors="pt")
+        pooled = self.clip(clip_in.input_ids.to(self.device), output_hidden_states=False).pooler_output
+        t5_in = self.tok2(captions, padding="max_length", max_length=self.max_len, truncation=True,
+                          return_tensors="pt")
+        embeds = self.t5(t5_in.input_ids.to(self.device), output_hidden_states=False)[0]
+        n = len(captions)
+        return {"caption_id": np.asarray(batch["caption_id"]), "caption": np.asarray(captions, dtype=object),
+                "prompt_embeds": np.array([tensor_to_bytes(embeds[i], self.dtype) for i in range(n)], dtype=object),
+                "pooled": np.array([tensor_to_bytes(pooled[i], self.dtype) for i in range(n)], dtype=object),
+                "text_mask": np.array([t5_in.attention_mask[i].to(torch.int8).numpy().tobytes() for i in range(n)],
+                                      dtype=object),
+                "seq_len": np.full(n, embeds.shape[1], np.int32), "embed_dim": np.full(n, embeds.shape[2], np.int32),
+                "pooled_dim": np.full(n, pooled.shape[1], np.int32)}

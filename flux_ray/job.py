@@ -1,0 +1,83 @@
+"""A whole job on the driver: Ray up, cache, MLflow run, train, LoRA export, run_summary.json."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from flux_ray import storage
+from flux_ray.spec import JobSpec
+
+log = logging.getLogger("flux_ray")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
+
+    A local Ray gets more logical CPUs than the machine has cores: each Train worker holds one and
+    Ray Data's budget excludes it, so a 2-core machine would otherwise stall.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Train v2 workers block in report() until the controller polls (default every 2 s).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+             log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def cache(spec: JobSpec):
+    from flux_ray.data.cache import run_cache
+
+    summary = run_cache(spec)
+    for ds_id, d in summary.datasets.items():
+        log.info("cache %s: %d usable, %d encoded now, skipped %s, buckets %s", ds_id, d["usable"],
+                 d["encoded_this_run"], d["skipped"] or "none", d["buckets"])
+    return summary
+
+
+def run(spec: JobSpec, *, do_cache: bool = True, parent_run_id: str | None = None,
+        extra_callbacks: list | None = None, run_name: str | None = None) -> dict:
+    """Cache (unless told not to), train, export; returns the run summary (also written to the run dir)."""
+    from flux_ray.core.model import ensure_base_model
+    from flux_ray.tracking import mlflow_run
+    from flux_ray.train.driver import train, write_run_summary
+
+    t0 = time.time()
+    ensure_base_model(spec.model)
+    cache_summary = cache(spec) if do_cache else None
+    cache_keys = {k: v["key"] for k, v in cache_summary.datasets.items()} if cache_summary else {}
+    uri, run_id = mlflow_run.start_run(spec, run_name=run_name, parent_run_id=parent_run_id,
+                                       tags=mlflow_run.run_tags(spec, cache_keys))
+    try:
+        outcome = train(spec, tracking=(uri, run_id), extra_callbacks=extra_callbacks)
+    except BaseException:
+        mlflow_run.finish_run(uri, run_id, "FAILED")
+        raise
+    summary = {"name": spec.name, "run_uri": spec.run_uri, "lora": outcome.lora_uri, "cache_uri": spec.cache.uri,
+               "cache_keys": cache_keys, "checkpoint": outcome.checkpoint_uri,
+               "mlflow": {"tracking_uri": uri, "run_id": run_id, "experiment": spec.tracking.experiment_name},
+               "steps": outcome.steps, "final_loss": outcome.final_loss, "eval_loss": outcome.eval_loss,
+               "seconds": round(time.time() - t0, 1)}
+    if cache_summary:
+        summary["cache"] = cache_summary.to_dict()
+    summary_uri = write_run_summary(spec, summary)
+    with tempfile.TemporaryDirectory() as d:
+        for name, file_uri, where in [("pytorch_lora_weights.safetensors", outcome.lora_uri, "lora"),
+                                      ("run_summary.json", summary_uri, None)]:
+            local = Path(d) / name
+            local.write_bytes(storage.read_bytes(file_uri, spec.storage))
+            mlflow_run.log_artifact(uri, run_id, str(local), where)
+    if outcome.final_loss is not None:
+        mlflow_run.log_metrics(uri, run_id, {"final_train_loss": outcome.final_loss}, outcome.steps)
+    mlflow_run.finish_run(uri, run_id)
+    return summary

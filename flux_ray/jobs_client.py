@@ -1,0 +1,114 @@
+"""`flux-ray submit|status|logs|stop`: Ray's Jobs API with a runtime env built from the spec."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from flux_ray.spec import load_spec
+
+# Environment variables forwarded to the job by name; values never printed.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_PROFILE", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "HF_HUB_OFFLINE")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def add_job_commands(sub) -> None:
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster's Jobs API")
+    p.add_argument("spec")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_ADDRESS")),
+                   help="Ray dashboard/Jobs address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default: .)")
+    p.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job's runtime env")
+    p.add_argument("--image-uri", default=None, help="container image for the job (instead of pip)")
+    p.add_argument("--command", default="run", choices=["run", "train", "cache", "tune"])
+    p.add_argument("--no-wait", action="store_true", help="return after submission")
+    p.add_argument("--submission-id", default=None)
+    for name, text in [("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_ADDRESS")))
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+
+
+def job_client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    if not address:
+        raise ValueError("no Ray address: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    return JobSubmissionClient(address)
+
+
+def runtime_env(spec, working_dir: str, pip: list[str], image_uri: str | None) -> dict:
+    """Working dir, requirements or image, and env vars by reference (forwarded from this shell)."""
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if spec.storage.aws_endpoint_url:
+        env_vars["AWS_ENDPOINT_URL"] = spec.storage.aws_endpoint_url
+    renv: dict = {"working_dir": working_dir, "env_vars": env_vars,
+                  "excludes": [".venv", ".git", "flux_ray_runs", ".flux_ray", ".whl", "*.safetensors"]}
+    if image_uri:
+        renv["image_uri"] = image_uri
+    elif pip:
+        renv["pip"] = list(pip)
+    return renv
+
+
+def describe_env(renv: dict) -> dict:
+    """The runtime env as printed: env var values masked."""
+    return {**renv, "env_vars": {k: "***" for k in renv.get("env_vars", {})}}
+
+
+def submit(args) -> int:
+    spec = load_spec(args.spec, args.overrides)  # fails here, before anything reaches the cluster
+    spec_rel = os.path.relpath(Path(args.spec).resolve(), Path(args.working_dir).resolve())
+    if spec_rel.startswith(".."):
+        raise ValueError(f"the spec {args.spec} must lie inside --working-dir {args.working_dir} to be uploaded")
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
+    entrypoint = f"flux-ray {args.command} {shlex.quote(spec_rel)} {sets}".strip()
+    renv = runtime_env(spec, args.working_dir, args.pip, args.image_uri)
+    client = job_client(args.address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=renv, submission_id=args.submission_id,
+                               metadata={"flux_ray.job_name": spec.name})
+    print(f"submitted {job_id}: {entrypoint}\nruntime env: {describe_env(renv)}")
+    if args.no_wait:
+        return 0
+    status = wait(client, job_id)
+    print(f"{job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait(client, job_id: str, timeout_s: float = 24 * 3600, poll_s: float = 2.0, echo_logs: bool = True) -> str:
+    start, shown = time.time(), 0
+    while time.time() - start < timeout_s:
+        status = str(client.get_job_status(job_id).value if hasattr(client.get_job_status(job_id), "value")
+                     else client.get_job_status(job_id))
+        if echo_logs:
+            logs = client.get_job_logs(job_id)
+            sys.stdout.write(logs[shown:])
+            shown = len(logs)
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout_s} s")
+
+
+def run_job_command(args) -> int:
+    if args.cmd == "submit":
+        return submit(args)
+    client = job_client(args.address)
+    if args.cmd == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
+    elif args.cmd == "logs":
+        if args.follow:
+            wait(client, args.job_id)
+        else:
+            print(client.get_job_logs(args.job_id), end="")
+    elif args.cmd == "stop":
+        print(f"{args.job_id}: stop requested" if client.stop_job(args.job_id) else f"{args.job_id}: not running")
+    return 0

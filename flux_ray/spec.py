@@ -1,0 +1,508 @@
+"""The job spec: one pydantic model, the single source of truth for every option.
+
+Option names follow SimpleTuner's where it has one (``lora_rank``, ``flux_lora_target``,
+``caption_strategy``, ``train_batch_size`` ...). Unknown keys are rejected; a bad value fails with
+the dotted key path before any expensive work starts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FLAVOUR_HUB_IDS = {
+    "krea": "black-forest-labs/FLUX.1-Krea-dev",
+    "dev": "black-forest-labs/FLUX.1-dev",
+    "schnell": "black-forest-labs/FLUX.1-schnell",
+    "kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+}
+
+LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],
+    "all": ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"],
+    "context": ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+    "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
+    "nano": ["single_transformer_blocks.7.proj_out"],
+}
+LORA_TARGET_PRESETS["all+ffs"] = LORA_TARGET_PRESETS["all"] + [
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+LORA_TARGET_PRESETS["context+ffs"] = LORA_TARGET_PRESETS["context"] + ["ff_context.net.0.proj", "ff_context.net.2"]
+
+SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the file, key path and problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    model_family: Literal["flux"] = "flux"
+    model_flavour: Literal["krea", "dev", "schnell", "kontext"] = "krea"
+    pretrained_model_name_or_path: str | None = None
+    """Hub id or local diffusers folder; defaults to the flavour's hub id."""
+    revision: str | None = None
+    pretrained_transformer_model_name_or_path: str | None = None
+    pretrained_transformer_subfolder: str | None = "transformer"
+    pretrained_vae_model_name_or_path: str | None = None
+    make_tiny_if_missing: bool = False
+    """Generate the tiny random Flux at a missing local path (demo and tests)."""
+    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb",
+                                  "fp8-torchao"] = "no_change"
+    quantize_via: Literal["accelerator", "cpu"] = "accelerator"
+    base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
+    tokenizer_max_length: int | None = None
+    """T5 sequence length; 512 by default, 256 for schnell."""
+    assistant_lora_path: str | None = None
+    """schnell: a frozen assistant LoRA (path or hub id) applied under the trained one."""
+
+    @property
+    def base_path(self) -> str:
+        return self.pretrained_model_name_or_path or FLAVOUR_HUB_IDS[self.model_flavour]
+
+    @property
+    def t5_max_length(self) -> int:
+        if self.tokenizer_max_length:
+            return self.tokenizer_max_length
+        return 256 if self.model_flavour == "schnell" else 512
+
+
+class LoraSpec(_Section):
+    lora_type: Literal["standard", "lycoris"] = "standard"
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float | None = None
+    """Defaults to lora_rank (scale 1)."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_init_type: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    flux_lora_target: Literal["mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano"] = "all"
+    peft_lora_target_modules: list[str] | None = None
+    init_lora: str | None = None
+    """Continue from an existing LoRA file (diffusers safetensors)."""
+    lycoris_config: dict[str, Any] = Field(
+        default_factory=lambda: {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1,
+                                 "factor": 16})
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.peft_lora_target_modules or LORA_TARGET_PRESETS[self.flux_lora_target])
+
+
+class ParquetManifest(_Section):
+    path: str
+    filename_column: str = "filename"
+    caption_column: str = "caption"
+
+
+class DatasetSpec(_Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["local", "s3"] = "local"
+    instance_data_dir: str | None = None
+    aws_bucket_name: str | None = None
+    aws_data_prefix: str = ""
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+    disabled: bool = False
+    make_demo_if_missing: bool = False
+    """Write the generated demo images at a missing local instance_data_dir."""
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] = "textfile"
+    instance_prompt: str | None = None
+    prepend_instance_prompt: bool = False
+    parquet: ParquetManifest | None = None
+    caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
+    resolution: int = Field(1024, ge=64)
+    resolution_type: Literal["pixel", "pixel_area"] = "pixel_area"
+    minimum_image_size: int | None = None
+    maximum_image_size: int | None = None
+    target_downsample_size: int | None = None
+    crop: bool = False
+    crop_style: Literal["center", "random", "corner"] = "center"
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "preserve"
+    repeats: int = Field(0, ge=0)
+    """Extra passes over this dataset per epoch (SimpleTuner: 0 = seen once)."""
+    is_regularisation_data: bool = False
+    dataset_type: Literal["image", "eval"] = "image"
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DatasetSpec:
+        if self.type == "local" and not self.instance_data_dir:
+            raise ValueError("a local dataset needs instance_data_dir")
+        if self.type == "s3" and not self.aws_bucket_name:
+            raise ValueError("an s3 dataset needs aws_bucket_name")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy instanceprompt needs instance_prompt")
+        if self.caption_strategy == "parquet" and self.parquet is None:
+            raise ValueError("caption_strategy parquet needs a parquet: {path, filename_column, caption_column}")
+        return self
+
+
+class StorageSpec(_Section):
+    """Where s3:// URIs of the cache and output go (AWS, MinIO, R2, moto)."""
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+
+
+class CacheSpec(_Section):
+    uri: str = "./flux_ray_runs/cache"
+    """Local path or s3://bucket/prefix."""
+    latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    text_embed_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    vae_batch_size: int = Field(4, ge=1)
+    text_batch_size: int = Field(16, ge=1)
+    num_vae_actors: int = Field(1, ge=1)
+    num_text_actors: int = Field(1, ge=1)
+    commit_every: int = Field(512, ge=1)
+    """Images per committed chunk: a killed job loses at most one chunk of work."""
+    min_rows_per_file: int = Field(256, ge=1)
+
+
+class FlowSpec(_Section):
+    flow_sigmoid_scale: float = 1.0
+    flow_use_uniform_schedule: bool = False
+    flow_use_beta_schedule: bool = False
+    flow_schedule_shift: float | None = Field(None, gt=0)
+    flow_schedule_auto_shift: bool = False
+    flux_fast_schedule: bool | None = None
+    """schnell's fixed sigmas (1.0 p=.7, else .75/.5/.25); default on for schnell."""
+    flux_guidance_mode: Literal["constant", "random-range"] = "constant"
+    flux_guidance_value: float = 1.0
+    flux_guidance_min: float = 1.0
+    flux_guidance_max: float = 4.0
+    loss_type: Literal["mse", "huber"] = "mse"
+    huber_c: float = 0.1
+
+
+class TreadRoute(_Section):
+    selection_ratio: float = Field(gt=0.0, lt=1.0)
+    start_layer_idx: int
+    end_layer_idx: int
+
+
+class TreadConfig(_Section):
+    routes: list[TreadRoute]
+
+
+class TrainSpec(_Section):
+    max_train_steps: int = Field(100, ge=1)
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    optimizer: Literal["adamw", "adamw_bf16", "optimi-lion", "optimi-stableadamw", "bnb-adamw8bit",
+                       "bnb-lion8bit", "bnb-lion8bit-paged"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_interval: int = Field(1, ge=1)
+    seed: int = 42
+    checkpointing_steps: int = Field(50, ge=1)
+    checkpoints_total_limit: int = Field(2, ge=1)
+    resume_from_checkpoint: str | None = "latest"
+    """latest | a checkpoint path | null (start fresh)."""
+    flux_attention_masked_training: bool = False
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    """auto: flash on CUDA (the default cuDNN choice crashed on H200), math on CPU."""
+    compile: bool = False
+    tread_config: TreadConfig | None = None
+    log_every: int = Field(10, ge=1)
+    """Report metrics every n steps (a Ray Train report costs up to one controller poll)."""
+
+
+class EvalSpec(_Section):
+    eval_steps_interval: int | None = Field(None, ge=1)
+    eval_split_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of training images held out for eval when no dataset_type: eval exists."""
+    eval_timesteps: int = Field(28, ge=1)
+    eval_seed: int = 0
+    validation_step_interval: int | None = Field(None, ge=1)
+    validation_prompt: str | None = None
+    user_prompt_library: str | None = None
+    validation_resolution: str = "1024x1024"
+    validation_num_inference_steps: int = Field(20, ge=1)
+    validation_guidance: float = 3.0
+    validation_guidance_real: float = 1.0
+    validation_negative_prompt: str = ""
+    validation_seed: int = 42
+
+    @field_validator("validation_resolution")
+    @classmethod
+    def _parse_res(cls, v: str) -> str:
+        for item in v.split(","):
+            parts = item.strip().lower().split("x")
+            if len(parts) == 1:
+                parts = parts * 2
+            if len(parts) != 2 or not all(p.isdigit() and int(p) % 16 == 0 and int(p) > 0 for p in parts):
+                raise ValueError(f"'{item}' is not WxH with sides that are multiples of 16")
+        return v
+
+    @property
+    def validation_sizes(self) -> list[tuple[int, int]]:
+        out = []
+        for item in self.validation_resolution.split(","):
+            parts = item.strip().lower().split("x")
+            w, h = (int(parts[0]), int(parts[-1]))
+            out.append((w, h))
+        return out
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    deepspeed_config: dict[str, Any] | None = None
+    max_failures: int = Field(0, ge=-1)
+
+
+class TrackingSpec(_Section):
+    mlflow_tracking_uri: str | None = None
+    """Default: a local MLflow store under the run's output directory."""
+    experiment_name: str = "flux_ray"
+    register_model_name: str | None = None
+
+
+class OutputSpec(_Section):
+    uri: str = "./flux_ray_runs/output"
+    """Runs go to <uri>/<name>: LoRA, checkpoints, validation images, run_summary.json."""
+    export_formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(default_factory=lambda: ["diffusers"])
+
+
+class SearchDimension(_Section):
+    type: Literal["loguniform", "uniform", "choice", "randint", "grid"]
+    lower: float | None = None
+    upper: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDimension:
+        if self.type in ("choice", "grid") and not self.values:
+            raise ValueError(f"{self.type} needs values")
+        if self.type in ("loguniform", "uniform", "randint") and (self.lower is None or self.upper is None):
+            raise ValueError(f"{self.type} needs lower and upper")
+        return self
+
+
+class TuneSpec(_Section):
+    param_space: dict[str, SearchDimension] = Field(default_factory=dict)
+    """Dotted spec key -> distribution, e.g. train.learning_rate: {type: loguniform, lower, upper}."""
+    num_samples: int = Field(4, ge=1)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    search_alg: Literal["random", "optuna", "hyperopt", "bayesopt"] = "random"
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class JobSpec(_Section):
+    name: str = Field("flux-lora", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    flow: FlowSpec = Field(default_factory=FlowSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    tune: TuneSpec | None = None
+
+    @model_validator(mode="after")
+    def _check_job(self) -> JobSpec:
+        ids = [d.id for d in self.datasets]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"dataset ids must be unique; repeated: {sorted(dup)}")
+        if not [d for d in self.datasets if not d.disabled and d.dataset_type == "image"]:
+            raise ValueError("no enabled dataset with dataset_type: image")
+        if self.lora.lora_init_type == "loftq" and self.model.base_model_precision != "no_change":
+            raise ValueError("lora.lora_init_type loftq cannot be used with a quantized base "
+                             f"(model.base_model_precision={self.model.base_model_precision})")
+        if self.flow.flow_use_uniform_schedule and self.flow.flow_use_beta_schedule:
+            raise ValueError("flow.flow_use_uniform_schedule and flow.flow_use_beta_schedule are exclusive")
+        if self.scaling.strategy == "deepspeed" and not self.scaling.deepspeed_config:
+            self.scaling.deepspeed_config = {"zero_optimization": {"stage": 2}}
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        return self.output.uri.rstrip("/") + "/" + self.name
+
+    @property
+    def fast_schedule(self) -> bool:
+        f = self.flow.flux_fast_schedule
+        return self.model.model_flavour == "schnell" if f is None else f
+
+    def enabled_datasets(self, dataset_type: str | None = None) -> list[DatasetSpec]:
+        return [d for d in self.datasets if not d.disabled and (dataset_type is None or d.dataset_type == dataset_type)]
+
+
+# ---------------------------------------------------------------- loading, overrides, output
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        given = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return f"invalid job spec {source}:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a','b'], yaml-parsed value)."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=1e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def set_dotted(data: dict, path: list[str], value: Any) -> None:
+    """Set data[a][b]... = value; list items are addressed by index or by dataset id."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, path[: i + 1])
+        else:
+            node = node.setdefault(part, {})
+    last = path[-1]
+    if isinstance(node, list):
+        idx = [j for j, d in enumerate(node) if str(j) == last or (isinstance(d, dict) and d.get("id") == last)]
+        if not idx:
+            raise SpecError(f"--set {'.'.join(path)}: no list item {last!r}")
+        node[idx[0]] = value
+    else:
+        node[last] = value
+
+
+def _list_item(items: list, part: str, path: list[str]) -> Any:
+    for j, d in enumerate(items):
+        if str(j) == part or (isinstance(d, dict) and d.get("id") == part):
+            return d
+    raise SpecError(f"--set {'.'.join(path)}: no list item {part!r} (use an index or a dataset id)")
+
+
+def load_spec(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+              data: dict | None = None, check_paths: bool = True) -> JobSpec:
+    """Read a YAML spec (or a dict), apply `a.b=value` overrides, validate; raises SpecError."""
+    source = str(path) if path else "(dict)"
+    if data is None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SpecError(f"cannot read job spec {source}: {e.strerror}") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"job spec {source} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"job spec {source}: the top level must be a mapping of sections")
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        set_dotted(data, keys, value)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, source)) from None
+    if check_paths:
+        check_local_inputs(spec, source)
+    return absolutize(spec)
+
+
+def check_local_inputs(spec: JobSpec, source: str = "") -> None:
+    """Fail before Ray starts when a local dataset or model folder is missing or empty."""
+    from flux_ray.data.sources import IMAGE_EXTENSIONS  # light import: no torch, no ray
+
+    for i, d in enumerate(spec.datasets):
+        if d.disabled or d.type != "local" or d.make_demo_if_missing and not Path(d.instance_data_dir).exists():
+            continue
+        where = f"datasets.{i}.instance_data_dir"
+        p = Path(d.instance_data_dir)
+        if not p.is_dir():
+            raise SpecError(f"invalid job spec {source}:\n  {where}: directory {str(p)!r} does not exist")
+        if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file()):
+            raise SpecError(f"invalid job spec {source}:\n  {where}: directory {str(p)!r} holds no images "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if d.caption_strategy == "parquet" and d.parquet and not Path(d.parquet.path).exists() \
+                and "://" not in d.parquet.path:
+            raise SpecError(f"invalid job spec {source}:\n  datasets.{i}.parquet.path: {d.parquet.path!r} "
+                            "does not exist")
+    m = spec.model
+    base = m.base_path
+    looks_local = base.startswith((".", "/", "~")) or os.path.exists(base)
+    if looks_local and not os.path.exists(base) and not m.make_tiny_if_missing:
+        raise SpecError(f"invalid job spec {source}:\n  model.pretrained_model_name_or_path: {base!r} does not exist")
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """The effective spec with every default filled in."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b': v}; keys that look secret are dropped."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if any(s in str(k).lower() for s in SECRET_KEY_PARTS):
+                continue
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        for i, v in enumerate(data):
+            key = v.get("id", i) if isinstance(v, dict) else i
+            out.update(flatten(v, f"{prefix}{key}."))
+    else:
+        out[prefix.rstrip(".")] = data
+    return out
+
+
+def flat_params(spec: JobSpec) -> dict[str, Any]:
+    """The effective spec flattened for MLflow params (no credentials)."""
+    return flatten(spec.model_dump(mode="json", exclude={"tune"}))
+
+
+def _abs(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    if path.startswith((".", "~", "/")) or os.path.exists(path):
+        return str(Path(path).expanduser().resolve())
+    return path  # a hub id
+
+
+def absolutize(spec: JobSpec) -> JobSpec:
+    """Local relative paths -> absolute, so Ray workers (other working dirs) see the same files."""
+    m = spec.model
+    for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                "pretrained_vae_model_name_or_path", "assistant_lora_path"):
+        setattr(m, key, _abs(getattr(m, key)))
+    for d in spec.datasets:
+        d.instance_data_dir = _abs(d.instance_data_dir) if d.type == "local" else d.instance_data_dir
+        if d.parquet:
+            d.parquet.path = _abs(d.parquet.path)
+    spec.cache.uri = _abs(spec.cache.uri)
+    spec.output.uri = _abs(spec.output.uri)
+    spec.lora.init_lora = _abs(spec.lora.init_lora)
+    spec.eval.user_prompt_library = _abs(spec.eval.user_prompt_library)
+    if spec.train.resume_from_checkpoint not in (None, "latest"):
+        spec.train.resume_from_checkpoint = _abs(spec.train.resume_from_checkpoint)
+    return spec

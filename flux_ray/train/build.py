@@ -1,0 +1,62 @@
+"""Builds the loop's parts on a worker: model, LoRA, optimizer, data. No Ray import."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from flux_ray.core import lora as L
+from flux_ray.core import model as M
+from flux_ray.core.step import FluxLossFn
+from flux_ray.data.loader import CacheReader
+from flux_ray.train.loop import LoopParts
+from flux_ray.train.optim import build_lr_scheduler, build_optimizer
+
+
+def base_dtype(spec, device: torch.device) -> torch.dtype:
+    return M.DTYPES[spec.model.base_model_default_dtype]
+
+
+def build_transformer(spec, device: torch.device):
+    """Frozen base (optionally quantized), LoRA attached, checkpointing set; returns (model, lora params)."""
+    from flux_ray.core.quantize import quantize_base
+
+    transformer = M.load_transformer(spec.model, dtype=base_dtype(spec, device))
+    transformer = quantize_base(transformer, spec.model, device)
+    params = L.add_lora(transformer, spec.lora)
+    if spec.train.gradient_checkpointing:
+        from flux_ray.core.checkpointing import apply_gradient_checkpointing
+
+        apply_gradient_checkpointing(transformer, spec.train.gradient_checkpointing_interval)
+    return transformer, params
+
+
+def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
+                     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
+    torch.manual_seed(spec.train.seed)
+    transformer, params = build_transformer(spec, device)
+    model = wrap(transformer)
+    if spec.train.compile:
+        from flux_ray.core.compile import compile_blocks
+
+        compile_blocks(getattr(model, "module", model))
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(spec.train, params, device)
+    lr_scheduler = build_lr_scheduler(spec.train, optimizer)
+    autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
+    loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(spec.model),
+                         fast_schedule=spec.fast_schedule, masked_attention=spec.train.flux_attention_masked_training,
+                         autocast_dtype=autocast, attention_backend=spec.train.attention_backend)
+    reader = CacheReader(spec, M.load_vae_config(spec.model))
+    train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
+    if not train_samples:
+        raise ValueError("the cache holds no usable training images")
+    validate = None
+    if rank == 0 and spec.eval.validation_step_interval and (spec.eval.validation_prompt or spec.eval.user_prompt_library):
+        from flux_ray.core.validation import Validator
+
+        validate = Validator(spec, transformer, device)
+    return LoopParts(spec=spec, model=model, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                     loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
+                     device=device, rank=rank, world_size=world_size, lora_state=lambda: L.peft_state_dict(transformer),
+                     validate=validate)

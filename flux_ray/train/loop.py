@@ -1,0 +1,149 @@
+"""The training loop: sequences step / eval / validation / checkpoint. No Ray import.
+
+Randomness is keyed by (seed, step, rank): noise, sigmas, latent samples and caption dropout of
+step k are the same whether the run was interrupted or not, so a resumed run continues the curve.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from flux_ray.core.step import FluxLossFn
+from flux_ray.data.loader import CacheReader, Sample, batch_plan, rank_batches
+from flux_ray.train.checkpoint import Position, save_checkpoint
+
+
+@dataclass
+class LoopParts:
+    """Everything the loop needs, built by the worker."""
+    spec: object
+    model: torch.nn.Module            # possibly DDP/FSDP-wrapped transformer with LoRA
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loss_fn: FluxLossFn
+    reader: CacheReader
+    train_samples: list[Sample]
+    eval_samples: list[Sample]
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    lora_state: Callable[[], dict] = dict
+    validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
+    position: Position = field(default_factory=Position)
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, step, rank, micro)) & 0x7FFFFFFFFFFF)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def evaluate(parts: LoopParts) -> float | None:
+    """Mean eval loss over all eval samples (each rank takes every world_size-th sample)."""
+    ev = parts.spec.eval
+    if not parts.eval_samples:
+        return None
+    mine = sorted(parts.eval_samples, key=lambda s: s.sample_id)[parts.rank::parts.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=parts.device)
+    parts.model.eval()
+    for s in mine:
+        batch = parts.reader.batch([s]).to(parts.device)
+        seed = (int(s.sample_id[:8], 16) ^ ev.eval_seed) & 0x7FFFFFFF
+        loss = parts.loss_fn.eval_loss(batch, [seed], ev.eval_timesteps)
+        total[0] += loss.double().sum()
+        total[1] += len(loss)
+    parts.model.train()
+    total = _all_reduce_sum(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _no_sync(model, last_micro: bool):
+    return model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
+
+
+def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> dict:
+    """Run until max_train_steps; ``report(metrics, checkpoint_dir_or_None)`` is called on every rank."""
+    spec, pos = parts.spec, parts.position
+    tr, accum = spec.train, spec.train.gradient_accumulation_steps
+    dropout = {d.id: d.caption_dropout_probability for d in spec.enabled_datasets()}
+    losses, t_last, samples_since = [], time.perf_counter(), 0
+    last: dict = {}
+    parts.model.train()
+    while pos.step < tr.max_train_steps:
+        plan = rank_batches(batch_plan(parts.train_samples, tr.train_batch_size, parts.world_size, tr.seed, pos.epoch),
+                            parts.rank, parts.world_size)
+        usable = len(plan) // accum * accum
+        if usable == 0:
+            raise ValueError(f"an epoch has {len(plan)} batches per rank, fewer than "
+                             f"train.gradient_accumulation_steps={accum}: add images or lower it")
+        while pos.batch_index < usable and pos.step < tr.max_train_steps:
+            step_loss = torch.zeros((), device=parts.device)
+            for micro in range(accum):
+                samples = plan[pos.batch_index + micro]
+                gen = step_generator(tr.seed, pos.step, parts.rank, micro)
+                rng = random.Random(gen.initial_seed())
+                batch = parts.reader.batch(samples, gen, dropout, rng).to(parts.device)
+                with _no_sync(parts.model, micro == accum - 1):
+                    loss = parts.loss_fn(batch, gen) / accum
+                    loss.backward()
+                step_loss += loss.detach()
+                samples_since += len(samples)
+            torch.nn.utils.clip_grad_norm_(parts.params, tr.max_grad_norm)
+            parts.optimizer.step()
+            parts.lr_scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            pos.step += 1
+            pos.batch_index += accum
+            losses.append(step_loss)
+            last = _maybe_report(parts, report, losses, t_last, samples_since)
+            if last:
+                losses, t_last, samples_since = [], time.perf_counter(), 0
+        if pos.batch_index >= usable:
+            pos.epoch, pos.batch_index = pos.epoch + 1, 0
+    return last
+
+
+def _maybe_report(parts: LoopParts, report, losses: list, t_last: float, samples: int) -> dict:
+    spec, pos = parts.spec, parts.position
+    step, done = pos.step, pos.step >= spec.train.max_train_steps
+    want_ckpt = step % spec.train.checkpointing_steps == 0 or done
+    want_eval = spec.eval.eval_steps_interval and (step % spec.eval.eval_steps_interval == 0 or done)
+    want_val = parts.validate and spec.eval.validation_step_interval and (
+        step % spec.eval.validation_step_interval == 0 or done)
+    if not (step % spec.train.log_every == 0 or want_ckpt or want_eval or want_val):
+        return {}
+    loss = _all_reduce_sum(torch.stack(losses).mean().detach().double()).item() / parts.world_size
+    dt = time.perf_counter() - t_last
+    metrics = {"step": step, "epoch": pos.epoch, "train_loss": loss, "learning_rate": parts.lr_scheduler.get_last_lr()[0],
+               "step_time_s": dt / len(losses), "samples_per_s": samples * parts.world_size / dt if dt else 0.0}
+    if parts.device.type == "cuda":
+        metrics["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2**30
+    if want_eval:
+        ev = evaluate(parts)
+        if ev is not None:
+            metrics["eval_loss"] = ev
+    if want_val and parts.rank == 0:
+        metrics.update(parts.validate(step))
+    if want_ckpt:
+        with tempfile.TemporaryDirectory(prefix="flux_ray_ckpt_") as d:
+            ckpt = None
+            if parts.rank == 0:
+                save_checkpoint(d, lora_sd=parts.lora_state(), optimizer=parts.optimizer,
+                                lr_scheduler=parts.lr_scheduler, position=pos, extra={"metrics": metrics})
+                ckpt = d
+            report(metrics, ckpt)
+    else:
+        report(metrics, None)
+    return metrics

@@ -1,0 +1,38 @@
+"""Optimizers and LR schedulers by their SimpleTuner names."""
+from __future__ import annotations
+
+import torch
+
+
+def build_optimizer(train_spec, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    name = train_spec.optimizer
+    betas = (train_spec.adam_beta1, train_spec.adam_beta2)
+    lr, wd = train_spec.learning_rate, train_spec.adam_weight_decay
+    if name.startswith("bnb-"):
+        if device.type != "cuda":
+            raise ValueError(f"train.optimizer={name!r} needs a CUDA device (bitsandbytes 8-bit optimizers); "
+                             "this worker runs on CPU: use adamw, or scaling.use_gpu: true")
+        import bitsandbytes as bnb
+
+        cls = {"bnb-adamw8bit": bnb.optim.AdamW8bit, "bnb-lion8bit": bnb.optim.Lion8bit,
+               "bnb-lion8bit-paged": bnb.optim.PagedLion8bit}[name]
+        return cls(params, lr=lr, betas=betas, weight_decay=wd)
+    if name.startswith("optimi-"):
+        try:
+            import optimi
+        except ImportError as e:
+            raise ValueError(f"train.optimizer={name!r} needs the torch-optimi package (pip install torch-optimi)") from e
+        cls = {"optimi-lion": optimi.Lion, "optimi-stableadamw": optimi.StableAdamW}[name]
+        return cls(params, lr=lr, betas=betas, weight_decay=wd)
+    if name == "adamw_bf16":
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+    fused = device.type == "cuda" and name == "adamw"
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, fused=fused or None)
+
+
+def build_lr_scheduler(train_spec, optimizer: torch.optim.Optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(train_spec.lr_scheduler, optimizer=optimizer, num_warmup_steps=train_spec.lr_warmup_steps,
+                         num_training_steps=train_spec.max_train_steps)

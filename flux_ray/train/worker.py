@@ -1,0 +1,59 @@
+"""Per-worker entry point of the TorchTrainer: the only module that calls ``ray.train``."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from flux_ray.spec import JobSpec
+
+log = logging.getLogger("flux_ray.worker")
+
+
+def _report(metrics: dict, checkpoint_dir: str | None) -> None:
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from flux_ray.train.build import build_loop_parts
+    from flux_ray.train.checkpoint import load_checkpoint
+    from flux_ray.train.loop import train_loop
+
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    parts = build_loop_parts(spec, device, ctx.get_world_rank(), ctx.get_world_size(),
+                             wrap=lambda m: _wrap(spec, m, device))
+    ckpt = ray.train.get_checkpoint() if spec.train.resume_from_checkpoint else None
+    explicit = spec.train.resume_from_checkpoint not in (None, "latest")
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            parts.position = load_checkpoint(d, transformer=parts.model, optimizer=parts.optimizer,
+                                             lr_scheduler=parts.lr_scheduler)
+    elif explicit:
+        parts.position = load_checkpoint(spec.train.resume_from_checkpoint, transformer=parts.model,
+                                         optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler)
+    if parts.position.step:
+        log.info("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
+                 parts.position.epoch, parts.position.batch_index)
+    train_loop(parts, _report)
+
+
+def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Distribute the LoRA-wrapped transformer by the spec's strategy."""
+    import ray.train
+    import ray.train.torch
+
+    if ray.train.get_context().get_world_size() == 1:
+        return model.to(device)
+    if spec.scaling.strategy == "fsdp":
+        from flux_ray.train.fsdp import shard_transformer
+
+        return shard_transformer(model.to(device))
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
