@@ -79,3 +79,71 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ---------------------------------------------------------------- tiny model, demo data, local Ray
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """The tiny random Flux, written once per session in diffusers layout."""
+    from flux_ray.core.tiny import write_tiny_flux
+
+    return str(write_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> str:
+    from flux_ray.data.demo import write_demo_data
+
+    d = tmp_path_factory.mktemp("data") / "demo"
+    write_demo_data(d, n=24)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the session with more logical CPUs than cores (Train + Data need them)."""
+    import ray
+
+    os.environ.update(S3_ENV)  # workers inherit the test credentials for the moto server
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=8, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def demo_spec_dict(tiny_model_dir: str, data_dir: str, out_dir, **sections) -> dict:
+    """jobs/demo.yaml pointed at test folders, with section overrides merged in."""
+    import yaml
+
+    with open(os.path.join(REPO, "jobs", "demo.yaml")) as f:
+        data = yaml.safe_load(f)
+    data["model"].update(pretrained_model_name_or_path=tiny_model_dir, make_tiny_if_missing=False)
+    data["datasets"][0].update(instance_data_dir=data_dir, make_demo_if_missing=False)
+    data["cache"]["uri"] = str(out_dir / "cache")
+    data["output"]["uri"] = str(out_dir / "output")
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.fixture(scope="session")
+def demo_spec():
+    """Factory: ``demo_spec(tiny_model_dir, data_dir, out_dir, **sections) -> JobSpec``."""
+    from flux_ray.spec import load_spec
+
+    def make(tiny_model_dir, data_dir, out_dir, overrides=None, **sections):
+        return load_spec(data=demo_spec_dict(tiny_model_dir, data_dir, out_dir, **sections), overrides=overrides)
+
+    return make

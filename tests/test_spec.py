@@ -1,0 +1,111 @@
+"""The job spec: defaults, overrides, and clear errors for bad input before any work starts."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from flux_ray.spec import JobSpec, SpecError, flat_params, load_spec, spec_to_yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(tmp_path, data) -> str:
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def _minimal(tmp_path, demo_data_dir) -> dict:
+    return {"name": "t", "datasets": [{"id": "d", "instance_data_dir": demo_data_dir}],
+            "output": {"uri": str(tmp_path / "out")}, "cache": {"uri": str(tmp_path / "cache")}}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "*.yaml"))))
+def test_every_shipped_job_spec_parses(path):
+    spec = load_spec(path, check_paths=False)
+    assert isinstance(spec, JobSpec)
+    assert spec.enabled_datasets("image")
+
+
+def test_defaults_follow_simpletuner_names(tmp_path, demo_data_dir):
+    spec = load_spec(_write(tmp_path, _minimal(tmp_path, demo_data_dir)))
+    assert spec.lora.lora_rank == 16 and spec.lora.alpha == 16.0
+    assert spec.model.model_flavour == "krea"
+    assert spec.model.base_path == "black-forest-labs/FLUX.1-Krea-dev"
+    assert spec.lora.target_modules == ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj",
+                                        "to_out.0", "to_add_out"]
+    text = spec_to_yaml(spec)
+    assert "max_train_steps: 100" in text and "caption_strategy: textfile" in text
+
+
+def test_schnell_defaults(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    data["model"] = {"model_flavour": "schnell"}
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.model.t5_max_length == 256 and spec.fast_schedule
+    assert spec.model.base_path == "black-forest-labs/FLUX.1-schnell"
+
+
+def test_set_overrides_any_key_by_dotted_path(tmp_path, demo_data_dir):
+    path = _write(tmp_path, _minimal(tmp_path, demo_data_dir))
+    spec = load_spec(path, ["train.learning_rate=3e-4", "lora.lora_rank=4", "datasets.d.repeats=2",
+                            "datasets.0.resolution=512"])
+    assert spec.train.learning_rate == 3e-4 and spec.lora.lora_rank == 4
+    assert spec.datasets[0].repeats == 2 and spec.datasets[0].resolution == 512
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["train"].update(learnign_rate=1), "train.learnign_rate: unknown key"),
+    (lambda d: d.update(trian={}), "trian: unknown key"),
+    (lambda d: d["train"].update(max_train_steps="many"), "train.max_train_steps: Input should be a valid integer"),
+    (lambda d: d["lora"].update(flux_lora_target="everything"), "lora.flux_lora_target"),
+    (lambda d: d["datasets"][0].update(caption_strategy="instanceprompt"), "needs instance_prompt"),
+    (lambda d: d.update(datasets=[]), "datasets: List should have at least 1 item"),
+    (lambda d: (d["model"].update(base_model_precision="int8-quanto"), d["lora"].update(lora_init_type="loftq")),
+     "loftq cannot be used with a quantized base"),
+])
+def test_bad_spec_names_key_and_problem(tmp_path, demo_data_dir, mutate, expected):
+    data = _minimal(tmp_path, demo_data_dir)
+    data.update(train={}, lora={}, model={})
+    mutate(data)
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert expected in str(e.value)
+    assert "job.yaml" in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_missing_and_empty_dataset_dirs_fail_fast(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    data["datasets"][0]["instance_data_dir"] = str(tmp_path / "nope")
+    with pytest.raises(SpecError, match=r"datasets\.0\.instance_data_dir: directory .*nope.* does not exist"):
+        load_spec(_write(tmp_path, data))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    data["datasets"][0]["instance_data_dir"] = str(empty)
+    with pytest.raises(SpecError, match=r"datasets\.0\.instance_data_dir: .* holds no images"):
+        load_spec(_write(tmp_path, data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_validate_reports_bad_spec_without_traceback(tmp_path, demo_data_dir, capsys):
+    from flux_ray.cli import main
+
+    data = _minimal(tmp_path, demo_data_dir)
+    data["lora"] = {"lora_rnak": 4}
+    assert main(["validate", _write(tmp_path, data)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.lora_rnak: unknown key" in err and "Traceback" not in err
+
+
+def test_flat_params_drop_secrets(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    spec = load_spec(_write(tmp_path, data))
+    flat = flat_params(spec)
+    assert flat["train.learning_rate"] == 1e-4
+    assert flat["datasets.d.resolution"] == 1024
+    assert not any("secret" in k or "token" in k for k in flat)
