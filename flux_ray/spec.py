@@ -292,6 +292,10 @@ class SearchDimension(_Section):
             raise ValueError(f"{self.type} needs values")
         if self.type in ("loguniform", "uniform", "randint") and (self.lower is None or self.upper is None):
             raise ValueError(f"{self.type} needs lower and upper")
+        if self.lower is not None and self.upper is not None and not self.lower < self.upper:
+            raise ValueError(f"lower ({self.lower}) must be below upper ({self.upper})")
+        if self.type == "loguniform" and self.lower is not None and self.lower <= 0:
+            raise ValueError(f"loguniform needs lower > 0 (got {self.lower})")
         return self
 
 

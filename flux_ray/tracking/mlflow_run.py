@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from flux_ray.spec import flat_params, spec_to_yaml
 
 MAX_PARAM_LEN = 6000
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def tracking_uri(spec) -> str:
@@ -60,17 +62,13 @@ def run_tags(spec, cache_keys: dict | None = None, extra: dict | None = None) ->
 def start_run(spec, *, run_name: str | None = None, parent_run_id: str | None = None,
               tags: dict | None = None, uri: str | None = None) -> tuple[str, str]:
     """Create a run with the flattened effective spec as params; returns (tracking_uri, run_id)."""
-    from mlflow.entities import Param
-
     uri = uri or tracking_uri(spec)
     c = client(uri)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(_experiment_id(c, spec, uri), run_name=run_name or spec.name, tags=all_tags)
-    params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flat_params(spec).items()]
-    for i in range(0, len(params), 100):
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    log_params(uri, run.info.run_id, flat_params(spec))
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "job_spec.yaml"
         p.write_text(spec_to_yaml(spec))
@@ -105,3 +103,53 @@ def log_storage_file(uri: str, run_id: str, file_uri: str, storage_spec, artifac
         local = os.path.join(d, name)
         Path(local).write_bytes(storage.read_bytes(file_uri, storage_spec))
         log_artifact(uri, run_id, local, artifact_path)
+
+
+def redact(value) -> str:
+    """A param value without the user:password@ part of any URL in it."""
+    return _URL_USERINFO.sub("***@", str(value))
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, redact(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+    c = client(uri)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def run_status(uri: str, run_id: str) -> str:
+    return client(uri).get_run(run_id).info.status
+
+
+def log_run_outputs(uri: str, run_id: str, spec, summary_uri: str | None = None) -> None:
+    """The run's LoRA files (every export format, under lora/) and run_summary.json as artifacts."""
+    from flux_ray import storage
+
+    lora_uri = storage.join(spec.run_uri, "lora")
+    for f in storage.list_files(lora_uri, spec.storage):
+        sub = os.path.dirname(f.rel_path)
+        log_storage_file(uri, run_id, f.uri, spec.storage, "lora/" + sub if sub else "lora")
+    if summary_uri:
+        log_storage_file(uri, run_id, summary_uri, spec.storage, None)
+
+
+def register_lora(uri: str, run_id: str, model_name: str, artifact_path: str = "lora") -> str:
+    """Register a run's logged LoRA folder as a new version of an MLflow registered model; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException:
+        c.create_registered_model(model_name, description="Flux LoRA adapters trained by flux_ray")
+    source = c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    return str(c.create_model_version(model_name, source=source, run_id=run_id).version)

@@ -1,0 +1,201 @@
+"""`flux-ray tune`: cache once, then a Ray Tune sweep whose trials each drive a Ray Train run.
+
+    <output>/<name>/                 Tune's experiment (restorable), sweep_state.json, sweep_summary.json
+    <output>/<name>/trials/<trial>/  each trial's Train run: checkpoints, lora/, run_summary.json
+    <output>/<name>/best/            the best trial's LoRA files
+
+MLflow: one parent run for the sweep, one nested run per trial. Rerunning a sweep of the same name
+with the same spec restores it: finished trials are kept, unfinished ones resume from their last
+Train checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+
+from flux_ray import storage
+from flux_ray.spec import JobSpec, SpecError, flatten
+from flux_ray.tune import space
+from flux_ray.tune.report import best_trial, format_table, trial_rows
+
+log = logging.getLogger("flux_ray.tune")
+TRIAL_DRIVER_CPUS = 0.1
+"""A trial's driver function only waits on its Train controller; its workers hold the real resources."""
+STATE_FILE = "sweep_state.json"
+SUMMARY_FILE = "sweep_summary.json"
+
+
+def run_sweep(spec: JobSpec) -> dict:
+    """Run (or resume) the spec's sweep; returns what sweep_summary.json holds."""
+    from flux_ray import job
+    from flux_ray.core.model import ensure_base_model
+    from flux_ray.tracking import mlflow_run
+
+    t0 = time.time()
+    space.check_space(spec)
+    job.init_ray()
+    ensure_base_model(spec.model)
+    space.check_cache_identity(spec, cache_identity)
+    cache_summary = job.cache(spec)  # the sweep's only cache pass: trials read, never encode
+    cache = {"uri": spec.cache.uri, "keys": {k: v["key"] for k, v in cache_summary.datasets.items()},
+             "text_key": cache_summary.text_key, "manifests": manifest_state(spec, cache_summary)}
+    spec = spec.model_copy(deep=True)
+    spec.tracking.mlflow_tracking_uri = mlflow_run.tracking_uri(spec)  # trials log to the sweep's store
+    ctx = _context(spec, cache["keys"], _parent_run(spec, cache["keys"]))
+    results = _tuner(spec, ctx).fit()
+    rows = trial_rows(results, ctx, spec.tune.metric, spec.tune.mode)
+    best = best_trial(rows, spec.tune.mode)
+    summary = {"name": spec.name, "sweep_uri": spec.run_uri, "metric": spec.tune.metric, "mode": spec.tune.mode,
+               "scheduler": spec.tune.scheduler, "search_alg": spec.tune.search_alg,
+               "param_space": {k: d.model_dump(exclude_none=True) for k, d in spec.tune.param_space.items()},
+               "trials": rows, "best": _publish_best(spec, ctx, best), "cache": cache,
+               "mlflow": {"tracking_uri": ctx.tracking_uri, "parent_run_id": ctx.parent_run_id,
+                          "experiment": spec.tracking.experiment_name},
+               "seconds": round(time.time() - t0, 1)}
+    print(format_table(rows, spec.tune.metric, list(spec.tune.param_space), best and best["trial"]))
+    summary_uri = storage.join(spec.run_uri, SUMMARY_FILE)
+    storage.write_json_atomic(summary_uri, summary, spec.storage)
+    _finish_parent(spec, ctx, summary, summary_uri)
+    return summary
+
+
+def cache_identity(spec: JobSpec) -> tuple:
+    """What a spec reads from the cache: its root, every enabled dataset's key and the text key."""
+    from flux_ray.data.cache_layout import dataset_key, text_key
+
+    vae = _vae_config(spec.model.pretrained_vae_model_name_or_path, spec.model.base_path, spec.model.revision)
+    keys = tuple(sorted((d.id, dataset_key(d, spec.model, vae, spec.cache.latent_dtype))
+                        for d in spec.enabled_datasets()))
+    return spec.cache.uri, keys, text_key(spec.model, spec.cache.text_embed_dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_config(vae_path, base_path, revision) -> dict:
+    from flux_ray.core.model import load_vae_config
+    from flux_ray.spec import ModelSpec
+
+    return load_vae_config(ModelSpec(pretrained_model_name_or_path=base_path, revision=revision,
+                                     pretrained_vae_model_name_or_path=vae_path))
+
+
+def manifest_state(spec: JobSpec, cache_summary) -> dict:
+    """{cache-relative manifest dir: {version, shards}} of every cache the sweep reads."""
+    from flux_ray.data.cache_layout import CachePaths
+
+    paths = CachePaths(spec.cache.uri)
+    dirs = [paths.latents(d["key"]) for d in cache_summary.datasets.values()] + [paths.text(cache_summary.text_key)]
+    out = {}
+    for d in dirs:
+        m = storage.read_json(storage.join(d, "manifest.json"), spec.storage)
+        out[d[len(spec.cache.uri.rstrip("/")) + 1:]] = {"version": m["version"], "shards": len(m["shards"])}
+    return out
+
+
+def spec_digest(spec: JobSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parent_run(spec: JobSpec, cache_keys: dict) -> str:
+    """The sweep's MLflow run: created once, reopened when the sweep is rerun with the same spec."""
+    from flux_ray.tracking import mlflow_run
+
+    uri, state_uri, digest = spec.tracking.mlflow_tracking_uri, storage.join(spec.run_uri, STATE_FILE), spec_digest(spec)
+    if storage.exists(state_uri, spec.storage):
+        state = storage.read_json(state_uri, spec.storage)
+        if state["spec_digest"] != digest:
+            raise SpecError(f"sweep {spec.name!r} at {spec.run_uri} was started from a different spec; rerun it "
+                            "with the same spec to resume, or give this sweep another name")
+        mlflow_run.client(uri).update_run(state["parent_run_id"], status="RUNNING")
+        log.info("resuming sweep %s (MLflow run %s)", spec.name, state["parent_run_id"])
+        return state["parent_run_id"]
+    tags = mlflow_run.run_tags(spec, cache_keys, {"flux_ray.sweep": spec.name, "flux_ray.role": "sweep"})
+    _, run_id = mlflow_run.start_run(spec, run_name=spec.name, tags=tags, uri=uri)
+    mlflow_run.log_params(uri, run_id, flatten({"tune": spec.tune.model_dump(mode="json")}))
+    storage.write_json_atomic(state_uri, {"parent_run_id": run_id, "tracking_uri": uri, "spec_digest": digest},
+                              spec.storage)
+    return run_id
+
+
+def _context(spec: JobSpec, cache_keys: dict, parent_run_id: str):
+    from flux_ray.tune.trial import SweepContext
+
+    return SweepContext(sweep_name=spec.name, trials_uri=storage.join(spec.run_uri, "trials"),
+                        tracking_uri=spec.tracking.mlflow_tracking_uri, parent_run_id=parent_run_id,
+                        metric=spec.tune.metric, mode=spec.tune.mode, cache_keys=cache_keys, storage=spec.storage)
+
+
+def _trial_name(sweep_name: str, trial) -> str:
+    from flux_ray.tune.trial import trial_name
+
+    return trial_name(sweep_name, trial.trial_id)
+
+
+def _tuner(spec: JobSpec, ctx):
+    """A new Tuner, or the sweep's saved one restored (finished trials kept, unfinished resumed)."""
+    import ray
+    from ray import tune
+
+    from flux_ray.tracking.tune_callback import MlflowTrialStatusCallback
+    from flux_ray.tune.trial import run_trial
+
+    base = spec.model_dump(mode="json")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base_spec=base, ctx=ctx),
+                                    {"CPU": TRIAL_DRIVER_CPUS})
+    fs, root = storage.resolve(spec.output.uri, spec.storage)
+    storage.ensure_bucket(spec.output.uri, spec.storage)
+    remote_fs = fs if storage.is_s3(spec.output.uri) else None
+    exp_path = storage.join(root, spec.name) if remote_fs else spec.run_uri
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=remote_fs):
+        log.info("restoring the Tune experiment at %s", exp_path)
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=remote_fs)
+    concurrency = spec.tune.max_concurrent_trials or space.default_concurrency(
+        spec, ray.cluster_resources(), TRIAL_DRIVER_CPUS)
+    log.info("sweep %s: %d trials, at most %d at once, each needs %s", spec.name, space.num_trials(spec),
+             concurrency, space.trial_resources(spec, TRIAL_DRIVER_CPUS))
+    name_fn = functools.partial(_trial_name, spec.name)
+    tune_config = tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.mode, num_samples=spec.tune.num_samples,
+                                  search_alg=space.build_searcher(spec), scheduler=space.build_scheduler(spec),
+                                  max_concurrent_trials=concurrency, trial_name_creator=name_fn,
+                                  trial_dirname_creator=name_fn)
+    run_config = tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=remote_fs,
+                                callbacks=[MlflowTrialStatusCallback(ctx)], verbose=1)
+    return tune.Tuner(trainable, param_space=space.param_space(spec), tune_config=tune_config, run_config=run_config)
+
+
+def _publish_best(spec: JobSpec, ctx, best: dict | None) -> dict | None:
+    """Copy the best trial's LoRA files to <sweep>/best/ (and register them when asked)."""
+    from flux_ray.tracking import mlflow_run
+
+    if best is None:
+        log.warning("no trial finished with a %s value: no best LoRA", spec.tune.metric)
+        return None
+    src, dst = storage.join(ctx.trials_uri, best["trial"], "lora"), storage.join(spec.run_uri, "best")
+    storage.delete(dst, spec.storage)
+    storage.copy_dir(src, dst, spec.storage)
+    info = {**best, "lora_dir": dst, "source_lora_dir": src}
+    storage.write_json_atomic(storage.join(dst, "best_trial.json"), info, spec.storage)
+    name = spec.tracking.register_model_name
+    if name and best.get("mlflow_run_id"):
+        info["registered_model"] = {"name": name, "version": mlflow_run.register_lora(
+            ctx.tracking_uri, best["mlflow_run_id"], name)}
+    return info
+
+
+def _finish_parent(spec: JobSpec, ctx, summary: dict, summary_uri: str) -> None:
+    from flux_ray.tracking import mlflow_run
+
+    uri, run_id, best = ctx.tracking_uri, ctx.parent_run_id, summary["best"]
+    counts: dict[str, int] = {}
+    for r in summary["trials"]:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    mlflow_run.log_metrics(uri, run_id, {f"trials_{k}": v for k, v in counts.items()}, 0)
+    if best:
+        mlflow_run.log_metrics(uri, run_id, {f"best_{spec.tune.metric}": best["value"]}, best["steps"] or 0)
+        mlflow_run.set_tags(uri, run_id, {"flux_ray.best_trial": best["trial"],
+                                          "flux_ray.best_run_id": best.get("mlflow_run_id") or ""})
+    mlflow_run.log_storage_file(uri, run_id, summary_uri, spec.storage, None)
+    mlflow_run.finish_run(uri, run_id, "FINISHED" if best else "FAILED")
