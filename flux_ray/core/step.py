@@ -1,4 +1,13 @@
-"""One Flux flow-matching training step and the eval loss: the code the trainer and the benchmark run."""
+"""One Flux flow-matching training step and the eval loss: the code the trainer and the benchmark run.
+
+Speed notes (measured in bench/train_step_bench.py, recorded in bench/RESULTS.md):
+- No host syncs: the step's CPU-drawn values (noise, sigmas, guidance; the batch itself) reach the GPU
+  through pinned memory with non_blocking copies, so the host keeps queueing work while the GPU runs.
+- Position ids are built once per (h, w, text length, device), not every step.
+- Under autocast, PEFT's cast of each LoRA layer's input to the fp32 adapter dtype is skipped: autocast
+  casts it straight back to bf16 for the matmul, so the values are bit-identical and ~1,700 casts a step
+  (input and gradient) disappear. Only for dropout-free adapters (dropout on fp32 would round differently).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from flux_ray.core import flow as F
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host (pinned staging, non_blocking); other moves as ``.to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -18,7 +35,11 @@ class FluxBatch:
     text_mask: torch.Tensor | None = None  # (B, L) T5 attention mask
 
     def to(self, device, dtype=None) -> FluxBatch:
-        mv = lambda t: None if t is None else t.to(device, dtype if t.is_floating_point() and dtype else t.dtype)  # noqa: E731
+        def mv(t):
+            if t is None:
+                return None
+            t = to_device(t, device)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return FluxBatch(mv(self.latents), mv(self.prompt_embeds), mv(self.pooled), mv(self.text_mask))
 
 
@@ -51,6 +72,14 @@ class FluxLossFn:
         self.attention_backend = attention_backend
         base = getattr(transformer, "module", transformer)
         self.guidance_embeds = bool(getattr(base.config, "guidance_embeds", False))
+        self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._uncast_lora = _dropout_free_lora_layers(base) if autocast_dtype is not None else []
+
+    def _position_ids(self, h: int, w: int, text_len: int, device: torch.device):
+        key = (h, w, text_len, str(device))
+        if key not in self._ids:
+            self._ids[key] = (F.latent_image_ids(h, w, device=device), F.text_ids(text_len, device=device))
+        return self._ids[key]
 
     def predict(self, batch: FluxBatch, noisy_packed: torch.Tensor, sigmas: torch.Tensor,
                 guidance: torch.Tensor | None) -> torch.Tensor:
@@ -61,14 +90,13 @@ class FluxLossFn:
             kwargs["joint_attention_kwargs"] = {
                 "attention_mask": F.joint_attention_mask(batch.text_mask, noisy_packed.shape[1])}
         if self.guidance_embeds:
-            kwargs["guidance"] = guidance.to(device)
+            kwargs["guidance"] = to_device(guidance, device)
+        img_ids, txt_ids = self._position_ids(h, w, batch.prompt_embeds.shape[1], device)
         ctx = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
-        with ctx, attention_context(self.attention_backend, device):
+        with ctx, attention_context(self.attention_backend, device), _lora_input_cast_disabled(self._uncast_lora):
             return self.transformer(hidden_states=noisy_packed, encoder_hidden_states=batch.prompt_embeds,
                                     pooled_projections=batch.pooled, timestep=sigmas.to(noisy_packed.dtype),
-                                    img_ids=F.latent_image_ids(h, w, device=device),
-                                    txt_ids=F.text_ids(batch.prompt_embeds.shape[1], device=device),
-                                    return_dict=False, **kwargs)[0]
+                                    img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **kwargs)[0]
 
     def __call__(self, batch: FluxBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training loss with freshly sampled noise, sigmas and guidance."""
@@ -76,8 +104,10 @@ class FluxLossFn:
         seq = (h // 2) * (w // 2)
         latents = F.pack_latents(batch.latents)
         sigmas = F.sample_sigmas(b, self.flow, image_seq_len=seq, scheduler_config=self.scheduler_config,
-                                 fast_schedule=self.fast_schedule, generator=generator, device=latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+                                 fast_schedule=self.fast_schedule, generator=generator)
+        sigmas = to_device(sigmas, latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        noise = to_device(noise, latents.device).to(latents.dtype)
         guidance = F.guidance_values(b, self.flow, generator)
         pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
         return F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c)
@@ -98,3 +128,30 @@ class FluxLossFn:
             pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
             total += F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c, reduce=False)
         return total / len(sigma_grid)
+
+
+def _dropout_free_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """PEFT LoRA layers whose every adapter has no dropout (their input cast is a pure round trip)."""
+    layers = []
+    for m in model.modules():
+        drop = getattr(m, "lora_dropout", None)
+        if isinstance(drop, torch.nn.ModuleDict) and hasattr(m, "_cast_input_dtype") and len(drop) and all(
+                isinstance(d, torch.nn.Identity) for d in drop.values()):
+            layers.append(m)
+    return layers
+
+
+@contextlib.contextmanager
+def _lora_input_cast_disabled(layers: list[torch.nn.Module]):
+    """PEFT's ``cast_input_dtype_enabled = False`` on these layers for the duration (restored after)."""
+    if not layers:
+        yield
+        return
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.cast_input_dtype_enabled = b

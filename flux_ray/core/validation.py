@@ -46,12 +46,12 @@ def _png(img: Image.Image) -> bytes:
 class Validator:
     """Renders the prompt library at each validation size with the training transformer."""
 
-    def __init__(self, spec, transformer, device: torch.device):
+    def __init__(self, spec, transformer, device: torch.device, write: bool = True):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
         from flux_ray.core.model import load_text_encoders, load_vae
 
-        self.spec, self.device = spec, device
+        self.spec, self.device, self.write = spec, device, write
         self.prompts = prompt_library(spec.eval)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tok, clip, tok2, t5 = load_text_encoders(spec.model, dtype=dtype, device=device)
@@ -84,6 +84,8 @@ class Validator:
             images = self.render()
         finally:
             self.pipe.transformer.train(was_training)
+        if not self.write:
+            return {}
         base = storage.join(self.spec.run_uri, "validation")
         for name, img in images:
             storage.write_bytes_atomic(storage.join(base, f"step-{step:06d}", f"{name}.png"), _png(img), self.spec.storage)

@@ -11,6 +11,7 @@ from flux_ray.core.step import FluxLossFn
 from flux_ray.data.loader import CacheReader
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer
+from flux_ray.train.state_io import StateIO
 
 
 def base_dtype(spec, device: torch.device) -> torch.dtype:
@@ -51,12 +52,15 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
     if not train_samples:
         raise ValueError("the cache holds no usable training images")
+    sharded = world_size > 1 and spec.scaling.strategy == "fsdp"
     validate = None
-    if rank == 0 and spec.eval.validation_step_interval and (spec.eval.validation_prompt or spec.eval.user_prompt_library):
+    # A sharded model's forward is a collective: every rank renders, rank 0 writes.
+    if (rank == 0 or sharded) and spec.eval.validation_step_interval and (spec.eval.validation_prompt or spec.eval.user_prompt_library):
         from flux_ray.core.validation import Validator
 
-        validate = Validator(spec, transformer, device)
+        validate = Validator(spec, transformer, device, write=rank == 0)
     return LoopParts(spec=spec, model=model, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
-                     device=device, rank=rank, world_size=world_size, lora_state=lambda: L.peft_state_dict(transformer),
+                     device=device, rank=rank, world_size=world_size,
+                     state_io=StateIO(model, transformer, optimizer, sharded=sharded),
                      validate=validate)

@@ -22,27 +22,23 @@ class Position:
     batch_index: int = 0
 
 
-def save_checkpoint(directory: str | Path, *, lora_sd: dict[str, torch.Tensor], optimizer, lr_scheduler,
+def save_checkpoint(directory: str | Path, *, lora_sd: dict[str, torch.Tensor], optim_sd: dict, lr_scheduler,
                     position: Position, extra: dict | None = None) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora_sd.items()}, str(d / LORA_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+    torch.save({"optimizer": optim_sd, "lr_scheduler": lr_scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
                d / "optim.pt")
     (d / STATE_FILE).write_text(json.dumps({"position": asdict(position), **(extra or {})}, indent=1))
     return d
 
 
-def load_checkpoint(directory: str | Path, *, transformer, optimizer, lr_scheduler) -> Position:
+def load_checkpoint(directory: str | Path, *, state_io, lr_scheduler) -> Position:
     """Restore LoRA weights, optimizer, scheduler and RNG states; returns the saved position."""
-    from peft import set_peft_model_state_dict
-
     d = Path(directory)
-    base = getattr(transformer, "module", transformer)
-    set_peft_model_state_dict(base, load_file(str(d / LORA_FILE)), adapter_name="default")
     blob = torch.load(d / "optim.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    state_io.restore(load_file(str(d / LORA_FILE)), blob["optimizer"])
     lr_scheduler.load_state_dict(blob["lr_scheduler"])
     torch.set_rng_state(blob["rng"]["torch"])
     np.random.set_state(blob["rng"]["numpy"])

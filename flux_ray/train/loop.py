@@ -35,7 +35,7 @@ class LoopParts:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    lora_state: Callable[[], dict] = dict
+    state_io: object = None                         # StateIO: gather/restore LoRA + optimizer
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
     position: Position = field(default_factory=Position)
 
@@ -134,14 +134,15 @@ def _maybe_report(parts: LoopParts, report, losses: list, t_last: float, samples
         ev = evaluate(parts)
         if ev is not None:
             metrics["eval_loss"] = ev
-    if want_val and parts.rank == 0:
+    if want_val:
         metrics.update(parts.validate(step))
     if want_ckpt:
+        lora_sd, optim_sd = parts.state_io.gather()  # a collective when sharded: every rank
         with tempfile.TemporaryDirectory(prefix="flux_ray_ckpt_") as d:
             ckpt = None
             if parts.rank == 0:
-                save_checkpoint(d, lora_sd=parts.lora_state(), optimizer=parts.optimizer,
-                                lr_scheduler=parts.lr_scheduler, position=pos, extra={"metrics": metrics})
+                save_checkpoint(d, lora_sd=lora_sd, optim_sd=optim_sd, lr_scheduler=parts.lr_scheduler,
+                                position=pos, extra={"metrics": metrics})
                 ckpt = d
             report(metrics, ckpt)
     else:

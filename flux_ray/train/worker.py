@@ -34,11 +34,10 @@ def train_loop_per_worker(config: dict) -> None:
     explicit = spec.train.resume_from_checkpoint not in (None, "latest")
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            parts.position = load_checkpoint(d, transformer=parts.model, optimizer=parts.optimizer,
-                                             lr_scheduler=parts.lr_scheduler)
+            parts.position = load_checkpoint(d, state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
     elif explicit:
-        parts.position = load_checkpoint(spec.train.resume_from_checkpoint, transformer=parts.model,
-                                         optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler)
+        parts.position = load_checkpoint(spec.train.resume_from_checkpoint, state_io=parts.state_io,
+                                         lr_scheduler=parts.lr_scheduler)
     if parts.position.step:
         log.info("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
                  parts.position.epoch, parts.position.batch_index)

@@ -148,16 +148,18 @@ def searcher_class(spec: JobSpec):
     return getattr(importlib.import_module(mod), cls)
 
 
-def build_searcher(spec: JobSpec):
+def build_searcher(spec: JobSpec, max_concurrent: int):
+    """Random search (seeded by train.seed) or a Ray Tune searcher, limited to max_concurrent live trials."""
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     cls = searcher_class(spec)
-    t, seed = spec.tune, spec.train.seed
-    if cls is None:
-        return BasicVariantGenerator(random_state=seed)
+    seed = spec.train.seed
+    if cls is None:  # Tune ignores TuneConfig.max_concurrent_trials for a ready-made BasicVariantGenerator
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
     # metric and mode come from TuneConfig: Tune refuses a searcher that already has its own.
-    seed_arg = {"optuna": "seed", "hyperopt": "random_state_seed", "bayesopt": "random_state"}[t.search_alg]
-    return cls(**{seed_arg: seed})
+    seed_arg = {"optuna": "seed", "hyperopt": "random_state_seed", "bayesopt": "random_state"}[spec.tune.search_alg]
+    return ConcurrencyLimiter(cls(**{seed_arg: seed}), max_concurrent=max_concurrent)
 
 
 def build_scheduler(spec: JobSpec):

@@ -158,8 +158,8 @@ def _tuner(spec: JobSpec, ctx):
              concurrency, space.trial_resources(spec, TRIAL_DRIVER_CPUS))
     name_fn = functools.partial(_trial_name, spec.name)
     tune_config = tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.mode, num_samples=spec.tune.num_samples,
-                                  search_alg=space.build_searcher(spec), scheduler=space.build_scheduler(spec),
-                                  max_concurrent_trials=concurrency, trial_name_creator=name_fn,
+                                  search_alg=space.build_searcher(spec, concurrency),
+                                  scheduler=space.build_scheduler(spec), trial_name_creator=name_fn,
                                   trial_dirname_creator=name_fn)
     run_config = tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=remote_fs,
                                 callbacks=[MlflowTrialStatusCallback(ctx)], verbose=1)

@@ -1,0 +1,363 @@
+"""Times flux_ray's own LoRA training step on the full-size FLUX.1-dev transformer, against the stock recipe.
+
+The model is built from its config with random bf16 weights directly on the GPU (step time does not
+depend on weight values; nothing is downloaded). The step is the trainer's: ``quantize_base``,
+``add_lora``, ``apply_gradient_checkpointing``, ``compile_blocks``, ``build_optimizer``,
+``build_lr_scheduler`` and ``FluxLossFn`` are imported from flux_ray, and each step runs the body of
+``train/loop.py``'s step (batch to device, loss / accum, backward, clip_grad_norm_, optimizer, scheduler,
+zero_grad) on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings).
+
+Two commands:
+  run SPEC          one variant in this process; prints one JSON line (start each variant in its own
+                    process: a CUDA error or an OOM poisons the rest, and dynamo state carries over)
+  suite [opts] JOB  each JOB ``ours:SPEC`` or ``stock:SPEC`` in its own process, in order, inside a
+                    time budget; prints the JSON lines as they come and a table last, with ours / stock.
+
+SPEC (comma separated, defaults in DEFAULTS): res, bs, targets, rank, ckpt (0 none, n: every n-th of
+the 57 blocks, auto: the least that fits, from an earlier no-checkpointing job's memory; the stock script's
+ckpt is 0/1), compile (0/1: regional, each block), attn (flash|efficient|cudnn|math), quant
+(none|int8|int4|int2|nf4|fp8), lora_dtype (fp32|bf16: the adamw_bf16 optimizer), opt (adamw: the
+project's fused AdamW | foreach), uncast (1: FluxLossFn skips PEFT's round-trip input cast), model
+(dev|tiny), device (cuda|cpu), steps, warmup, txt.
+
+usage: python bench/train_step_bench.py suite --stock bench/_stock/stock_flux_lora_step.py --budget-s 540 \\
+           ours:res=512,bs=1,ckpt=0,compile=1 stock:res=512,bs=1,ckpt=1
+       python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2   # CPU smoke test
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
+                lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512)
+STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device")
+QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
+         "nf4": "nf4-bnb", "fp8": "fp8-torchao"}
+NUM_BLOCKS = 57
+
+# The stock script's model-FLOPs count (bench/_stock/stock_flux_lora_step.py, model_flops): forward plus
+# input-gradient backward of the frozen base, no recompute; MFU is taken against 800 TFLOP/s as there.
+D, PER_TOKEN_LINEAR, PEAK_FLOPS = 3072, 6.45e9, 800e12
+
+
+def model_flops(img_tokens: int, txt_tokens: int, bs: int) -> float:
+    s = img_tokens + txt_tokens
+    lin_fwd = 2 * PER_TOKEN_LINEAR * s
+    attn_fwd = 57 * 4 * s * s * D
+    return bs * (lin_fwd + attn_fwd + lin_fwd + 2 * attn_fwd)
+
+
+def parse(spec: str) -> dict:
+    v = dict(DEFAULTS)
+    for kv in filter(None, spec.split(",")):
+        k, x = kv.split("=")
+        if k not in DEFAULTS:
+            raise ValueError(f"unknown key {k!r} in {spec!r}; keys: {sorted(DEFAULTS)}")
+        v[k] = x if k in STRINGS else int(x)
+    return v
+
+
+def checkpointed_blocks(interval: int) -> int:
+    return 0 if interval <= 0 else math.ceil(NUM_BLOCKS / interval)
+
+
+# ---------------------------------------------------------------- one variant (run) -------------------------
+
+def build(v: dict):
+    """The trainer's parts on a random full-size (or tiny) transformer: (model, params, opt, sched, loss_fn)."""
+    import torch
+
+    from flux_ray.core.checkpointing import apply_gradient_checkpointing
+    from flux_ray.core.compile import compile_blocks
+    from flux_ray.core.lora import add_lora
+    from flux_ray.core.model import FLUX_DEV_TRANSFORMER, build_transformer_from_config
+    from flux_ray.core.quantize import quantize_base
+    from flux_ray.core.step import FluxLossFn
+    from flux_ray.core.tiny import FLUX_SCHEDULER, TINY_TRANSFORMER
+    from flux_ray.spec import FlowSpec, LoraSpec, ModelSpec, TrainSpec
+    from flux_ray.train.optim import build_lr_scheduler, build_optimizer
+
+    device = torch.device(v["device"])
+    config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
+    transformer = build_transformer_from_config(config, device, torch.bfloat16)
+    transformer = quantize_base(transformer, ModelSpec(base_model_precision=QUANT[v["quant"]]), device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    params = add_lora(transformer, LoraSpec(lora_rank=v["rank"], flux_lora_target=v["targets"]))
+    interval = int(v["ckpt"])
+    if interval:
+        apply_gradient_checkpointing(transformer, interval)
+    if v["compile"]:
+        compile_blocks(transformer)
+    train_spec = TrainSpec(optimizer="adamw_bf16" if v["lora_dtype"] == "bf16" else "adamw")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if v["opt"] == "foreach":  # lever: torch's default multi-tensor AdamW instead of the project's fused one
+        if v["lora_dtype"] == "bf16":
+            for p in params:
+                p.data = p.data.to(torch.bfloat16)
+        opt = torch.optim.AdamW(params, lr=train_spec.learning_rate, betas=(0.9, 0.999),
+                                weight_decay=train_spec.adam_weight_decay, foreach=True)
+    else:
+        opt = build_optimizer(train_spec, params, device)
+    sched = build_lr_scheduler(train_spec, opt)
+    loss_fn = FluxLossFn(transformer, FlowSpec(), scheduler_config=dict(FLUX_SCHEDULER), fast_schedule=False,
+                         autocast_dtype=torch.bfloat16, attention_backend=v["attn"])
+    if not v["uncast"]:
+        loss_fn._uncast_lora = []
+    return transformer, params, opt, sched, loss_fn, train_spec
+
+
+def host_batches(v: dict, n: int, config: dict):
+    """CPU batches shaped and typed like CacheReader.batch's (fp32, T5 mask int8)."""
+    import torch
+
+    from flux_ray.core.step import FluxBatch
+
+    g = torch.Generator().manual_seed(1)
+    lat = v["res"] // 8
+    out = []
+    for _ in range(n):
+        out.append(FluxBatch(torch.randn(v["bs"], 16, lat, lat, generator=g),
+                             torch.randn(v["bs"], v["txt"], config["joint_attention_dim"], generator=g),
+                             torch.randn(v["bs"], config["pooled_projection_dim"], generator=g),
+                             torch.ones(v["bs"], v["txt"], dtype=torch.int8)))
+    return out
+
+
+def run_variant(v: dict) -> dict:
+    import torch
+
+    from flux_ray.core.model import FLUX_DEV_TRANSFORMER
+    from flux_ray.core.tiny import TINY_TRANSFORMER
+    from flux_ray.train.loop import step_generator
+
+    cuda = v["device"] == "cuda"
+    t0 = time.time()
+    transformer, params, opt, sched, loss_fn, train_spec = build(v)
+    build_s = time.time() - t0
+    config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
+    batches = host_batches(v, 4, config)
+    device = torch.device(v["device"])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step_no = [0]
+
+    def step():  # train/loop.py's step body, gradient_accumulation_steps=1
+        batch = batches[step_no[0] % len(batches)].to(device)
+        gen = step_generator(train_spec.seed, step_no[0], 0, 0)
+        loss = loss_fn(batch, gen) / 1
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, train_spec.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_no[0] += 1
+        return loss.detach()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    step()
+    sync()
+    first_s = time.time() - t0  # includes compilation when compile=1
+    for _ in range(v["warmup"] - 1):
+        step()
+    sync()
+    warm_s = time.time() - t0
+    static_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    times = []
+    for _ in range(v["steps"]):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    # Back-to-back steps with one sync at the end, as the trainer runs them (it syncs only to log).
+    t = time.perf_counter()
+    for _ in range(v["steps"]):
+        loss = step()
+    sync()
+    pipelined = (time.perf_counter() - t) / v["steps"]
+    host_syncs = None
+    if cuda:  # count host syncs in one step
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+        torch.cuda.set_sync_debug_mode(0)
+        host_syncs = sum("synchroniz" in str(w.message) for w in caught)
+        sync()
+    rope_ms = None
+    if cuda and v["model"] == "dev":  # cost of diffusers rebuilding the rotary table every forward
+        ids = torch.cat(loss_fn._position_ids(v["res"] // 8, v["res"] // 8, v["txt"], device)[::-1])
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(20):
+            transformer.pos_embed(ids)
+        b.record()
+        sync()
+        rope_ms = a.elapsed_time(b) / 20
+    lat = v["res"] // 16
+    flops = model_flops(lat * lat, v["txt"], v["bs"])
+    return dict(v, who="ours", s_per_step=round(med, 4), min=round(times[0], 4), max=round(times[-1], 4),
+                s_per_step_pipelined=round(pipelined, 4), samples_per_s=round(v["bs"] / med, 3),
+                mfu_vs_800T=round(flops / med / PEAK_FLOPS, 3),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                static_gib=round(static_gib, 2), total_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
+                build_s=round(build_s, 1), first_step_s=round(first_s, 1), warmup_s=round(warm_s, 1),
+                host_syncs_per_step=host_syncs, rope_ms=None if rope_ms is None else round(rope_ms, 3),
+                ckpt_blocks=checkpointed_blocks(int(v["ckpt"])), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
+                loss=round(float(loss), 4), gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
+
+
+def cmd_run(spec: str) -> None:
+    v = parse(spec)
+    try:
+        print(json.dumps(run_variant(v)), flush=True)
+    except Exception as e:  # noqa: BLE001 -- one JSON line per variant, whatever happened
+        oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+        print(json.dumps(dict(v, who="ours", error="OOM" if oom else f"{type(e).__name__}: {str(e)[:300]}")),
+              flush=True)
+        raise SystemExit(3 if oom else 2)
+
+
+# ---------------------------------------------------------------- suite --------------------------------------
+
+def _last_json(text: str) -> dict | None:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"res"' in line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def auto_interval(v: dict, done: list[dict]) -> int | None:
+    """Least checkpointing that fits: activations per token from an earlier no-ckpt job (same compile)."""
+    ref = next((r for r in done if r.get("who") == "ours" and "error" not in r and str(r["ckpt"]) == "0"
+                and r["compile"] == v["compile"] and r["quant"] == v["quant"] == "none"
+                and r.get("peak_gib") is not None), None)
+    if ref is None:
+        return None
+    tok = lambda r: r["bs"] * ((r["res"] // 16) ** 2 + r["txt"])  # noqa: E731
+    per_tok = (ref["peak_gib"] - ref["static_gib"]) / tok(ref)
+    budget = ref["total_gib"] - 6.0  # allocator fragmentation and the recomputed block's activations
+    for n in (0, 8, 6, 4, 3, 2, 1):
+        if ref["static_gib"] + per_tok * tok(v) * (1 - checkpointed_blocks(n) / NUM_BLOCKS) <= budget:
+            return n
+    return 1
+
+
+def run_job(who: str, v: dict, stock: str, timeout: float, out_dir: str, idx: int) -> dict:
+    spec = ",".join(f"{k}={x}" for k, x in v.items())
+    if who == "ours":
+        cmd = [sys.executable, os.path.abspath(__file__), "run", spec]
+    else:
+        keys = ("res", "bs", "targets", "rank", "ckpt", "txt", "steps", "compile", "attn", "quant")
+        cmd = [sys.executable, stock, ",".join(f"{k}={v[k]}" for k in keys)]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        text, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        text, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+    with open(os.path.join(out_dir, f"job{idx:02d}_{who}.log"), "w") as f:
+        f.write(" ".join(cmd) + "\n" + text)
+    r = _last_json(text) or dict(v, error=f"no result (rc={rc}): {text.strip().splitlines()[-1][:200] if text.strip() else ''}")
+    r.setdefault("who", who)
+    r["wall_s"] = round(time.time() - t0, 1)
+    return r
+
+
+def cmd_suite(args: list[str]) -> None:
+    stock, budget, out_dir, jobs = None, 540.0, os.environ.get("OUT", "."), []
+    it = iter(args)
+    for a in it:
+        if a == "--stock":
+            stock = next(it)
+        elif a == "--budget-s":
+            budget = float(next(it))
+        elif a == "--out":
+            out_dir = next(it)
+        else:
+            who, _, spec = a.partition(":")
+            if who not in ("ours", "stock"):
+                raise SystemExit(f"job {a!r}: expected ours:SPEC or stock:SPEC")
+            jobs.append((who, parse(spec)))
+    os.makedirs(out_dir, exist_ok=True)
+    start, done = time.time(), []
+    for idx, (who, v) in enumerate(jobs):
+        left = budget - (time.time() - start)
+        if left < 45:
+            done.append(dict(v, who=who, error="skipped: suite budget spent"))
+            continue
+        if who == "stock" and not stock:
+            continue
+        if who == "ours" and v["ckpt"] == "auto":
+            n = auto_interval(v, done)
+            v = dict(v, ckpt=str(1 if n is None else n))
+        r = run_job(who, v, stock, left - 5, out_dir, idx)
+        # OOM at partial checkpointing: retry once with every block checkpointed, if time is left
+        if who == "ours" and r.get("error") == "OOM" and v["ckpt"] != "1" and budget - (time.time() - start) > 60:
+            done.append(r)
+            print(json.dumps(r), flush=True)
+            v = dict(v, ckpt="1")
+            r = run_job(who, v, stock, budget - (time.time() - start) - 5, out_dir, idx)
+        done.append(r)
+        print(json.dumps(r), flush=True)
+        with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
+            f.write(json.dumps(r) + "\n")
+    print_table(done)
+
+
+def print_table(rows: list[dict]) -> None:
+    def stock_ref(r, compiled):
+        c = [s for s in rows if s.get("who") == "stock" and "error" not in s and s["res"] == r["res"]
+             and s["bs"] == r["bs"] and s["quant"] == r["quant"] and s["compile"] == compiled]
+        return min(c, key=lambda s: s["s_per_step"]) if c else None
+
+    hdr = (f"{'who':5} {'res':>4} {'bs':>2} {'quant':5} {'ckpt':>4} {'cmp':>3} {'attn':6} {'lora':4} {'opt':7} "
+           f"{'s/step':>7} {'pipe':>7} {'smp/s':>6} {'MFU':>5} {'peakGiB':>7} {'1st s':>6} {'x eager':>7} {'x comp':>6}")
+    print("\n" + hdr + "\n" + "-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {str(r['ckpt']):>4} {r['compile']:>3} "
+                  f"{r['attn']:6} ERROR {r['error'][:90]}")
+            continue
+        ours = r["who"] == "ours"
+        ratios = []
+        for compiled in (0, 1):
+            s = stock_ref(r, compiled) if ours else None
+            ratios.append(f"{s['s_per_step'] / r['s_per_step']:.2f}" if s else "-")
+        first = r.get("first_step_s", r.get("warmup_s", 0))
+        print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {str(r['ckpt']):>4} {r['compile']:>3} "
+              f"{r['attn']:6} {r.get('lora_dtype', 'fp32'):4} {r.get('opt', 'adamw'):7} {r['s_per_step']:7.4f} "
+              f"{r.get('s_per_step_pipelined', float('nan')):7.4f} {r['samples_per_s']:6.2f} {r['mfu_vs_800T']:5.3f} "
+              f"{r['peak_gib']:7.2f} {first:6.1f} {ratios[0]:>7} {ratios[1]:>6}")
+    gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "?")
+    print(f"card: {gpu}; x eager / x comp: stock s/step (same res, bs, quant; eager / compiled; best stock row) "
+          f"over ours; ckpt: ours every n-th block (0 none), stock 0/1; 1st s: first step incl. compile (stock: warmup)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "run":
+        cmd_run(sys.argv[2])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "suite":
+        cmd_suite(sys.argv[2:])
+    else:
+        raise SystemExit(__doc__)
