@@ -5,7 +5,7 @@ depend on weight values; nothing is downloaded). The step is the trainer's: ``qu
 ``add_lora``, ``apply_gradient_checkpointing``, ``compile_blocks``, ``build_optimizer``,
 ``build_lr_scheduler`` and ``FluxLossFn`` are imported from flux_ray, and each step runs the body of
 ``train/loop.py``'s step (batch to device, loss / accum, backward, clip_grad_norm_, optimizer, scheduler,
-zero_grad) on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings).
+zero_grad; ``train/stepper.py``'s TorchStepper where present) on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings).
 
 Two commands:
   run SPEC          one variant in this process; prints one JSON line (start each variant in its own
@@ -18,7 +18,8 @@ the 57 blocks, auto: the least that fits, from an earlier no-checkpointing job's
 ckpt is 0/1), compile (0/1: regional, each block), attn (flash|efficient|cudnn|math), quant
 (none|int8|int4|int2|nf4|fp8), lora_dtype (fp32|bf16: the adamw_bf16 optimizer), opt (adamw: the
 project's fused AdamW | foreach), uncast (1: FluxLossFn skips PEFT's round-trip input cast), model
-(dev|tiny), device (cuda|cpu), steps, warmup, txt.
+(dev|tiny), device (cuda|cpu), steps, warmup, txt, profile (1: GPU kernel time per step by kind, from
+torch.profiler over 2 steps, against the unprofiled step time).
 
 usage: python bench/train_step_bench.py suite --stock bench/_stock/stock_flux_lora_step.py --budget-s 540 \\
            ours:res=512,bs=1,ckpt=0,compile=1 stock:res=512,bs=1,ckpt=1
@@ -35,7 +36,8 @@ import time
 import warnings
 
 DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
-                lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512)
+                lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
+                profile=0)
 STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device")
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
          "nf4": "nf4-bnb", "fp8": "fp8-torchao"}
@@ -147,15 +149,26 @@ def run_variant(v: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     step_no = [0]
 
+    try:  # the trainer's own optimizer-step code (train/stepper.py), where this tree has it
+        from flux_ray.train.stepper import TorchStepper
+
+        stepper = TorchStepper(transformer, params, opt, sched, train_spec.max_grad_norm)
+    except ImportError:
+        stepper = None
+
     def step():  # train/loop.py's step body, gradient_accumulation_steps=1
         batch = batches[step_no[0] % len(batches)].to(device)
         gen = step_generator(train_spec.seed, step_no[0], 0, 0)
-        loss = loss_fn(batch, gen) / 1
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, train_spec.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(batch, gen)
+        if stepper is not None:
+            stepper.micro_step(loss, 0, 1)
+            stepper.finish_step()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, train_spec.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         step_no[0] += 1
         return loss.detach()
 
@@ -200,6 +213,7 @@ def run_variant(v: dict) -> dict:
         torch.cuda.set_sync_debug_mode(0)
         host_syncs = sum("synchroniz" in str(w.message) for w in caught)
         sync()
+    gpu_ms = kernel_time_by_kind(step, sync) if cuda and v["profile"] else None
     rope_ms = None
     if cuda and v["model"] == "dev":  # cost of diffusers rebuilding the rotary table every forward
         ids = torch.cat(loss_fn._position_ids(v["res"] // 8, v["res"] // 8, v["txt"], device)[::-1])
@@ -218,9 +232,36 @@ def run_variant(v: dict) -> dict:
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 static_gib=round(static_gib, 2), total_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
                 build_s=round(build_s, 1), first_step_s=round(first_s, 1), warmup_s=round(warm_s, 1),
-                host_syncs_per_step=host_syncs, rope_ms=None if rope_ms is None else round(rope_ms, 3),
+                host_syncs_per_step=host_syncs, gpu_ms_per_step=gpu_ms, rope_ms=None if rope_ms is None else round(rope_ms, 3),
                 ckpt_blocks=checkpointed_blocks(int(v["ckpt"])), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
                 loss=round(float(loss), 4), gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
+
+
+KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas", "splitk")),
+                ("optimizer", ("multi_tensor", "fused_adam", "adam", "foreach")),
+                ("triton", ("triton_",)))
+
+
+def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
+    """GPU kernel milliseconds per step, summed by kind (attention, gemm, triton, optimizer, other)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or 0
+        if us <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        out[kind] = out.get(kind, 0.0) + us / 1000 / n
+    out["total"] = sum(out.values())
+    return {k: round(x, 1) for k, x in out.items()}
 
 
 def cmd_run(spec: str) -> None:
@@ -300,13 +341,16 @@ def cmd_suite(args: list[str]) -> None:
                 raise SystemExit(f"job {a!r}: expected ours:SPEC or stock:SPEC")
             jobs.append((who, parse(spec)))
     os.makedirs(out_dir, exist_ok=True)
-    start, done = time.time(), []
+    start, done, crashed_attn = time.time(), [], set()
     for idx, (who, v) in enumerate(jobs):
         left = budget - (time.time() - start)
         if left < 45:
             done.append(dict(v, who=who, error="skipped: suite budget spent"))
             continue
         if who == "stock" and not stock:
+            continue
+        if v["attn"] in crashed_attn:
+            done.append(dict(v, who=who, error=f"skipped: attn={v['attn']} crashed earlier"))
             continue
         if who == "ours" and v["ckpt"] == "auto":
             n = auto_interval(v, done)
@@ -319,6 +363,8 @@ def cmd_suite(args: list[str]) -> None:
             v = dict(v, ckpt="1")
             r = run_job(who, v, stock, budget - (time.time() - start) - 5, out_dir, idx)
         done.append(r)
+        if "error" in r and r["error"] != "OOM" and v["attn"] != "flash":
+            crashed_attn.add(v["attn"])
         print(json.dumps(r), flush=True)
         with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
             f.write(json.dumps(r) + "\n")
@@ -326,6 +372,7 @@ def cmd_suite(args: list[str]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
+    """One line a job; ratios are stock s/step over ours for the same res, bs and quant."""
     def stock_ref(r, compiled):
         c = [s for s in rows if s.get("who") == "stock" and "error" not in s and s["res"] == r["res"]
              and s["bs"] == r["bs"] and s["quant"] == r["quant"] and s["compile"] == compiled]
@@ -348,7 +395,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {str(r['ckpt']):>4} {r['compile']:>3} "
               f"{r['attn']:6} {r.get('lora_dtype', 'fp32'):4} {r.get('opt', 'adamw'):7} {r['s_per_step']:7.4f} "
               f"{r.get('s_per_step_pipelined', float('nan')):7.4f} {r['samples_per_s']:6.2f} {r['mfu_vs_800T']:5.3f} "
-              f"{r['peak_gib']:7.2f} {first:6.1f} {ratios[0]:>7} {ratios[1]:>6}")
+              f"{r['peak_gib'] or 0:7.2f} {first:6.1f} {ratios[0]:>7} {ratios[1]:>6}")
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "?")
     print(f"card: {gpu}; x eager / x comp: stock s/step (same res, bs, quant; eager / compiled; best stock row) "
           f"over ours; ckpt: ours every n-th block (0 none), stock 0/1; 1st s: first step incl. compile (stock: warmup)")

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
-from pathlib import Path
 
-from flux_ray import storage
 from flux_ray.spec import JobSpec
 
 log = logging.getLogger("flux_ray")
@@ -29,10 +26,22 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Train v2 workers block in report() until the controller polls (default every 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-             log_to_driver=True)
+             log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.pin_ray_address"})
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook: make Ray's address auto-detection in workers find their own cluster.
+
+    Train's PlacementGroupCleaner (which frees the workers of a Tune trial that was stopped) looks
+    the controller up through the state API without an address; with a second Ray instance on the
+    host that lookup fails and the stopped trial's placement group is never removed.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def cache(spec: JobSpec):
@@ -71,12 +80,11 @@ def run(spec: JobSpec, *, do_cache: bool = True, parent_run_id: str | None = Non
     if cache_summary:
         summary["cache"] = cache_summary.to_dict()
     summary_uri = write_run_summary(spec, summary)
-    with tempfile.TemporaryDirectory() as d:
-        for name, file_uri, where in [("pytorch_lora_weights.safetensors", outcome.lora_uri, "lora"),
-                                      ("run_summary.json", summary_uri, None)]:
-            local = Path(d) / name
-            local.write_bytes(storage.read_bytes(file_uri, spec.storage))
-            mlflow_run.log_artifact(uri, run_id, str(local), where)
+    mlflow_run.log_run_outputs(uri, run_id, spec, summary_uri)  # every LoRA file under lora/, run_summary.json
+    if spec.tracking.register_model_name:
+        name = spec.tracking.register_model_name
+        summary["registered_model"] = {"name": name, "version": mlflow_run.register_lora(uri, run_id, name)}
+        write_run_summary(spec, summary)
     if outcome.final_loss is not None:
         mlflow_run.log_metrics(uri, run_id, {"final_train_loss": outcome.final_loss}, outcome.steps)
     mlflow_run.finish_run(uri, run_id)

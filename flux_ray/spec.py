@@ -340,6 +340,14 @@ class JobSpec(_Section):
                              f"(model.base_model_precision={self.model.base_model_precision})")
         if self.flow.flow_use_uniform_schedule and self.flow.flow_use_beta_schedule:
             raise ValueError("flow.flow_use_uniform_schedule and flow.flow_use_beta_schedule are exclusive")
+        if self.lora.lora_type == "lycoris":
+            if self.scaling.strategy == "fsdp":
+                raise ValueError("lora.lora_type lycoris cannot be trained with scaling.strategy fsdp (use ddp)")
+            if set(self.output.export_formats) - {"diffusers"}:
+                raise ValueError("output.export_formats: a lycoris adapter is saved in LyCORIS's own format only; "
+                                 "remove comfyui/kohya")
+            if self.lora.lora_init_type != "default":
+                raise ValueError("lora.lora_init_type applies to lora_type standard only")
         if self.scaling.strategy == "deepspeed" and not self.scaling.deepspeed_config:
             self.scaling.deepspeed_config = {"zero_optimization": {"stage": 2}}
         return self

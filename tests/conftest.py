@@ -112,7 +112,8 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
+                              "worker_process_setup_hook": "flux_ray.job.pin_ray_address"})
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -46,6 +46,9 @@ def lora_config(lora_spec, targets: list[str]):
 def add_lora(transformer: torch.nn.Module, lora_spec, param_dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     """Attach a trainable LoRA adapter ("default"); returns its parameters (kept in param_dtype)."""
     targets = resolve_targets(transformer, lora_spec)
+    if lora_spec.lora_init_type == "loftq" and next(transformer.parameters()).device.type != "cuda":
+        raise ValueError("lora.lora_init_type='loftq' quantizes the base on a CUDA device (PEFT's LoftQ); "
+                         "this worker runs on CPU: use default, gaussian, pissa or olora")
     transformer.add_adapter(lora_config(lora_spec, targets))
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in params:
@@ -108,3 +111,27 @@ def load_lora_weights_into(transformer: torch.nn.Module, path: str) -> None:
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
         raise ValueError(f"lora.init_lora {path!r}: keys do not fit this adapter's targets/rank: {unexpected[:5]}")
+
+
+def moves_base_weights(lora_spec) -> bool:
+    """PiSSA, OLoRA and LoftQ initialise by rewriting the base weights (W_res = W - B0 A0, or quantized)."""
+    return lora_spec.lora_init_type in ("pissa", "olora", "loftq")
+
+
+def to_standard_lora(peft_sd: dict[str, torch.Tensor], init_sd: dict[str, torch.Tensor], lora_spec):
+    """A LoRA trained on moved base weights -> a standard LoRA on the original base.
+
+    W_res + B A = W + (B A - B0 A0): a rank-2r LoRA with A' = [A; A0], B' = [B, -B0] and alpha 2*alpha,
+    so the scale alpha/r is unchanged (what PEFT's path_initial_model_for_weight_conversion does).
+    Returns (state dict, LoraSpec with the doubled rank and alpha).
+    """
+    out = {}
+    for key, a in peft_sd.items():
+        if ".lora_A." not in key:
+            continue
+        bkey = key.replace(".lora_A.", ".lora_B.")
+        out[key] = torch.cat([a, init_sd[key]], dim=0)
+        out[bkey] = torch.cat([peft_sd[bkey], -init_sd[bkey]], dim=1)
+    spec = lora_spec.model_copy(update={"lora_rank": 2 * lora_spec.lora_rank, "lora_alpha": 2 * lora_spec.alpha,
+                                        "lora_init_type": "default"})
+    return out, spec

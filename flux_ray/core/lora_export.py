@@ -344,7 +344,7 @@ def default_out(src: ExportSource, what: str) -> Path:
 
 
 def find_run_spec(run_dir: Path | None):
-    """The run's job_spec.yaml as logged to MLflow (local store under the output dir), or None."""
+    """The run's job_spec.yaml as logged to MLflow in the local store (<output>/mlartifacts), or None."""
     from flux_ray.spec import load_spec
 
     if run_dir is None:
@@ -353,15 +353,16 @@ def find_run_spec(run_dir: Path | None):
     tracking = json.loads(summary_file.read_text()).get("mlflow", {}) if summary_file.is_file() else {}
     run_id, uri = tracking.get("run_id"), tracking.get("tracking_uri") or ""
     roots = [Path(uri.removeprefix("sqlite:///")).parent] if uri.startswith("sqlite:///") else []
-    roots.append(run_dir.parent)  # the default store: <output>/mlflow.db, artifacts in <output>/mlartifacts
-    found = []
-    for root in roots:
-        for f in root.glob("mlartifacts/**/job_spec.yaml"):
-            if run_id and f.parent.parent.name == run_id:
-                return load_spec(f, check_paths=False)
-            found.append(f)
-    named = [f for f in found if _yaml_name(f) == run_dir.name]
-    if named:  # no run_summary.json yet: the newest spec logged under this run's name
+    roots.append(run_dir.parent)  # default store: <output>/mlflow.db with artifacts in <output>/mlartifacts
+    # artifacts live at <location>/<run_id>/artifacts, location = mlartifacts or mlartifacts/<experiment id>
+    layouts = ["mlartifacts/{}/artifacts/job_spec.yaml", "mlartifacts/*/{}/artifacts/job_spec.yaml"]
+    if run_id:
+        for f in (f for root in roots for pattern in layouts for f in root.glob(pattern.format(run_id))):
+            return load_spec(f, check_paths=False)
+    # no run_summary.json yet (still training): the newest spec logged under this run's name
+    named = [f for root in roots for pattern in layouts for f in root.glob(pattern.format("*"))
+             if _yaml_name(f) == run_dir.name]
+    if named:
         return load_spec(max(named, key=lambda f: f.stat().st_mtime), check_paths=False)
     if run_id and uri and not uri.startswith("sqlite:///"):
         log.warning("run %s logs to %s: pass --spec (export reads only a local MLflow store)", run_id, uri)

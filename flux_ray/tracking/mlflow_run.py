@@ -144,12 +144,11 @@ def log_run_outputs(uri: str, run_id: str, spec, summary_uri: str | None = None)
 
 def register_lora(uri: str, run_id: str, model_name: str, artifact_path: str = "lora") -> str:
     """Register a run's logged LoRA folder as a new version of an MLflow registered model; returns the version."""
-    from mlflow.exceptions import MlflowException
-
     c = client(uri)
-    try:
-        c.get_registered_model(model_name)
-    except MlflowException:
+    if not c.search_registered_models(filter_string=f"name = '{model_name}'"):
         c.create_registered_model(model_name, description="Flux LoRA adapters trained by flux_ray")
     source = c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    for v in c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+        if v.source == source:
+            return str(v.version)  # already registered (a rerun of a finished sweep)
     return str(c.create_model_version(model_name, source=source, run_id=run_id).version)

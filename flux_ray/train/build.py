@@ -6,12 +6,14 @@ from typing import Callable
 import torch
 
 from flux_ray.core import lora as L
+from flux_ray.core.adapters import attach_adapter
 from flux_ray.core import model as M
 from flux_ray.core.step import FluxLossFn
 from flux_ray.data.loader import CacheReader
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer
 from flux_ray.train.state_io import StateIO
+from flux_ray.train.stepper import DeepSpeedStepper, TorchStepper, init_deepspeed
 
 
 def base_dtype(spec, device: torch.device) -> torch.dtype:
@@ -23,27 +25,37 @@ def build_transformer(spec, device: torch.device):
     from flux_ray.core.quantize import quantize_base
 
     transformer = M.load_transformer(spec.model, dtype=base_dtype(spec, device))
+    if spec.model.assistant_lora_path:  # schnell's frozen assistant LoRA: fused into the base before training
+        from flux_ray.core.lora_export import merge_lora
+
+        merge_lora(transformer, spec.model.assistant_lora_path)
     transformer = quantize_base(transformer, spec.model, device)
-    params = L.add_lora(transformer, spec.lora)
+    adapter = attach_adapter(transformer, spec.lora)
+    init_sd = adapter.state_dict() if L.moves_base_weights(spec.lora) else None
     if spec.train.gradient_checkpointing:
         from flux_ray.core.checkpointing import apply_gradient_checkpointing
 
         apply_gradient_checkpointing(transformer, spec.train.gradient_checkpointing_interval)
-    return transformer, params
+    return transformer, adapter, init_sd
 
 
 def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
                      wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
     torch.manual_seed(spec.train.seed)
-    transformer, params = build_transformer(spec, device)
+    transformer, adapter, lora_init = build_transformer(spec, device)
     model = wrap(transformer)
     if spec.train.compile:
         from flux_ray.core.compile import compile_blocks
 
         compile_blocks(getattr(model, "module", model))
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP
     optimizer = build_optimizer(spec.train, params, device)
     lr_scheduler = build_lr_scheduler(spec.train, optimizer)
+    if spec.scaling.strategy == "deepspeed":
+        model, optimizer, lr_scheduler = init_deepspeed(spec, model, params, optimizer, lr_scheduler, device)
+        stepper = DeepSpeedStepper(model)
+    else:
+        stepper = TorchStepper(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
     autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
     loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(spec.model),
                          fast_schedule=spec.fast_schedule, masked_attention=spec.train.flux_attention_masked_training,
@@ -62,5 +74,7 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     return LoopParts(spec=spec, model=model, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,
-                     state_io=StateIO(model, transformer, optimizer, sharded=sharded),
+                     state_io=StateIO(model, adapter, optimizer, sharded=sharded,
+                                      optimizer_state=spec.scaling.strategy != "deepspeed"),
+                     stepper=stepper, lora_init=lora_init,
                      validate=validate)

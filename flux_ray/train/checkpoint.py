@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LORA_FILE = "lora_peft.safetensors"
+LORA_INIT_FILE = "lora_init.safetensors"  # PiSSA/OLoRA/LoftQ: the initial adapter, for export
 STATE_FILE = "trainer_state.json"
 
 
@@ -23,10 +24,12 @@ class Position:
 
 
 def save_checkpoint(directory: str | Path, *, lora_sd: dict[str, torch.Tensor], optim_sd: dict, lr_scheduler,
-                    position: Position, extra: dict | None = None) -> Path:
+                    position: Position, extra: dict | None = None, lora_init_sd: dict | None = None) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora_sd.items()}, str(d / LORA_FILE))
+    if lora_init_sd:
+        save_file({k: v.contiguous() for k, v in lora_init_sd.items()}, str(d / LORA_INIT_FILE))
     torch.save({"optimizer": optim_sd, "lr_scheduler": lr_scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
                d / "optim.pt")

@@ -60,14 +60,20 @@ def export_final_lora(spec: JobSpec, checkpoint_dir: str, metrics: dict) -> str:
     """Write the LoRA of a checkpoint in each export format under <run>/lora/; returns the diffusers file URI."""
     from safetensors.torch import load_file
 
-    from flux_ray.core.lora import LORA_WEIGHT_NAME, save_diffusers_lora
-    from flux_ray.train.checkpoint import LORA_FILE
+    from flux_ray.core.lora import LORA_WEIGHT_NAME, save_diffusers_lora, to_standard_lora
+    from flux_ray.train.checkpoint import LORA_FILE, LORA_INIT_FILE
 
     peft_sd = load_file(str(Path(checkpoint_dir) / LORA_FILE))
+    if spec.lora.lora_type == "lycoris":
+        return _export_lycoris(spec, peft_sd, metrics)
+    lora_spec = spec.lora
+    if (Path(checkpoint_dir) / LORA_INIT_FILE).exists():
+        peft_sd, lora_spec = to_standard_lora(peft_sd, load_file(str(Path(checkpoint_dir) / LORA_INIT_FILE)), lora_spec)
+        spec = spec.model_copy(update={"lora": lora_spec})
     meta = lora_file_metadata(spec, metrics)
     out_uri = storage.join(spec.run_uri, "lora")
     with tempfile.TemporaryDirectory() as d:
-        path = save_diffusers_lora(d, peft_sd, spec.lora, extra_metadata=meta)
+        path = save_diffusers_lora(d, peft_sd, lora_spec, extra_metadata=meta)
         storage.write_bytes_atomic(storage.join(out_uri, LORA_WEIGHT_NAME), path.read_bytes(), spec.storage)
         for fmt in spec.output.export_formats:
             if fmt == "diffusers":
@@ -77,6 +83,20 @@ def export_final_lora(spec: JobSpec, checkpoint_dir: str, metrics: dict) -> str:
             p = export_lora_file(path, fmt, Path(d) / fmt, spec=spec, metadata=meta)
             storage.write_bytes_atomic(storage.join(out_uri, fmt, p.name), p.read_bytes(), spec.storage)
     return storage.join(out_uri, LORA_WEIGHT_NAME)
+
+
+def _export_lycoris(spec: JobSpec, state: dict, metrics: dict) -> str:
+    """LyCORIS's own format: its network state dict plus its config in the safetensors metadata."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in lora_file_metadata(spec, metrics).items()}
+    meta["lycoris_config"] = json.dumps(spec.lora.lycoris_config)
+    uri = storage.join(spec.run_uri, "lora", "lycoris_weights.safetensors")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "lycoris_weights.safetensors"
+        save_file(state, str(path), metadata=meta)
+        storage.write_bytes_atomic(uri, path.read_bytes(), spec.storage)
+    return uri
 
 
 def lora_file_metadata(spec: JobSpec, metrics: dict) -> dict:

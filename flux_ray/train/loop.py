@@ -5,7 +5,6 @@ step k are the same whether the run was interrupted or not, so a resumed run con
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import tempfile
 import time
@@ -36,6 +35,8 @@ class LoopParts:
     rank: int = 0
     world_size: int = 1
     state_io: object = None                         # StateIO: gather/restore LoRA + optimizer
+    stepper: object = None                          # TorchStepper | DeepSpeedStepper
+    lora_init: dict | None = None                   # PiSSA/OLoRA/LoftQ initial adapter (export converts)
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
     position: Position = field(default_factory=Position)
 
@@ -55,22 +56,23 @@ def evaluate(parts: LoopParts) -> float | None:
     ev = parts.spec.eval
     if not parts.eval_samples:
         return None
-    mine = sorted(parts.eval_samples, key=lambda s: s.sample_id)[parts.rank::parts.world_size]
+    ordered = sorted(parts.eval_samples, key=lambda s: s.sample_id)
+    # Every rank runs the same number of forwards (a sharded forward is a collective); padding is not counted.
+    per_rank = -(-len(ordered) // parts.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=parts.device)
     parts.model.eval()
-    for s in mine:
+    for i in range(per_rank):
+        idx = parts.rank + i * parts.world_size
+        s = ordered[idx % len(ordered)]
         batch = parts.reader.batch([s]).to(parts.device)
         seed = (int(s.sample_id[:8], 16) ^ ev.eval_seed) & 0x7FFFFFFF
         loss = parts.loss_fn.eval_loss(batch, [seed], ev.eval_timesteps)
-        total[0] += loss.double().sum()
-        total[1] += len(loss)
+        if idx < len(ordered):
+            total[0] += loss.double().sum()
+            total[1] += len(loss)
     parts.model.train()
     total = _all_reduce_sum(total)
     return float(total[0] / total[1]) if total[1] > 0 else None
-
-
-def _no_sync(model, last_micro: bool):
-    return model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
 
 
 def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> dict:
@@ -95,15 +97,11 @@ def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> 
                 gen = step_generator(tr.seed, pos.step, parts.rank, micro)
                 rng = random.Random(gen.initial_seed())
                 batch = parts.reader.batch(samples, gen, dropout, rng).to(parts.device)
-                with _no_sync(parts.model, micro == accum - 1):
-                    loss = parts.loss_fn(batch, gen) / accum
-                    loss.backward()
-                step_loss += loss.detach()
+                loss = parts.loss_fn(batch, gen)
+                parts.stepper.micro_step(loss, micro, accum)
+                step_loss += loss.detach() / accum
                 samples_since += len(samples)
-            torch.nn.utils.clip_grad_norm_(parts.params, tr.max_grad_norm)
-            parts.optimizer.step()
-            parts.lr_scheduler.step()
-            parts.optimizer.zero_grad(set_to_none=True)
+            parts.stepper.finish_step()
             pos.step += 1
             pos.batch_index += accum
             losses.append(step_loss)
@@ -142,7 +140,7 @@ def _maybe_report(parts: LoopParts, report, losses: list, t_last: float, samples
             ckpt = None
             if parts.rank == 0:
                 save_checkpoint(d, lora_sd=lora_sd, optim_sd=optim_sd, lr_scheduler=parts.lr_scheduler,
-                                position=pos, extra={"metrics": metrics})
+                                position=pos, extra={"metrics": metrics}, lora_init_sd=parts.lora_init)
                 ckpt = d
             report(metrics, ckpt)
     else:

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from flux_ray.core import lora as L
-
 ADAPTER = ".default"
 
 
 class StateIO:
     """``gather()`` is a collective under FSDP: every rank calls it; rank 0 writes the result."""
 
-    def __init__(self, model: torch.nn.Module, transformer: torch.nn.Module, optimizer, sharded: bool):
-        self.model, self.transformer, self.optimizer, self.sharded = model, transformer, optimizer, sharded
+    def __init__(self, model: torch.nn.Module, adapter, optimizer, sharded: bool, optimizer_state: bool = True):
+        self.model, self.adapter, self.optimizer, self.sharded = model, adapter, optimizer, sharded
+        # DeepSpeed ZeRO partitions optimizer state per rank: its checkpoints keep LoRA, scheduler and
+        # position, and the optimizer moments restart on resume.
+        self.optimizer_state = optimizer_state
 
     def gather(self) -> tuple[dict[str, torch.Tensor], dict]:
+        if not self.optimizer_state:
+            return self.adapter.state_dict(), {}
         if not self.sharded:
-            return L.peft_state_dict(self.transformer), self.optimizer.state_dict()
+            return self.adapter.state_dict(), self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
@@ -27,10 +30,9 @@ class StateIO:
 
     def restore(self, lora_sd: dict[str, torch.Tensor], optim_sd: dict) -> None:
         if not self.sharded:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.transformer, lora_sd, adapter_name="default")
-            self.optimizer.load_state_dict(optim_sd)
+            self.adapter.load_state_dict(lora_sd)
+            if self.optimizer_state and optim_sd:
+                self.optimizer.load_state_dict(optim_sd)
             return
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)

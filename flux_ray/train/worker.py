@@ -49,8 +49,8 @@ def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.
     import ray.train
     import ray.train.torch
 
-    if ray.train.get_context().get_world_size() == 1:
-        return model.to(device)
+    if ray.train.get_context().get_world_size() == 1 or spec.scaling.strategy == "deepspeed":
+        return model.to(device)  # DeepSpeed wraps the model itself after the optimizer exists
     if spec.scaling.strategy == "fsdp":
         from flux_ray.train.fsdp import shard_transformer
 

@@ -5,11 +5,22 @@ import posixpath
 
 from flux_ray import storage
 
-COMPLETED, STOPPED, ERROR = "completed", "stopped_early", "error"
+COMPLETED, STOPPED, ERROR, UNFINISHED = "completed", "stopped_early", "error", "unfinished"
 
 
-def trial_rows(results, ctx, metric: str, mode: str) -> list[dict]:
-    """Rows of a Tune ResultGrid; a trial is completed when it wrote its run_summary.json."""
+def tune_statuses(results, sweep_name: str) -> dict[str, str]:
+    """Trial name -> Tune status (TERMINATED, ERROR, RUNNING, PENDING ...) of a finished or interrupted fit."""
+    from ray.tune import ExperimentAnalysis
+
+    from flux_ray.tune.trial import trial_name
+
+    analysis = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
+    return {trial_name(sweep_name, t.trial_id): t.status for t in analysis.trials}
+
+
+def trial_rows(results, ctx, metric: str, mode: str, statuses: dict[str, str]) -> list[dict]:
+    """Rows of a Tune ResultGrid: completed when the trial wrote its run_summary.json, stopped_early
+    when Tune ended it before that, unfinished when the sweep was interrupted while it ran."""
     from flux_ray.tune.trial import read_run_ref
 
     pick = min if mode == "min" else max
@@ -21,7 +32,8 @@ def trial_rows(results, ctx, metric: str, mode: str) -> list[dict]:
         df, last = r.metrics_dataframe, r.metrics or {}
         history = [float(v) for v in df[metric].dropna()] if df is not None and metric in df.columns else []
         diverged = bool(df is not None and "diverged" in df.columns and df["diverged"].fillna(False).astype(bool).any())
-        status = ERROR if r.error else (COMPLETED if run_summary else STOPPED)
+        status = COMPLETED if run_summary else ERROR if r.error else \
+            STOPPED if statuses.get(name) == "TERMINATED" else UNFINISHED
         rows.append({"trial": name, "status": status, "params": dict(r.config or {}),
                      "steps": last.get("step"), f"best_{metric}": pick(history) if history else None,
                      f"final_{metric}": last.get(metric) if history else None, "diverged": diverged,

@@ -19,7 +19,7 @@ import time
 from flux_ray import storage
 from flux_ray.spec import JobSpec, SpecError, flatten
 from flux_ray.tune import space
-from flux_ray.tune.report import best_trial, format_table, trial_rows
+from flux_ray.tune.report import UNFINISHED, best_trial, format_table, trial_rows, tune_statuses
 
 log = logging.getLogger("flux_ray.tune")
 TRIAL_DRIVER_CPUS = 0.1
@@ -36,26 +36,30 @@ def run_sweep(spec: JobSpec) -> dict:
 
     t0 = time.time()
     space.check_space(spec)
+    spec = spec.model_copy(deep=True)
+    spec.tracking.mlflow_tracking_uri = mlflow_run.tracking_uri(spec)  # trials log to the sweep's store
+    state = _saved_state(spec)
     job.init_ray()
     ensure_base_model(spec.model)
     space.check_cache_identity(spec, cache_identity)
     cache_summary = job.cache(spec)  # the sweep's only cache pass: trials read, never encode
     cache = {"uri": spec.cache.uri, "keys": {k: v["key"] for k, v in cache_summary.datasets.items()},
              "text_key": cache_summary.text_key, "manifests": manifest_state(spec, cache_summary)}
-    spec = spec.model_copy(deep=True)
-    spec.tracking.mlflow_tracking_uri = mlflow_run.tracking_uri(spec)  # trials log to the sweep's store
-    ctx = _context(spec, cache["keys"], _parent_run(spec, cache["keys"]))
+    ctx = _context(spec, cache["keys"], _parent_run(spec, cache["keys"], state))
     results = _tuner(spec, ctx).fit()
-    rows = trial_rows(results, ctx, spec.tune.metric, spec.tune.mode)
+    rows = trial_rows(results, ctx, spec.tune.metric, spec.tune.mode, tune_statuses(results, spec.name))
+    interrupted = any(r["status"] == UNFINISHED for r in rows) or len(rows) < space.num_trials(spec)
     best = best_trial(rows, spec.tune.mode)
     summary = {"name": spec.name, "sweep_uri": spec.run_uri, "metric": spec.tune.metric, "mode": spec.tune.mode,
-               "scheduler": spec.tune.scheduler, "search_alg": spec.tune.search_alg,
+               "scheduler": spec.tune.scheduler, "search_alg": spec.tune.search_alg, "interrupted": interrupted,
                "param_space": {k: d.model_dump(exclude_none=True) for k, d in spec.tune.param_space.items()},
-               "trials": rows, "best": _publish_best(spec, ctx, best), "cache": cache,
+               "trials": rows, "best": best if interrupted else _publish_best(spec, ctx, best), "cache": cache,
                "mlflow": {"tracking_uri": ctx.tracking_uri, "parent_run_id": ctx.parent_run_id,
                           "experiment": spec.tracking.experiment_name},
                "seconds": round(time.time() - t0, 1)}
     print(format_table(rows, spec.tune.metric, list(spec.tune.param_space), best and best["trial"]))
+    if interrupted:
+        print(f"sweep {spec.name} was interrupted: run the same command again to resume it")
     summary_uri = storage.join(spec.run_uri, SUMMARY_FILE)
     storage.write_json_atomic(summary_uri, summary, spec.storage)
     _finish_parent(spec, ctx, summary, summary_uri)
@@ -98,23 +102,32 @@ def spec_digest(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _parent_run(spec: JobSpec, cache_keys: dict) -> str:
+def _saved_state(spec: JobSpec) -> dict | None:
+    """The state of an earlier sweep of this name; refuses one that was started from another spec."""
+    state_uri = storage.join(spec.run_uri, STATE_FILE)
+    if not storage.exists(state_uri, spec.storage):
+        return None
+    state = storage.read_json(state_uri, spec.storage)
+    if state["spec_digest"] != spec_digest(spec):
+        raise SpecError(f"sweep {spec.name!r} at {spec.run_uri} was started from a different spec; rerun it "
+                        "with the same spec to resume, or give this sweep another name")
+    return state
+
+
+def _parent_run(spec: JobSpec, cache_keys: dict, state: dict | None) -> str:
     """The sweep's MLflow run: created once, reopened when the sweep is rerun with the same spec."""
     from flux_ray.tracking import mlflow_run
 
-    uri, state_uri, digest = spec.tracking.mlflow_tracking_uri, storage.join(spec.run_uri, STATE_FILE), spec_digest(spec)
-    if storage.exists(state_uri, spec.storage):
-        state = storage.read_json(state_uri, spec.storage)
-        if state["spec_digest"] != digest:
-            raise SpecError(f"sweep {spec.name!r} at {spec.run_uri} was started from a different spec; rerun it "
-                            "with the same spec to resume, or give this sweep another name")
+    uri = spec.tracking.mlflow_tracking_uri
+    if state:
         mlflow_run.client(uri).update_run(state["parent_run_id"], status="RUNNING")
         log.info("resuming sweep %s (MLflow run %s)", spec.name, state["parent_run_id"])
         return state["parent_run_id"]
     tags = mlflow_run.run_tags(spec, cache_keys, {"flux_ray.sweep": spec.name, "flux_ray.role": "sweep"})
     _, run_id = mlflow_run.start_run(spec, run_name=spec.name, tags=tags, uri=uri)
     mlflow_run.log_params(uri, run_id, flatten({"tune": spec.tune.model_dump(mode="json")}))
-    storage.write_json_atomic(state_uri, {"parent_run_id": run_id, "tracking_uri": uri, "spec_digest": digest},
+    storage.write_json_atomic(storage.join(spec.run_uri, STATE_FILE),
+                              {"parent_run_id": run_id, "tracking_uri": uri, "spec_digest": spec_digest(spec)},
                               spec.storage)
     return run_id
 
@@ -189,6 +202,13 @@ def _finish_parent(spec: JobSpec, ctx, summary: dict, summary_uri: str) -> None:
     from flux_ray.tracking import mlflow_run
 
     uri, run_id, best = ctx.tracking_uri, ctx.parent_run_id, summary["best"]
+    if summary["interrupted"]:  # a rerun reopens these runs
+        for r in summary["trials"]:
+            if r["status"] == UNFINISHED and r["mlflow_run_id"]:
+                mlflow_run.finish_run(uri, r["mlflow_run_id"], "KILLED")
+        mlflow_run.set_tags(uri, run_id, {"flux_ray.sweep_status": "interrupted"})
+        mlflow_run.finish_run(uri, run_id, "KILLED")
+        return
     counts: dict[str, int] = {}
     for r in summary["trials"]:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -198,4 +218,5 @@ def _finish_parent(spec: JobSpec, ctx, summary: dict, summary_uri: str) -> None:
         mlflow_run.set_tags(uri, run_id, {"flux_ray.best_trial": best["trial"],
                                           "flux_ray.best_run_id": best.get("mlflow_run_id") or ""})
     mlflow_run.log_storage_file(uri, run_id, summary_uri, spec.storage, None)
+    mlflow_run.set_tags(uri, run_id, {"flux_ray.sweep_status": "finished"})
     mlflow_run.finish_run(uri, run_id, "FINISHED" if best else "FAILED")

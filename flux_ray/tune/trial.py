@@ -97,6 +97,7 @@ def run_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None:
     import ray.tune
 
     from flux_ray.tracking import mlflow_run
+    from flux_ray.tracking.ray_callback import MlflowReportCallback
     from flux_ray.train.driver import train, write_run_summary
     from flux_ray.tune.space import trial_spec
 
@@ -108,11 +109,10 @@ def run_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None:
     run_id = _open_run(spec, ctx, name, trial_id, config)
     extra = {"mlflow_run_id": run_id, "trial_name": name}
     report = TrialReportCallback(ctx.metric, ctx.mode, spec.train.max_train_steps, extra)
-    try:
-        outcome = train(spec, tracking=(uri, run_id), extra_callbacks=[report])
-    except BaseException:
-        mlflow_run.finish_run(uri, run_id, "FAILED")
-        raise
+    # MLflow first: once the Tune callback hands a report over, ASHA may stop (kill) this trial.
+    # A stop can surface here as an error too, so the sweep's Tune callback, which knows which
+    # it was, closes the run of a trial that does not finish (KILLED or FAILED).
+    outcome = train(spec, extra_callbacks=[MlflowReportCallback(uri, run_id, spec.storage), report])
     summary = {"name": name, "sweep": ctx.sweep_name, "trial_id": trial_id, "params": config, "run_uri": spec.run_uri,
                "lora": outcome.lora_uri, "cache_uri": spec.cache.uri, "cache_keys": ctx.cache_keys,
                "checkpoint": outcome.checkpoint_uri,
