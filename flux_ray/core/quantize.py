@@ -36,6 +36,7 @@ def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device
         quanto.quantize(transformer, weights=getattr(quanto, QUANTO[precision]),
                         exclude=["proj_out", "x_embedder", "context_embedder", "norm_out*", "time_text_embed*"])
         quanto.freeze(transformer)
+        _cast_quanto_inputs(transformer)
     elif precision == "nf4-bnb":
         _to_nf4(transformer)
     else:
@@ -43,6 +44,28 @@ def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device
 
         quantize_(transformer, Float8WeightOnlyConfig())
     return transformer.to(device)
+
+
+def _cast_quanto_inputs(transformer: torch.nn.Module) -> None:
+    """Feed each quantized Linear its weights' compute dtype, as autocast does for a plain nn.Linear.
+
+    Autocast does not reach quanto's linear (a custom autograd function), so under bf16 autocast a
+    LayerNorm's fp32 output arrived as is: the int8 kernel casts it itself, but int4's CUDA kernel
+    (``torch._weight_int4pack_mm``, quanto's TinyGemm path) rejects it ("Expected A.dtype() == kBFloat16"),
+    which is how stock quanto int4 Flux training crashes. Casting first changes no int8 result.
+    """
+    from optimum.quanto import QModuleMixin
+
+    def cast_input(module, args):
+        x = args[0] if args else None
+        dtype = module.weight.dtype
+        if torch.is_tensor(x) and x.is_floating_point() and x.dtype != dtype:
+            return (x.to(dtype), *args[1:])
+        return None
+
+    for m in transformer.modules():
+        if isinstance(m, QModuleMixin) and isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(cast_input)
 
 
 def _to_nf4(transformer: torch.nn.Module) -> None:

@@ -6,6 +6,7 @@ batch: all ranks run the same number of steps per epoch and no rank waits at an 
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Sample:
     row: int
     repeats: int = 0
     is_regularisation: bool = False
+    order_key: str = ""   # hash of dataset + relative path: stable across re-encodes (plans, eval split, seeds)
 
 
 def _read(uri: str, st, columns=None):
@@ -70,8 +72,9 @@ class CacheReader:
         self._max_open = max_open_shards
 
     def _index_dataset(self, ds, uri: str, manifest: dict) -> list[Sample]:
-        index = _read(storage.join(uri, manifest["index"]), self.st, ["sample_id", "caption_id"]).to_pylist()
+        index = _read(storage.join(uri, manifest["index"]), self.st, ["sample_id", "caption_id", "rel_path"]).to_pylist()
         captions = {r["sample_id"]: r["caption_id"] for r in index}
+        keys = {r["sample_id"]: hashlib.sha256(f"{ds.id}\0{r['rel_path']}".encode()).hexdigest()[:24] for r in index}
         out = []
         for shard in manifest["shards"]:
             suri = storage.join(uri, shard["file"])
@@ -80,15 +83,15 @@ class CacheReader:
                 if r["skip_reason"] or r["sample_id"] not in captions:
                     continue
                 out.append(Sample(r["sample_id"], ds.id, (r["bucket_w"], r["bucket_h"]), captions[r["sample_id"]],
-                                  suri, i, ds.repeats, ds.is_regularisation_data))
-        return sorted(out, key=lambda s: s.sample_id)
+                                  suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]]))
+        return sorted(out, key=lambda s: s.order_key)
 
     def split(self, eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
         """(train, eval) samples: eval datasets, or a deterministic hashed fraction of training images."""
         train = [s for ds in self.spec.enabled_datasets("image") for s in self.samples[ds.id]]
         evals = [s for ds in self.spec.enabled_datasets("eval") for s in self.samples[ds.id]]
         if not evals and eval_fraction > 0:
-            evals = [s for s in train if int(s.sample_id[:8], 16) / 0xFFFFFFFF < eval_fraction]
+            evals = [s for s in train if int(s.order_key[:8], 16) / 0xFFFFFFFF < eval_fraction]
             held = {s.sample_id for s in evals}
             train = [s for s in train if s.sample_id not in held]
         return train, evals
@@ -143,7 +146,7 @@ def batch_plan(samples: list[Sample], batch_size: int, world_size: int, seed: in
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     by_bucket: dict[tuple[int, int], list[Sample]] = {}
-    for s in sorted(samples, key=lambda s: s.sample_id):
+    for s in sorted(samples, key=lambda s: (s.order_key, s.sample_id)):
         by_bucket.setdefault(s.bucket, []).extend([s] * (1 + s.repeats))
     batches = []
     for bucket in sorted(by_bucket):

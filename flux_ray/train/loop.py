@@ -56,7 +56,7 @@ def evaluate(parts: LoopParts) -> float | None:
     ev = parts.spec.eval
     if not parts.eval_samples:
         return None
-    ordered = sorted(parts.eval_samples, key=lambda s: s.sample_id)
+    ordered = sorted(parts.eval_samples, key=lambda s: s.order_key)
     # Every rank runs the same number of forwards (a sharded forward is a collective); padding is not counted.
     per_rank = -(-len(ordered) // parts.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=parts.device)
@@ -65,7 +65,7 @@ def evaluate(parts: LoopParts) -> float | None:
         idx = parts.rank + i * parts.world_size
         s = ordered[idx % len(ordered)]
         batch = parts.reader.batch([s]).to(parts.device)
-        seed = (int(s.sample_id[:8], 16) ^ ev.eval_seed) & 0x7FFFFFFF
+        seed = (int(s.order_key[:8], 16) ^ ev.eval_seed) & 0x7FFFFFFF
         loss = parts.loss_fn.eval_loss(batch, [seed], ev.eval_timesteps)
         if idx < len(ordered):
             total[0] += loss.double().sum()

@@ -38,6 +38,7 @@ def run_sweep(spec: JobSpec) -> dict:
     space.check_space(spec)
     spec = spec.model_copy(deep=True)
     spec.tracking.mlflow_tracking_uri = mlflow_run.tracking_uri(spec)  # trials log to the sweep's store
+    storage.ensure_bucket(spec.output.uri, spec.storage)
     state = _saved_state(spec)
     job.init_ray()
     ensure_base_model(spec.model)
@@ -158,7 +159,6 @@ def _tuner(spec: JobSpec, ctx):
     trainable = tune.with_resources(tune.with_parameters(run_trial, base_spec=base, ctx=ctx),
                                     {"CPU": TRIAL_DRIVER_CPUS})
     fs, root = storage.resolve(spec.output.uri, spec.storage)
-    storage.ensure_bucket(spec.output.uri, spec.storage)
     remote_fs = fs if storage.is_s3(spec.output.uri) else None
     exp_path = storage.join(root, spec.name) if remote_fs else spec.run_uri
     if tune.Tuner.can_restore(exp_path, storage_filesystem=remote_fs):

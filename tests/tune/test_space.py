@@ -126,3 +126,36 @@ def test_best_trial_is_the_best_completed_one_and_the_table_marks_it():
     table = format_table(rows, "eval_loss", ["lora.lora_rank"], "c").splitlines()
     assert table[0].split() == ["trial", "status", "steps", "best", "eval_loss", "final", "eval_loss", "lora.lora_rank"]
     assert [line.split()[0] for line in table[2:]] == ["a", "b", "*", "d"]
+
+
+def test_trial_rows_tell_completed_stopped_errored_and_unfinished_trials(tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from flux_ray import storage
+    from flux_ray.tune.report import trial_rows
+    from flux_ray.tune.trial import SweepContext
+
+    ctx = SweepContext(sweep_name="sw", trials_uri=str(tmp_path / "trials"), tracking_uri="unused", parent_run_id="p",
+                       metric="eval_loss", mode="min")
+    storage.write_json_atomic(str(tmp_path / "trials" / "sw_a" / "run_summary.json"), {"lora": "/x/lora.safetensors"})
+
+    def result(name, losses, error=None, diverged=False):
+        df = pd.DataFrame({"step": [2 * (i + 1) for i in range(len(losses))], "eval_loss": losses,
+                           "diverged": [diverged] * len(losses)})
+        last = {"step": int(df["step"].iloc[-1]), "eval_loss": losses[-1], "mlflow_run_id": f"run-{name}"}
+        return SimpleNamespace(path=f"/exp/{name}", metrics_dataframe=df, metrics=last, error=error,
+                               config={"lora.lora_rank": 4})
+
+    results = [result("sw_a", [1.5, 1.2, 1.3]), result("sw_b", [DIVERGED], diverged=True),
+               result("sw_c", [1.4], error=RuntimeError("boom")), result("sw_d", [1.45])]
+    statuses = {"sw_a": "TERMINATED", "sw_b": "TERMINATED", "sw_c": "ERROR", "sw_d": "RUNNING"}
+    rows = {r["trial"]: r for r in trial_rows(results, ctx, "eval_loss", "min", statuses)}
+    assert {k: r["status"] for k, r in rows.items()} == {"sw_a": "completed", "sw_b": "stopped_early",
+                                                         "sw_c": "error", "sw_d": "unfinished"}
+    a = rows["sw_a"]
+    assert (a["best_eval_loss"], a["final_eval_loss"], a["steps"], a["reports"]) == (1.2, 1.3, 6, 3)
+    assert a["lora"] == "/x/lora.safetensors" and a["mlflow_run_id"] == "run-sw_a"
+    assert rows["sw_b"]["diverged"] and "boom" in rows["sw_c"]["error"]
+    assert best_trial(list(rows.values()), "min")["trial"] == "sw_a"

@@ -53,7 +53,8 @@ def sweep(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_spe
     from flux_ray.tune.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweep")
-    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="sweep", cache={"uri": shared_cache_dir(tmp_path_factory)},
+    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="sweep",
+                     cache={"uri": shared_cache_dir(tmp_path_factory)},
                      train={"max_train_steps": MAX_STEPS, "log_every": 2, "checkpointing_steps": 4},
                      eval={"eval_steps_interval": 2, "validation_step_interval": None}, tune=TUNE,
                      tracking={"register_model_name": "sweep-best-lora"})
@@ -144,7 +145,8 @@ def test_mlflow_has_one_parent_and_a_nested_run_per_trial(sweep):
     assert parent.data.tags["flux_ray.best_trial"] == best["trial"]
     finished = [r for r in nested if r.info.status == "FINISHED"]
     assert min(finished, key=lambda r: r.data.metrics["eval_loss"]).info.run_id == best["mlflow_run_id"]
-    assert parent.data.metrics["best_eval_loss"] == pytest.approx(by_id[best["mlflow_run_id"]].data.metrics["eval_loss"])
+    best_run = by_id[best["mlflow_run_id"]]
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(best_run.data.metrics["eval_loss"])
     arts = {a.path for a in c.list_artifacts(best["mlflow_run_id"])}
     assert {"lora", "job_spec.yaml", "run_summary.json"} <= arts
     assert "sweep_summary.json" in {a.path for a in c.list_artifacts(parent_id)}

@@ -1,0 +1,136 @@
+"""Cache-encode throughput of flux_ray's own encoder callables at full size, on one GPU, without Ray.
+
+Builds the FLUX.1-dev VAE, T5-XXL and CLIP-L from their configs with random bf16 weights on the GPU
+(speed does not depend on weight values; nothing is downloaded) and times ``data/encoders.py``'s
+``VaeEncoder`` and ``TextEncoder`` ``__call__`` on Ray Data-shaped batches (dict of numpy columns: fp32
+pixels in, latent mean/std and embedding bytes out). Their ``__init__`` loads through ``from_pretrained``,
+which needs a saved model, so this sets the loaded attributes directly. Tokenizers are the tiny
+model's character-level ones, padded to the same lengths (77 CLIP, 512 T5 tokens), so the encoders
+see full-length sequences. Ray Data itself is left out: its wheel does not fit the device carry
+limit beside the others, so this times the GPU part of the pipeline.
+
+Run the stock baseline (stock_cache_encode.py) in the same call for the ratio.
+
+End to end, one GPU doing both stages for images with unique captions, the rate is
+``1 / (1/vae_rate + 1/text_rate)``.
+
+usage: python bench/cache_bench.py [--res 1024] [--vae-bs 8] [--text-bs 32] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.3611,
+           shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+T5 = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
+          vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+CLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu")
+
+
+def build(ctor, device, dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            m = ctor()
+    finally:
+        torch.set_default_dtype(prev)
+    return m.eval().requires_grad_(False)
+
+
+def timed(fn, sync, reps=5):
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def vae_encoder(device, dtype):
+    from diffusers import AutoencoderKL
+
+    from flux_ray.data.encoders import VaeEncoder
+
+    enc = VaeEncoder.__new__(VaeEncoder)  # __init__ would load from_pretrained; set what it sets
+    enc.device, enc.compute, enc.dtype = device, dtype, torch.bfloat16
+    enc.vae = build(lambda: AutoencoderKL(**VAE), device, dtype)
+    return enc
+
+
+def text_encoder(device, dtype):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from flux_ray.core.tiny import _clip_tokenizer, _t5_tokenizer
+    from flux_ray.data.encoders import TextEncoder
+
+    enc = TextEncoder.__new__(TextEncoder)
+    enc.device, enc.dtype, enc.max_len = device, torch.bfloat16, 512
+    enc.tok, enc.tok2 = _clip_tokenizer(), _t5_tokenizer()
+    enc.clip = build(lambda: CLIPTextModel(CLIPTextConfig(**CLIP)), device, dtype)
+    enc.t5 = build(lambda: T5EncoderModel(T5Config(**T5)), device, dtype)
+    return enc
+
+
+def vae_batch(n, res, rng):
+    return {"sample_id": np.array([f"{i:08x}" for i in range(n)], dtype=object),
+            "skip_reason": np.array([""] * n, dtype=object),
+            "bucket_w": np.full(n, res, np.int32), "bucket_h": np.full(n, res, np.int32),
+            "pixels": rng.uniform(-1, 1, (n, 3 * res * res)).astype(np.float32)}
+
+
+def text_batch(n):
+    caps = [f"a photo of subject {i} standing in a sunlit garden, detailed, {i % 7} flowers" for i in range(n)]
+    return {"caption_id": np.array([f"{i:08x}" for i in range(n)], dtype=object),
+            "caption": np.array(caps, dtype=object)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--vae-bs", type=int, nargs="+", default=[8])
+    ap.add_argument("--text-bs", type=int, nargs="+", default=[32])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    rates = {}
+    enc = vae_encoder(device, dtype)
+    for bs in a.vae_bs:
+        batch = vae_batch(bs, a.res, rng)
+        t = timed(lambda: enc(batch), sync, a.reps)
+        rates["vae"] = max(rates.get("vae", 0), bs / t)
+        print(json.dumps(dict(stage="ours_vae_encoder", res=a.res, bs=bs, s=round(t, 4), images_per_s=round(bs / t, 1),
+                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
+                              else None)), flush=True)
+    del enc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    enc = text_encoder(device, dtype)
+    for bs in a.text_bs:
+        batch = text_batch(bs)
+        t = timed(lambda: enc(batch), sync, a.reps)
+        rates["text"] = max(rates.get("text", 0), bs / t)
+        print(json.dumps(dict(stage="ours_text_encoder", t5_tokens=512, bs=bs, s=round(t, 4),
+                              captions_per_s=round(bs / t, 1))), flush=True)
+    both = 1 / (1 / rates["vae"] + 1 / rates["text"])
+    print(json.dumps(dict(stage="ours_end_to_end_one_gpu", res=a.res, images_per_s=round(both, 1),
+                          note="unique caption per image; VAE and text encoders in turn on one GPU")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
