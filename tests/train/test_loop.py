@@ -169,3 +169,46 @@ def test_lycoris_lokr_trains_and_saves_in_its_format(cached):
     spec.train.max_train_steps, spec.train.log_every = 2, 1
     train_loop(parts, lambda m, c: reports.append(m))
     assert len(reports) == 2
+
+
+@pytest.mark.parametrize("flavour", ["dev", "krea", "kontext"])
+def test_guidance_flavours_train(cached, flavour):
+    parts = build_loop_parts(cached([f"model.model_flavour={flavour}"]), CPU, 0, 1)
+    assert parts.loss_fn.guidance_embeds and not parts.loss_fn.fast_schedule
+    reports = []
+    parts.spec.train.max_train_steps, parts.spec.train.log_every = 2, 1
+    train_loop(parts, lambda m, c: reports.append(m))
+    assert len(reports) == 2 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in reports)
+
+
+def test_schnell_fast_schedule_without_guidance_and_assistant_lora(cached, demo_data_dir, tmp_path):
+    """schnell: no guidance input (its config has no guidance_embeds), the fixed fast sigmas, and a
+    frozen assistant LoRA fused into the base before the trained adapter is attached."""
+    from flux_ray.core import lora as L
+    from flux_ray.core.model import load_transformer
+    from flux_ray.core.tiny import write_tiny_flux
+    from flux_ray.data.cache import run_cache
+    from flux_ray.spec import LoraSpec
+
+    model_dir = write_tiny_flux(tmp_path / "tiny-schnell", guidance_embeds=False)
+    spec = cached(["model.model_flavour=schnell", f"model.pretrained_model_name_or_path={model_dir}"])
+    assert spec.fast_schedule
+    run_cache(spec)
+    helper = load_transformer(spec.model, torch.float32)
+    for p in L.add_lora(helper, LoraSpec(lora_rank=2, flux_lora_target="mmdit")):
+        p.data.normal_(0, 0.2)
+    L.save_diffusers_lora(tmp_path / "assistant", L.peft_state_dict(helper), LoraSpec(lora_rank=2, flux_lora_target="mmdit"))
+    assisted = cached(["model.model_flavour=schnell", f"model.pretrained_model_name_or_path={model_dir}",
+                       f"model.assistant_lora_path={tmp_path}/assistant/pytorch_lora_weights.safetensors"])
+    parts = build_loop_parts(assisted, CPU, 0, 1)
+    assert not parts.loss_fn.guidance_embeds and parts.loss_fn.fast_schedule
+    base = load_transformer(spec.model, torch.float32)
+    q = "transformer_blocks.0.attn.to_q"
+    moved = parts.model.get_submodule(q).base_layer.weight
+    assert not torch.allclose(moved, base.get_submodule(q).weight)
+    assert torch.equal(parts.model.get_submodule("transformer_blocks.0.ff.net.2").base_layer.weight,
+                       base.get_submodule("transformer_blocks.0.ff.net.2").weight)
+    reports = []
+    parts.spec.train.max_train_steps, parts.spec.train.log_every = 2, 1
+    train_loop(parts, lambda m, c: reports.append(m))
+    assert len(reports) == 2
