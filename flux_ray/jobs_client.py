@@ -36,12 +36,29 @@ def add_job_commands(sub) -> None:
             p.add_argument("--follow", action="store_true")
 
 
+def use_token_auth_if_available() -> None:
+    """Ray 2.60 clients send the cluster token only with RAY_AUTH_MODE=token: turn it on when a token
+    is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the user said nothing."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+            or (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def job_client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     if not address:
         raise ValueError("no Ray address: pass --address http://HOST:8265 or set RAY_ADDRESS")
-    return JobSubmissionClient(address)
+    use_token_auth_if_available()
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as e:
+        if "401" in str(e) or "403" in str(e) or "authentication" in str(e).lower():
+            raise ValueError(f"{address} refused the connection ({e}): the cluster uses token auth; set "
+                             "RAY_AUTH_TOKEN or put the token in ~/.ray/auth_token (see cluster/README.md)") from e
+        raise
 
 
 def runtime_env(spec, working_dir: str, pip: list[str], image_uri: str | None) -> dict:
@@ -85,8 +102,8 @@ def submit(args) -> int:
 def wait(client, job_id: str, timeout_s: float = 24 * 3600, poll_s: float = 2.0, echo_logs: bool = True) -> str:
     start, shown = time.time(), 0
     while time.time() - start < timeout_s:
-        status = str(client.get_job_status(job_id).value if hasattr(client.get_job_status(job_id), "value")
-                     else client.get_job_status(job_id))
+        raw = client.get_job_status(job_id)
+        status = str(getattr(raw, "value", raw))
         if echo_logs:
             logs = client.get_job_logs(job_id)
             sys.stdout.write(logs[shown:])

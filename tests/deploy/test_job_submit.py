@@ -1,0 +1,163 @@
+"""A real local Ray head (token auth on): `ray job submit`, `flux-ray submit|status|logs|stop`."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    state = tmp_path_factory.mktemp("head")
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, NUM_CPUS="6", RAY_PORT=str(port), DASHBOARD_PORT=str(dash), FLUX_RAY_STATE_DIR=str(state),
+               RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(REPO / "cluster" / "local-head.sh"), "start"], env=env, check=True, timeout=180,
+                   capture_output=True)
+    client_env = {k: env[k] for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "PATH")}
+    info = {"address": f"http://127.0.0.1:{dash}", "env": dict(os.environ, **client_env)}
+    try:
+        _wait_for_job_agent(info)
+        yield info
+    finally:
+        subprocess.run([str(REPO / "cluster" / "local-head.sh"), "stop"], env=env, timeout=120, capture_output=True)
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and str(port) in current.read_text():
+            current.unlink()
+
+
+def _wait_for_job_agent(head, timeout_s: float = 120) -> None:
+    """The head answers before its job agent is up ("No available agent"): wait for a trivial job."""
+    client = _client(head)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    while str(getattr(client.get_job_status(job), "value", "")) not in ("SUCCEEDED", "FAILED"):
+        time.sleep(0.5)
+
+
+def _sets(tiny_model_dir, demo_data_dir, out, **extra) -> list[str]:
+    values = {"model.pretrained_model_name_or_path": tiny_model_dir, "model.make_tiny_if_missing": "false",
+              "datasets.demo.instance_data_dir": demo_data_dir, "datasets.demo.make_demo_if_missing": "false",
+              "cache.uri": str(out / "cache"), "output.uri": str(out / "output"), "train.max_train_steps": "4",
+              "train.log_every": "2", "train.checkpointing_steps": "2", "eval.validation_step_interval": "null",
+              "eval.eval_steps_interval": "null", **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _client(head):
+    os.environ.update({k: head["env"][k] for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")})
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head["address"])
+
+
+def _check_run(out: Path, name: str = "demo") -> dict:
+    from mlflow import MlflowClient
+
+    summary = json.loads((out / "output" / name / "run_summary.json").read_text())
+    assert Path(summary["lora"]).exists() and summary["steps"] == 4
+    run = MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    return summary
+
+
+def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_path):
+    sets = " ".join(f"--set {s}" for s in _sets(tiny_model_dir, demo_data_dir, tmp_path))
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO), "--",
+           *f"flux-ray run jobs/demo.yaml {sets}".split()]
+    proc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in (proc.stdout + proc.stderr).lower()
+    _check_run(tmp_path)
+
+
+def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
+    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path) for a in ("--set", s)]
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"],
+                           "--working-dir", str(tmp_path), *sets], env=head["env"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert head["env"]["RAY_AUTH_TOKEN"] not in proc.stdout + proc.stderr  # secrets are never printed
+    _check_run(tmp_path)
+
+
+def test_bad_spec_fails_before_any_job_is_created(head, tmp_path):
+    client = _client(head)
+    before = len(client.list_jobs())
+    bad = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+    bad["train"]["learnign_rate"] = 1.0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(path), "--address", head["address"],
+                           "--working-dir", str(tmp_path)], env=head["env"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "train.learnign_rate: unknown key" in proc.stderr
+    assert len(client.list_jobs()) == before
+
+
+def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data_dir, tmp_path):
+    from flux_ray.train.checkpoint import checkpoint_position
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
+    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, **{"train.max_train_steps": "100000"})
+            for a in ("--set", s)]
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"], "--no-wait",
+                           "--working-dir", str(tmp_path), "--submission-id", "flux-ray-stop-test", *sets],
+                          env=head["env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "output" / "demo"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(glob.glob(f"{run_dir}/checkpoint_*")) < 2:
+        time.sleep(0.5)
+    status = subprocess.run([str(BIN / "flux-ray"), "status", "flux-ray-stop-test", "--address", head["address"]],
+                            env=head["env"], capture_output=True, text=True, timeout=60)
+    assert "RUNNING" in status.stdout
+    stop = subprocess.run([str(BIN / "flux-ray"), "stop", "flux-ray-stop-test", "--address", head["address"]],
+                          env=head["env"], capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0
+    client = _client(head)
+    deadline = time.time() + 120
+    while time.time() < deadline and str(client.get_job_status("flux-ray-stop-test")) not in ("STOPPED", "JobStatus.STOPPED"):
+        time.sleep(0.5)
+    assert str(getattr(client.get_job_status("flux-ray-stop-test"), "value", "")) == "STOPPED"
+    logs = subprocess.run([str(BIN / "flux-ray"), "logs", "flux-ray-stop-test", "--address", head["address"]],
+                          env=head["env"], capture_output=True, text=True, timeout=60)
+    assert "flux_ray" in logs.stdout
+    ckpts = sorted(glob.glob(f"{run_dir}/checkpoint_*"))
+    assert ckpts
+    complete = [c for c in ckpts if (Path(c) / "trainer_state.json").exists()]
+    assert complete and checkpoint_position(complete[-1]).step >= 2
+    from safetensors.torch import load_file
+
+    assert load_file(str(Path(complete[-1]) / "lora_peft.safetensors"))
