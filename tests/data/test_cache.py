@@ -108,18 +108,19 @@ def test_bad_files_are_skipped_with_reasons_and_counted(ray_session, tiny_model_
     assert again["encoded_this_run"] == 0 and again["skipped"] == summary["skipped"]  # bad files not retried
 
 
-def test_killed_cache_job_resumes_with_only_the_missing_work(tiny_model_dir, demo_data_dir, tmp_path, demo_spec):
-    """SIGKILL the `flux-ray cache` process after its first committed chunk; the rerun finishes the rest."""
+def test_killed_cache_job_resumes_with_only_the_missing_work(ray_session, tiny_model_dir, demo_data_dir, tmp_path):
+    """SIGKILL the `flux-ray cache` driver after its first committed chunk; the rerun finishes the rest."""
     data = dict(yaml.safe_load(open(os.path.join(REPO, "jobs", "demo.yaml"))))
     data["model"].update(pretrained_model_name_or_path=tiny_model_dir, make_tiny_if_missing=False)
     data["datasets"][0].update(instance_data_dir=demo_data_dir, make_demo_if_missing=False)
-    data["cache"].update(uri=str(tmp_path / "cache"), commit_every=4, vae_batch_size=2, min_rows_per_file=1)
+    data["cache"].update(uri=str(tmp_path / "cache"), commit_every=8, vae_batch_size=2, min_rows_per_file=1)
     data["output"]["uri"] = str(tmp_path / "out")
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(data))
     spec = load_spec(str(spec_path))
-    env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen([sys.executable, "-m", "flux_ray.cli", "cache", str(spec_path), "--num-cpus", "4"],
+    # The driver joins the session's cluster; killing it ends its Ray Data job with it.
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    proc = subprocess.Popen([sys.executable, "-m", "flux_ray.cli", "cache", str(spec_path)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     committed = 0
     deadline = time.time() + 240
@@ -139,9 +140,7 @@ def test_killed_cache_job_resumes_with_only_the_missing_work(tiny_model_dir, dem
     uri, manifest = _manifest(spec)
     before = {s["file"] for s in manifest["shards"]}
     from flux_ray.data.cache import run_cache
-    import ray
 
-    ray.init(address="local", num_cpus=8, ignore_reinit_error=True, log_to_driver=False)
     summary = run_cache(spec).datasets["demo"]
     assert summary["encoded_this_run"] == 24 - committed
     assert summary["usable"] == 24

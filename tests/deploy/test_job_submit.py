@@ -4,7 +4,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -29,14 +28,17 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     state = tmp_path_factory.mktemp("head")
     port, dash = _free_port(), _free_port()
+    # The head uses the machine's default token (~/.ray/auth_token, generated if missing): a process
+    # that already ran ray.init() keeps the token it loaded, so a per-test token would not match.
     env = dict(os.environ, NUM_CPUS="6", RAY_PORT=str(port), DASHBOARD_PORT=str(dash), FLUX_RAY_STATE_DIR=str(state),
-               RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    env.pop("RAY_ADDRESS", None)
+               RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
     subprocess.run([str(REPO / "cluster" / "local-head.sh"), "start"], env=env, check=True, timeout=180,
                    capture_output=True)
-    client_env = {k: env[k] for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "PATH")}
-    info = {"address": f"http://127.0.0.1:{dash}", "env": dict(os.environ, **client_env)}
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    client_env = {"RAY_AUTH_MODE": "token", "PATH": env["PATH"]}
+    info = {"address": f"http://127.0.0.1:{dash}", "env": dict(env, **client_env), "token": token}
     try:
         _wait_for_job_agent(info)
         yield info
@@ -73,7 +75,7 @@ def _sets(tiny_model_dir, demo_data_dir, out, **extra) -> list[str]:
 
 
 def _client(head):
-    os.environ.update({k: head["env"][k] for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")})
+    os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(head["address"])
@@ -107,7 +109,7 @@ def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, 
                            "--working-dir", str(tmp_path), *sets], env=head["env"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert head["env"]["RAY_AUTH_TOKEN"] not in proc.stdout + proc.stderr  # secrets are never printed
+    assert head["token"] not in proc.stdout + proc.stderr  # secrets are never printed
     _check_run(tmp_path)
 
 

@@ -112,12 +112,14 @@ def test_killed_driver_resumes_with_same_run_name(dist_env, tmp_path):
     spec = spec_for("driver-killed")
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen([sys.executable, "-m", "flux_ray.cli", "train", str(path), "--num-cpus", "4"], env=env,
+    import ray
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    proc = subprocess.Popen([sys.executable, "-m", "flux_ray.cli", "train", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not glob.glob(f"{spec.run_uri}/checkpoint_*"):
+        while time.time() < deadline and proc.poll() is None and _latest_logged_step(spec) <= CKPT:
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

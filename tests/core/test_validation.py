@@ -1,0 +1,49 @@
+"""Validation images: prompt library nicknames name the files, a grid per step, true CFG changes the image."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flux_ray.core import model as M
+from flux_ray.core.validation import Validator, make_grid, prompt_library
+
+
+def _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, **ev):
+    lib = tmp_path / "prompts.json"
+    lib.write_text(json.dumps({"cat": "a red circle", "dog": "a blue square"}))
+    base = {"validation_step_interval": 1, "validation_prompt": "a green triangle", "user_prompt_library": str(lib),
+            "validation_resolution": "64x64,128x64", "validation_num_inference_steps": 2}
+    return demo_spec(tiny_model_dir, demo_data_dir, tmp_path, eval={**base, **ev})
+
+
+def test_prompt_library_and_grid(demo_spec, tiny_model_dir, demo_data_dir, tmp_path):
+    spec = _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path)
+    assert prompt_library(spec.eval) == {"validation": "a green triangle", "cat": "a red circle",
+                                         "dog": "a blue square"}
+    tr = M.load_transformer(spec.model, torch.float32)
+    out = Validator(spec, tr, torch.device("cpu"))(7)
+    step_dir = tmp_path / "output" / "demo" / "validation" / "step-000007"
+    names = sorted(p.name for p in step_dir.iterdir())
+    assert names == sorted(f"{n}-{s}.png" for n in ("validation", "cat", "dog") for s in ("64x64", "128x64"))
+    assert Image.open(step_dir / "cat-128x64.png").size == (128, 64)
+    grid = Image.open(out["validation_grid"])
+    assert grid.size == (3 * 128, 2 * 64)  # 6 images in a 3x2 grid of the largest size
+
+
+def test_true_cfg_uses_the_negative_prompt(demo_spec, tiny_model_dir, demo_data_dir, tmp_path):
+    plain = _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, user_prompt_library=None,
+                  validation_resolution="64x64")
+    cfg = _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, user_prompt_library=None,
+                validation_resolution="64x64", validation_guidance_real=4.0, validation_negative_prompt="blurry")
+    tr = M.load_transformer(plain.model, torch.float32)
+    a = np.asarray(Validator(plain, tr, torch.device("cpu")).render()[0][1], dtype=np.float32)
+    b = np.asarray(Validator(cfg, tr, torch.device("cpu")).render()[0][1], dtype=np.float32)
+    assert np.abs(a - b).max() > 1.0
+
+
+def test_make_grid_layout():
+    imgs = [Image.new("RGB", (10, 20), c) for c in ("red", "green", "blue", "white", "black")]
+    assert make_grid(imgs).size == (30, 40)
