@@ -49,7 +49,7 @@ def head(tmp_path_factory):
             current.unlink()
 
 
-def _wait_for_job_agent(head, timeout_s: float = 120) -> None:
+def _wait_for_job_agent(head, timeout_s: float = 300) -> None:
     """The head answers before its job agent is up ("No available agent"): wait for a trivial job."""
     client = _client(head)
     deadline = time.time() + timeout_s
