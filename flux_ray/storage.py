@@ -103,6 +103,15 @@ def read_bytes(uri: str, storage: StorageSpec | None = None) -> bytes:
         return f.read()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # read once at import, before any worker threads exist
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_bytes_atomic(uri: str, data: bytes, storage: StorageSpec | None = None) -> None:
     """Readers see the old object or the new one, never a partial write.
 
@@ -122,6 +131,7 @@ def write_bytes_atomic(uri: str, data: bytes, storage: StorageSpec | None = None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
