@@ -7,7 +7,7 @@
 #   cluster/local-head.sh stop      # stop the head this script started (and only that one)
 #
 # Settings (environment): NUM_CPUS (8), NUM_GPUS (unset: Ray detects), RAY_HEAD_IP (127.0.0.1),
-# RAY_PORT (6379), DASHBOARD_PORT (8265), FLUX_RAY_STATE_DIR (<repo>/.flux_ray: pid file and log),
+# RAY_PORT (6379), DASHBOARD_PORT (8265), DASHBOARD_AGENT_PORT (52365), FLUX_RAY_STATE_DIR (<repo>/.flux_ray: pid file and log),
 # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (use that token instead of ~/.ray/auth_token).
 #
 # Why the script sets RAY_AUTH_MODE=token itself: with Ray 2.60, `ray start --head` turns token
@@ -22,6 +22,9 @@ NUM_GPUS="${NUM_GPUS:-}"
 RAY_HEAD_IP="${RAY_HEAD_IP:-127.0.0.1}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+# The dashboard agent's HTTP port (Jobs are submitted through it): Ray's default 52365 is taken when
+# another Ray instance runs on this host, and then no job can be submitted ("No available agent").
+DASHBOARD_AGENT_PORT="${DASHBOARD_AGENT_PORT:-52365}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="${FLUX_RAY_STATE_DIR:-$REPO_ROOT/.flux_ray}"
 PID_FILE="$STATE_DIR/local-head.pid"
@@ -100,6 +103,7 @@ cmd_start() {
     mkdir -p "$STATE_DIR"
     local -a args=(--head --block --node-ip-address "$RAY_HEAD_IP" --port "$RAY_PORT"
         --dashboard-host "$RAY_HEAD_IP" --dashboard-port "$DASHBOARD_PORT"
+        --dashboard-agent-listen-port "$DASHBOARD_AGENT_PORT"
         --num-cpus "$NUM_CPUS" --disable-usage-stats)
     [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
     # --block keeps `ray start` in the foreground of this background job; its SIGTERM handler stops

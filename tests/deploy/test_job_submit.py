@@ -31,6 +31,7 @@ def head(tmp_path_factory):
     # The head uses the machine's default token (~/.ray/auth_token, generated if missing): a process
     # that already ran ray.init() keeps the token it loaded, so a per-test token would not match.
     env = dict(os.environ, NUM_CPUS="6", RAY_PORT=str(port), DASHBOARD_PORT=str(dash), FLUX_RAY_STATE_DIR=str(state),
+               DASHBOARD_AGENT_PORT=str(_free_port()),
                RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
