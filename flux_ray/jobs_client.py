@@ -1,7 +1,6 @@
 """`flux-ray submit|status|logs|stop`: Ray's Jobs API with a runtime env built from the spec."""
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys

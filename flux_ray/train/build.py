@@ -71,7 +71,7 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
         from flux_ray.core.validation import Validator
 
         validate = Validator(spec, transformer, device, write=rank == 0)
-    return LoopParts(spec=spec, model=model, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+    return LoopParts(spec=spec, model=model, params=params, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,
                      state_io=StateIO(model, adapter, optimizer, sharded=sharded,

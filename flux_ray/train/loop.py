@@ -25,7 +25,6 @@ class LoopParts:
     spec: object
     model: torch.nn.Module            # possibly DDP/FSDP-wrapped transformer with LoRA
     params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
     lr_scheduler: object
     loss_fn: FluxLossFn
     reader: CacheReader
