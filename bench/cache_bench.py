@@ -25,25 +25,7 @@ import time
 import numpy as np
 import torch
 
-VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.3611,
-           shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
-T5 = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
-          vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128)
-CLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-            max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu")
-
-
-def build(ctor, device, dtype):
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            m = ctor()
-    finally:
-        torch.set_default_dtype(prev)
-    return m.eval().requires_grad_(False)
+from flux_ray.core.full_size import CLIP_L, FLUX_DEV_VAE, T5_XXL, build_component  # noqa: E402
 
 
 def timed(fn, sync, reps=5):
@@ -58,28 +40,29 @@ def timed(fn, sync, reps=5):
     return sorted(ts)[len(ts) // 2]
 
 
-def vae_encoder(device, dtype):
-    from diffusers import AutoencoderKL
-
+def vae_encoder(device, dtype, channels_last=False):
     from flux_ray.data.encoders import VaeEncoder
 
     enc = VaeEncoder.__new__(VaeEncoder)  # __init__ would load from_pretrained; set what it sets
     enc.device, enc.compute, enc.dtype = device, dtype, torch.bfloat16
-    enc.vae = build(lambda: AutoencoderKL(**VAE), device, dtype)
+    enc.vae = build_component("vae", FLUX_DEV_VAE, device, dtype)
+    enc.channels_last = channels_last and device.type == "cuda"
+    if enc.channels_last:
+        enc.vae.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     return enc
 
 
 def text_encoder(device, dtype):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     from flux_ray.core.tiny import _clip_tokenizer, _t5_tokenizer
     from flux_ray.data.encoders import TextEncoder
 
     enc = TextEncoder.__new__(TextEncoder)
     enc.device, enc.dtype, enc.max_len = device, torch.bfloat16, 512
     enc.tok, enc.tok2 = _clip_tokenizer(), _t5_tokenizer()
-    enc.clip = build(lambda: CLIPTextModel(CLIPTextConfig(**CLIP)), device, dtype)
-    enc.t5 = build(lambda: T5EncoderModel(T5Config(**T5)), device, dtype)
+    enc.clip = build_component("text_encoder", CLIP_L, device, dtype)
+    enc.t5 = build_component("text_encoder_2", T5_XXL, device, dtype)
     return enc
 
 
@@ -87,7 +70,7 @@ def vae_batch(n, res, rng):
     return {"sample_id": np.array([f"{i:08x}" for i in range(n)], dtype=object),
             "skip_reason": np.array([""] * n, dtype=object),
             "bucket_w": np.full(n, res, np.int32), "bucket_h": np.full(n, res, np.int32),
-            "pixels": rng.uniform(-1, 1, (n, 3 * res * res)).astype(np.float32)}
+            "pixels": rng.integers(0, 256, (n, 3 * res * res), dtype=np.uint8)}  # as DecodeAndCrop emits
 
 
 def text_batch(n):
@@ -103,21 +86,27 @@ def main():
     ap.add_argument("--text-bs", type=int, nargs="+", default=[32])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--channels-last", type=int, nargs="+", default=[0], help="VAE memory format variants (0/1)")
+    ap.add_argument("--skip-text", action="store_true")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     rates = {}
-    enc = vae_encoder(device, dtype)
-    for bs in a.vae_bs:
-        batch = vae_batch(bs, a.res, rng)
-        t = timed(lambda: enc(batch), sync, a.reps)
-        rates["vae"] = max(rates.get("vae", 0), bs / t)
-        print(json.dumps(dict(stage="ours_vae_encoder", res=a.res, bs=bs, s=round(t, 4), images_per_s=round(bs / t, 1),
-                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
-                              else None)), flush=True)
-    del enc
+    for cl in a.channels_last:
+        enc = vae_encoder(device, dtype, channels_last=bool(cl))
+        for bs in a.vae_bs:
+            batch = vae_batch(bs, a.res, rng)
+            t = timed(lambda: enc(batch), sync, a.reps)
+            rates["vae"] = max(rates.get("vae", 0), bs / t)
+            print(json.dumps(dict(stage="ours_vae_encoder", res=a.res, bs=bs, channels_last=cl, s=round(t, 4),
+                                  images_per_s=round(bs / t, 1),
+                                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
+                                  else None)), flush=True)
+        del enc
+    if a.skip_text:
+        return
     if device.type == "cuda":
         torch.cuda.empty_cache()
     enc = text_encoder(device, dtype)

@@ -19,11 +19,16 @@ ckpt is 0/1), compile (0/1: regional, each block), attn (flash|efficient|cudnn|m
 (none|int8|int4|int2|nf4|fp8), lora_dtype (fp32|bf16: the adamw_bf16 optimizer), opt (adamw: the
 project's fused AdamW | foreach), uncast (1: FluxLossFn skips PEFT's round-trip input cast), model
 (dev|tiny), device (cuda|cpu), steps, warmup, txt, profile (1: GPU kernel time per step by kind, from
-torch.profiler over 2 steps, against the unprofiled step time).
+torch.profiler over 2 steps, against the unprofiled step time), tread (0 off; r: TREAD, one route of
+selection_ratio r over blocks 2..-2, SimpleTuner's Flux example; the tiny model's two blocks: 0..-1; MFU
+still counts the unrouted model's FLOPs, so it reads as an effective rate), offload (none | block<n>: the
+frozen base group-offloaded to the CPU, n blocks a group | leaf: each layer; an s suffix prefetches on a
+CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1).
 
 usage: python bench/train_step_bench.py suite --stock bench/_stock/stock_flux_lora_step.py --budget-s 540 \\
            ours:res=512,bs=1,ckpt=0,compile=1 stock:res=512,bs=1,ckpt=1
        python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2   # CPU smoke test
+       python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2,ckpt=1,offload=block1
 """
 from __future__ import annotations
 
@@ -37,8 +42,9 @@ import warnings
 
 DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0)
-STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device")
+                profile=0, tread="0", offload="none")
+STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload")
+TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
          "nf4": "nf4-bnb", "fp8": "fp8-torchao"}
 NUM_BLOCKS = 57
@@ -65,6 +71,20 @@ def parse(spec: str) -> dict:
     return v
 
 
+def offload_options(value: str) -> dict:
+    """``offload`` -> ModelSpec keys: none | block<n> (n blocks a group) | leaf, ``s`` suffix: CUDA stream."""
+    if value == "none":
+        return {}
+    kind, stream = value.removesuffix("s"), value.endswith("s")
+    if kind == "leaf":
+        opts = dict(group_offload_type="leaf_level")
+    elif kind.startswith("block") and kind[5:].isdigit():
+        opts = dict(group_offload_type="block_level", group_offload_blocks_per_group=int(kind[5:]))
+    else:
+        raise ValueError(f"offload={value!r}: expected none, block<n>, leaf, with an optional s (stream)")
+    return dict(opts, enable_group_offload=True, group_offload_use_stream=stream)
+
+
 def checkpointed_blocks(interval: int) -> int:
     return 0 if interval <= 0 else math.ceil(NUM_BLOCKS / interval)
 
@@ -88,10 +108,27 @@ def build(v: dict):
     device = torch.device(v["device"])
     config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
     transformer = build_transformer_from_config(config, device, torch.bfloat16)
-    transformer = quantize_base(transformer, ModelSpec(base_model_precision=QUANT[v["quant"]]), device)
+    model_spec = ModelSpec(base_model_precision=QUANT[v["quant"]], **offload_options(v["offload"]))
+    lora_spec = LoraSpec(lora_rank=v["rank"], flux_lora_target=v["targets"])
+    if model_spec.enable_group_offload:  # as train/build.py: offload the base, then the adapter on the device
+        from flux_ray.core.offload import apply_group_offload, keep_unowned_on_device
+
+        apply_group_offload(transformer, model_spec, device)
+        params = add_lora(transformer, lora_spec)
+        keep_unowned_on_device(transformer, device)
+    else:
+        transformer = quantize_base(transformer, model_spec, device)
+        params = add_lora(transformer, lora_spec)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    params = add_lora(transformer, LoraSpec(lora_rank=v["rank"], flux_lora_target=v["targets"]))
+    router = None
+    if float(v["tread"]):  # hooks before checkpointing and compile, as train/build.py does
+        from flux_ray.core.tread import TokenRouter
+        from flux_ray.spec import TreadConfig, TreadRoute
+
+        start, end = TREAD_BLOCKS[v["model"]]
+        router = TokenRouter.from_spec(transformer, TreadConfig(routes=[TreadRoute(
+            selection_ratio=float(v["tread"]), start_layer_idx=start, end_layer_idx=end)]))
     interval = int(v["ckpt"])
     if interval:
         apply_gradient_checkpointing(transformer, interval)
@@ -109,7 +146,7 @@ def build(v: dict):
         opt = build_optimizer(train_spec, params, device)
     sched = build_lr_scheduler(train_spec, opt)
     loss_fn = FluxLossFn(transformer, FlowSpec(), scheduler_config=dict(FLUX_SCHEDULER), fast_schedule=False,
-                         autocast_dtype=torch.bfloat16, attention_backend=v["attn"])
+                         autocast_dtype=torch.bfloat16, attention_backend=v["attn"], tread=router)
     if not v["uncast"]:
         loss_fn._uncast_lora = []
     return transformer, params, opt, sched, loss_fn, train_spec

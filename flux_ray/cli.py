@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("random-model", help="write a FLUX.1-dev-sized random Flux (~34 GB) for speed work")
+    p.add_argument("directory")
+    p.add_argument("--device", default="cuda", help="where the random weights are made (cuda is fast)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("demo-data", help="write a small generated image dataset with captions")
     p.add_argument("directory")
     p.add_argument("-n", type=int, default=32)
@@ -68,6 +72,11 @@ def _dispatch(args) -> int:
         from flux_ray.core.tiny import write_tiny_flux
 
         print(write_tiny_flux(args.directory, seed=args.seed, overwrite=args.overwrite))
+        return 0
+    if args.cmd == "random-model":
+        from flux_ray.core.full_size import write_random_flux
+
+        print(write_random_flux(args.directory, device=args.device, seed=args.seed))
         return 0
     if args.cmd == "demo-data":
         from flux_ray.data.demo import write_demo_data

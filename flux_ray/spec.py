@@ -57,10 +57,42 @@ class ModelSpec(_Section):
                                   "fp8-torchao"] = "no_change"
     quantize_via: Literal["accelerator", "cpu"] = "accelerator"
     base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
+    enable_group_offload: bool = False
+    """Keep the frozen base on the CPU; each group is copied to the GPU for its forward and backward
+    (diffusers' group offloading; core/offload.py). Needs train.gradient_checkpointing."""
+    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    group_offload_blocks_per_group: int = Field(1, ge=1)
+    """block_level: transformer blocks per group (one copy each)."""
+    group_offload_use_stream: bool = False
+    """CUDA: copy the next group on a side stream while this one computes (pinned host copy of the base)."""
+    group_offload_to_disk_path: str | None = None
+    """Keep the offloaded base in safetensors files under this directory instead of host memory."""
+    enable_model_cpu_offload: bool = False
+    """diffusers' whole-model CPU offload; refused for training (the model runs every step): use group offload."""
     tokenizer_max_length: int | None = None
     """T5 sequence length; 512 by default, 256 for schnell."""
     assistant_lora_path: str | None = None
     """schnell: a frozen assistant LoRA (path or hub id) applied under the trained one."""
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> ModelSpec:
+        if self.enable_group_offload and self.enable_model_cpu_offload:
+            raise ValueError("model.enable_group_offload and model.enable_model_cpu_offload are exclusive; "
+                             "use model.enable_group_offload")
+        if self.enable_model_cpu_offload:
+            raise ValueError("model.enable_model_cpu_offload is not supported for training (the transformer runs "
+                             "forward and backward every step, so moving it whole saves no GPU memory); "
+                             "use model.enable_group_offload")
+        if not self.enable_group_offload:
+            return self
+        if self.base_model_precision != "no_change":
+            raise ValueError("model.enable_group_offload needs an unquantized base "
+                             f"(model.base_model_precision={self.base_model_precision!r}; use no_change)")
+        if self.group_offload_use_stream and self.group_offload_type == "block_level" \
+                and self.group_offload_blocks_per_group != 1:
+            raise ValueError("model.group_offload_use_stream prefetches one block at a time: set "
+                             "model.group_offload_blocks_per_group to 1 (diffusers would reset it)")
+        return self
 
     @property
     def base_path(self) -> str:
@@ -163,6 +195,10 @@ class CacheSpec(_Section):
     commit_every: int = Field(512, ge=1)
     """Images per committed chunk: a killed job loses at most one chunk of work."""
     min_rows_per_file: int = Field(256, ge=1)
+    decode_concurrency: int | None = Field(None, ge=1)
+    """Most decode+crop actors at once; default: the cluster's CPU count less the CPUs encoders hold."""
+    vae_channels_last: bool = False
+    """GPU only: run the VAE encoder in channels-last memory format (bench/RESULTS.md has the measurement)."""
 
 
 class FlowSpec(_Section):
@@ -183,12 +219,22 @@ class FlowSpec(_Section):
 
 class TreadRoute(_Section):
     selection_ratio: float = Field(gt=0.0, lt=1.0)
+    """Fraction of the image tokens that skip blocks start..end (text tokens never do)."""
     start_layer_idx: int
+    """Block index over the 19 double then 38 single blocks; negative counts from the end."""
     end_layer_idx: int
+    """Last routed block, inclusive. Range and overlap are checked against the model when it loads."""
+
+    @model_validator(mode="after")
+    def _check_order(self) -> TreadRoute:
+        start, end = self.start_layer_idx, self.end_layer_idx
+        if (start < 0) == (end < 0) and start > end:
+            raise ValueError(f"start_layer_idx ({start}) comes after end_layer_idx ({end})")
+        return self
 
 
 class TreadConfig(_Section):
-    routes: list[TreadRoute]
+    routes: list[TreadRoute] = Field(min_length=1)
 
 
 class TrainSpec(_Section):
@@ -217,6 +263,8 @@ class TrainSpec(_Section):
     """auto: flash on CUDA (the default cuDNN choice crashed on H200), math on CPU."""
     compile: bool = False
     tread_config: TreadConfig | None = None
+    """TREAD token routing (SimpleTuner's option): training forwards only; eval loss and validation run
+    every token. Works with flux_attention_masked_training (the mask is routed too), checkpointing, compile."""
     log_every: int = Field(10, ge=1)
     """Report metrics every n steps (a Ray Train report costs up to one controller poll)."""
 
@@ -350,6 +398,28 @@ class JobSpec(_Section):
                 raise ValueError("lora.lora_init_type applies to lora_type standard only")
         if self.scaling.strategy == "deepspeed" and not self.scaling.deepspeed_config:
             self.scaling.deepspeed_config = {"zero_optimization": {"stage": 2}}
+        return self
+
+    @model_validator(mode="after")
+    def _check_group_offload(self) -> JobSpec:
+        """Group offload (core/offload.py) is single-process, eager, and needs recomputation to save memory."""
+        if not self.model.enable_group_offload:
+            return self
+        key = "model.enable_group_offload"
+        if self.scaling.strategy != "ddp":
+            raise ValueError(f"{key} cannot be used with scaling.strategy {self.scaling.strategy} "
+                             "(it shards and places the weights itself)")
+        if self.scaling.num_workers > 1:
+            raise ValueError(f"{key} runs on one worker (scaling.num_workers={self.scaling.num_workers}): DDP "
+                             "broadcasts every parameter and wants them all on one device type")
+        if not self.train.gradient_checkpointing:
+            raise ValueError(f"{key} needs train.gradient_checkpointing: without recomputation autograd keeps "
+                             "every block's weights for backward, so the base never leaves the GPU")
+        if self.train.compile:
+            raise ValueError(f"{key} cannot be used with train.compile (the offload hooks run eagerly)")
+        if self.lora.lora_init_type in ("pissa", "olora", "loftq"):
+            raise ValueError(f"{key} cannot be used with lora.lora_init_type {self.lora.lora_init_type} "
+                             "(it rewrites base weights that are already offloaded)")
         return self
 
     @property
@@ -505,7 +575,7 @@ def absolutize(spec: JobSpec) -> JobSpec:
     """Local relative paths -> absolute, so Ray workers (other working dirs) see the same files."""
     m = spec.model
     for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
-                "pretrained_vae_model_name_or_path", "assistant_lora_path"):
+                "pretrained_vae_model_name_or_path", "assistant_lora_path", "group_offload_to_disk_path"):
         setattr(m, key, _abs(getattr(m, key)))
     for d in spec.datasets:
         d.instance_data_dir = _abs(d.instance_data_dir) if d.type == "local" else d.instance_data_dir

@@ -66,6 +66,13 @@ def test_set_overrides_any_key_by_dotted_path(tmp_path, demo_data_dir):
     (lambda d: d.update(datasets=[]), "datasets: List should have at least 1 item"),
     (lambda d: (d["model"].update(base_model_precision="int8-quanto"), d["lora"].update(lora_init_type="loftq")),
      "loftq cannot be used with a quantized base"),
+    (lambda d: d["train"].update(tread_config={"routes": []}), "train.tread_config.routes: List should have at least 1"),
+    (lambda d: d["train"].update(tread_config={"routes": [{"selection_ratio": 1.0, "start_layer_idx": 2,
+                                                           "end_layer_idx": -2}]}),
+     "train.tread_config.routes.0.selection_ratio: Input should be less than 1"),
+    (lambda d: d["train"].update(tread_config={"routes": [{"selection_ratio": 0.5, "start_layer_idx": 5,
+                                                           "end_layer_idx": 2}]}),
+     "start_layer_idx (5) comes after end_layer_idx (2)"),
 ])
 def test_bad_spec_names_key_and_problem(tmp_path, demo_data_dir, mutate, expected):
     data = _minimal(tmp_path, demo_data_dir)
@@ -109,3 +116,51 @@ def test_flat_params_drop_secrets(tmp_path, demo_data_dir):
     assert flat["train.learning_rate"] == 1e-4
     assert flat["datasets.d.resolution"] == 1024
     assert not any("secret" in k or "token" in k for k in flat)
+
+
+def test_tread_config_parses_simpletuner_form(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    data["train"] = {"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}}
+    route = load_spec(_write(tmp_path, data)).train.tread_config.routes[0]
+    assert (route.selection_ratio, route.start_layer_idx, route.end_layer_idx) == (0.5, 2, -2)
+
+
+OFFLOAD = {"enable_group_offload": True}
+
+
+@pytest.mark.parametrize("model, train, scaling, lora, expected", [
+    (dict(OFFLOAD, enable_model_cpu_offload=True), {}, {}, {},
+     "model.enable_group_offload and model.enable_model_cpu_offload are exclusive"),
+    ({"enable_model_cpu_offload": True}, {}, {}, {},
+     "model.enable_model_cpu_offload is not supported for training"),
+    (dict(OFFLOAD, base_model_precision="nf4-bnb"), {"gradient_checkpointing": True}, {}, {},
+     "model.enable_group_offload needs an unquantized base (model.base_model_precision='nf4-bnb'"),
+    (dict(OFFLOAD, group_offload_use_stream=True, group_offload_blocks_per_group=2), {}, {}, {},
+     "set model.group_offload_blocks_per_group to 1"),
+    (OFFLOAD, {}, {}, {}, "model.enable_group_offload needs train.gradient_checkpointing"),
+    (OFFLOAD, {"gradient_checkpointing": True}, {"strategy": "fsdp"}, {},
+     "model.enable_group_offload cannot be used with scaling.strategy fsdp"),
+    (OFFLOAD, {"gradient_checkpointing": True}, {"strategy": "deepspeed"}, {},
+     "model.enable_group_offload cannot be used with scaling.strategy deepspeed"),
+    (OFFLOAD, {"gradient_checkpointing": True}, {"num_workers": 2}, {},
+     "model.enable_group_offload runs on one worker (scaling.num_workers=2)"),
+    (OFFLOAD, {"gradient_checkpointing": True, "compile": True}, {}, {},
+     "model.enable_group_offload cannot be used with train.compile"),
+    (OFFLOAD, {"gradient_checkpointing": True}, {}, {"lora_init_type": "pissa"},
+     "model.enable_group_offload cannot be used with lora.lora_init_type pissa"),
+])
+def test_group_offload_refuses_what_it_cannot_run(tmp_path, demo_data_dir, model, train, scaling, lora, expected):
+    data = dict(_minimal(tmp_path, demo_data_dir), model=model, train=train, scaling=scaling, lora=lora)
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert expected in str(e.value)
+
+
+def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    data["model"] = dict(OFFLOAD, group_offload_type="leaf_level", group_offload_use_stream=True,
+                         group_offload_to_disk_path=str(tmp_path / "spill"))
+    data["train"] = {"gradient_checkpointing": True}
+    m = load_spec(_write(tmp_path, data)).model
+    assert (m.group_offload_type, m.group_offload_blocks_per_group, m.group_offload_use_stream) == ("leaf_level", 1, True)
+    assert not m.enable_model_cpu_offload

@@ -1,4 +1,4 @@
-"""Quantized frozen bases: optimum-quanto int8/int4/int2, bitsandbytes NF4, torchao fp8."""
+"""Quantized frozen bases: optimum-quanto int8/int4/int2, bitsandbytes NF4, torchao fp8 (weight-only)."""
 from __future__ import annotations
 
 import torch
@@ -8,18 +8,15 @@ QUANTO = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2"
 
 def check_quantization_supported(precision: str, device: torch.device) -> None:
     """Fail early, with the option named, when this device cannot run the quantized base."""
-    if precision in ("nf4-bnb", "fp8-torchao") and device.type != "cuda":
+    if precision == "nf4-bnb" and device.type != "cuda":
         raise ValueError(f"model.base_model_precision={precision!r} needs a CUDA device; this worker runs on "
-                         f"{device.type} (use no_change or an *-quanto precision on CPU)")
-    if precision == "fp8-torchao":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise ValueError(f"model.base_model_precision='fp8-torchao' needs compute capability >= 8.9 "
-                             f"(this card: {major}.{minor})")
+                         f"{device.type} (use no_change, fp8-torchao or an *-quanto precision on CPU)")
+    if precision == "fp8-torchao":  # weight-only: dequantize + a bf16 matmul, so any device (no fp8 kernels)
         try:
             import torchao  # noqa: F401
         except ImportError as e:
-            raise ValueError("model.base_model_precision='fp8-torchao' needs the torchao package") from e
+            raise ValueError("model.base_model_precision='fp8-torchao' needs the torchao package "
+                             "(pip install 'flux_ray[fp8]')") from e
 
 
 def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device) -> torch.nn.Module:
@@ -40,9 +37,7 @@ def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device
     elif precision == "nf4-bnb":
         _to_nf4(transformer)
     else:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
-
-        quantize_(transformer, Float8WeightOnlyConfig())
+        _to_fp8_weight_only(transformer)
     return transformer.to(device)
 
 
@@ -83,3 +78,44 @@ def _to_nf4(transformer: torch.nn.Module) -> None:
                 q.bias = torch.nn.Parameter(mod.bias.data.clone(), requires_grad=False)
             parent = blk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else blk
             setattr(parent, name.rsplit(".", 1)[-1], q.to(mod.weight.device))
+
+
+def _to_fp8_weight_only(transformer: torch.nn.Module) -> None:
+    """The blocks' Linears to torchao fp8 weights (per-row scales), computed as dequantize + matmul.
+
+    torchao's dynamic fp8 (fp8 activations and ``_scaled_mm``, SimpleTuner's fp8-torchao) has no backward
+    (H100: "derivative for aten::_scaled_mm is not implemented"), and a LoRA below a frozen layer needs
+    d(loss)/d(input) through it. Weight-only has one (CPU and H100: the dequantized bf16 layer's), but
+    torchao's linear saves the bf16 dequantized weight for it, a full bf16 copy of every layer held from
+    forward to backward; ``Fp8WeightOnlyLinear`` saves the fp8 weight and dequantizes again in backward.
+    """
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    in_blocks = lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith(  # noqa: E731
+        ("transformer_blocks.", "single_transformer_blocks."))
+    quantize_(transformer, Float8WeightOnlyConfig(set_inductor_config=False), filter_fn=in_blocks)
+    for m in transformer.modules():
+        if type(m) is torch.nn.Linear and type(m.weight).__name__ == "Float8Tensor":
+            m.__class__ = Fp8WeightOnlyLinear
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return torch.nn.functional.linear(x, weight.dequantize(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_out @ weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.bias_grad else None
+        return grad_x, None, grad_bias
+
+
+class Fp8WeightOnlyLinear(torch.nn.Linear):
+    """A Linear with a frozen torchao Float8Tensor weight; backward holds the fp8 weight, not a bf16 copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8Linear.apply(x, self.weight, self.bias)

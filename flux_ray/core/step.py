@@ -62,7 +62,7 @@ class FluxLossFn:
 
     def __init__(self, transformer, flow_spec, *, scheduler_config: dict | None, fast_schedule: bool,
                  masked_attention: bool = False, autocast_dtype: torch.dtype | None = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", tread=None):
         self.transformer = transformer
         self.flow = flow_spec
         self.scheduler_config = scheduler_config or {}
@@ -70,6 +70,7 @@ class FluxLossFn:
         self.masked = masked_attention
         self.autocast_dtype = autocast_dtype
         self.attention_backend = attention_backend
+        self.tread = tread  # a core.tread.TokenRouter: armed for the training forward only
         base = getattr(transformer, "module", transformer)
         self.guidance_embeds = bool(getattr(base.config, "guidance_embeds", False))
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -109,7 +110,11 @@ class FluxLossFn:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         noise = to_device(noise, latents.device).to(latents.dtype)
         guidance = F.guidance_values(b, self.flow, generator)
-        pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
+        routing = contextlib.nullcontext()
+        if self.tread is not None:  # drawn after noise and sigmas, so those match a run without TREAD
+            routing = self.tread.active(self.tread.plan(batch.prompt_embeds.shape[1], seq, generator, latents.device))
+        with routing:
+            pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
         return F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c)
 
     @torch.no_grad()

@@ -31,6 +31,8 @@ class CacheSummary:
     text_key: str = ""
     unique_captions: int = 0
     captions_encoded: int = 0
+    text_seconds: float = 0.0
+    text_stages: dict = field(default_factory=dict)
     bytes_written: int = 0
     seconds: float = 0.0
 
@@ -76,6 +78,46 @@ def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Tab
     return manifest
 
 
+def _decode_concurrency(spec) -> int:
+    if spec.cache.decode_concurrency:
+        return spec.cache.decode_concurrency
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 4))
+    held = 0 if spec.scaling.use_gpu else spec.cache.num_vae_actors  # CPU encoders hold a CPU each
+    return max(1, cpus - held - 1)
+
+
+def _add_stage_stats(stages: dict, ds) -> None:
+    """Accumulate Ray Data's per-operator numbers of an executed pipeline: rows, seconds, busy seconds.
+
+    Reads Ray Data's stats summary (not a public API): if its shape changes, the summary just lacks
+    the per-stage rates.
+    """
+    try:
+        executed = getattr(ds, "_write_ds", None) or ds
+        summaries, todo = [], [executed._get_stats_summary()]
+        while todo:  # the write's summary and, through parents, every upstream operator's
+            summ = todo.pop()
+            summaries.append(summ)
+            todo.extend(p for p in summ.parents if p is not None)
+        for op in (op for summ in summaries for op in summ.operators_stats):
+            rows = op.total_input_num_rows or (op.output_num_rows.sum if op.output_num_rows else 0)
+            s = stages.setdefault(op.operator_name, {"rows": 0, "seconds": 0.0, "busy_seconds": 0.0})
+            s["rows"] += int(rows or 0)
+            s["seconds"] += float(op.time_total_s or 0.0)
+            s["busy_seconds"] += float(op.wall_time.sum if op.wall_time else 0.0)
+    except Exception as e:  # noqa: BLE001 - stats are informational
+        log.debug("no Ray Data stage stats: %s", e)
+
+
+def _stage_rates(stages: dict) -> dict:
+    """Per stage: rows, its wall seconds, rows/s over them, and the busy seconds summed over its workers."""
+    return {name: {"rows": s["rows"], "seconds": round(s["seconds"], 2), "busy_seconds": round(s["busy_seconds"], 2),
+                   "rows_per_s": round(s["rows"] / s["seconds"], 2) if s["seconds"] else 0.0}
+            for name, s in stages.items()}
+
+
 def _ray_resources(spec) -> dict:
     return {"num_gpus": 1} if spec.scaling.use_gpu else {"num_cpus": 1}
 
@@ -101,19 +143,22 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
     todo = [r for r in rows if r["sample_id"] not in done]
     log.info("dataset %s: %d images, %d cached, %d to encode -> %s", ds_spec.id, len(rows), len(rows) - len(todo),
              len(todo), uri)
-    step = spec.cache.commit_every
+    step, stages = spec.cache.commit_every, {}
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         pipe = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk) // 8, 64)))
         pipe = pipe.map(DecodeAndCrop, fn_constructor_kwargs={"dataset_spec": ds_spec, "storage_spec": st,
-                                                              "seed": spec.train.seed}, concurrency=(1, 4))
+                                                              "seed": spec.train.seed},
+                        concurrency=(1, _decode_concurrency(spec)))
         pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size,
                                 fn_constructor_kwargs={"model_spec": spec.model, "latent_dtype": spec.cache.latent_dtype,
-                                                       "use_gpu": spec.scaling.use_gpu},
+                                                       "use_gpu": spec.scaling.use_gpu,
+                                                       "channels_last": spec.cache.vae_channels_last},
                                 concurrency=spec.cache.num_vae_actors, **_ray_resources(spec))
         entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
         manifest = _commit(uri, st, manifest, entries)
         summary.bytes_written += sum(e["bytes"] for e in entries)
+        _add_stage_stats(stages, pipe)
         log.info("dataset %s: committed %d/%d", ds_spec.id, min(start + step, len(todo)), len(todo))
     by_id = {r["sample_id"]: r for r in rows}
     index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
@@ -121,7 +166,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
     index = index.append_column("caption_id", pa.array([sources.caption_id(c) for c in index["caption"].to_pylist()]))
     manifest = _commit(uri, st, manifest, [], index)
     summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
-    summary.datasets[ds_spec.id]["key"] = key
+    summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages))
     return manifest
 
 
@@ -168,9 +213,14 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
             TextEncoder, batch_size=spec.cache.text_batch_size, concurrency=spec.cache.num_text_actors,
             fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
                                    "use_gpu": spec.scaling.use_gpu}, **_ray_resources(spec))
+        t0 = time.time()
         entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
         manifest = _commit(uri, st, manifest, entries)
         summary.bytes_written += sum(e["bytes"] for e in entries)
+        stages: dict = {}
+        _add_stage_stats(stages, pipe)
+        summary.text_stages = _stage_rates(stages)
+        summary.text_seconds = round(time.time() - t0, 2)
     return manifest
 
 

@@ -44,7 +44,7 @@ class DecodeAndCrop:
     def __call__(self, row: dict) -> dict:
         from flux_ray.data import decode, sources
 
-        out = dict(row, skip_reason="", pixels=np.zeros(0, np.float32), bucket_w=0, bucket_h=0, orig_w=0,
+        out = dict(row, skip_reason="", pixels=np.zeros(0, np.uint8), bucket_w=0, bucket_h=0, orig_w=0,
                    orig_h=0, crop_box=[0, 0, 0, 0])
         try:
             ref = sources.ImageRef(**{k: row[k] for k in ("dataset_id", "uri", "rel_path", "size", "mtime_ns")})
@@ -56,7 +56,7 @@ class DecodeAndCrop:
         except OSError as e:  # unreadable source: count it, never crash the job
             out["skip_reason"] = f"read_error:{type(e).__name__}"
             return out
-        out.update(pixels=prep.pixels_chw.astype(np.float32).ravel(), bucket_w=prep.bucket_w, bucket_h=prep.bucket_h,
+        out.update(pixels=prep.pixels_u8.ravel(), bucket_w=prep.bucket_w, bucket_h=prep.bucket_h,
                    orig_w=prep.orig_w, orig_h=prep.orig_h, crop_box=list(prep.crop_box))
         return out
 
@@ -66,9 +66,13 @@ def hash_int(text: str) -> int:
 
 
 class VaeEncoder:
-    """Encodes same-bucket groups of a batch with the VAE; stores mean and std bytes."""
+    """Encodes same-bucket groups of a batch with the VAE; stores mean and std bytes.
 
-    def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False):
+    Pixels arrive as uint8 (or float in [-1, 1]); on a GPU they are copied from pinned memory and
+    normalised there, and each group's mean/std come back to the host in one copy.
+    """
+
+    def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False, channels_last: bool = False):
         from flux_ray.core.model import load_vae
 
         self.device = pick_device(use_gpu)
@@ -76,6 +80,20 @@ class VaeEncoder:
         self.vae = load_vae(model_spec, dtype=compute, device=self.device)
         self.compute = compute
         self.dtype = DTYPES[latent_dtype]
+        self.channels_last = channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one conv plan per bucket shape, reused for every batch
+
+    def _pixels(self, batch: dict, idx: list[int], h: int, w: int) -> torch.Tensor:
+        px = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i]).reshape(3, h, w) for i in idx]))
+        if self.device.type == "cuda":
+            px = px.pin_memory().to(self.device, non_blocking=True)
+        if px.dtype == torch.uint8:
+            px = px.float() / 127.5 - 1.0  # == decode.normalize_pixels, on the device
+        px = px.to(self.compute)
+        return px.contiguous(memory_format=torch.channels_last) if self.channels_last else px
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
@@ -87,13 +105,12 @@ class VaeEncoder:
             if not batch["skip_reason"][i]:
                 groups.setdefault((int(batch["bucket_w"][i]), int(batch["bucket_h"][i])), []).append(i)
         for (w, h), idx in groups.items():
-            px = np.stack([np.asarray(batch["pixels"][i]).reshape(3, h, w) for i in idx])
-            x = torch.from_numpy(px).to(self.device, self.compute)
-            dist = self.vae.encode(x).latent_dist
+            dist = self.vae.encode(self._pixels(batch, idx, h, w)).latent_dist
+            mean = dist.mean.to("cpu", self.dtype).contiguous()
+            std = dist.std.to("cpu", self.dtype).contiguous()
             for j, i in enumerate(idx):
-                means[i] = tensor_to_bytes(dist.mean[j], self.dtype)
-                stds[i] = tensor_to_bytes(dist.std[j], self.dtype)
-                lat_h[i], lat_w[i] = dist.mean.shape[2], dist.mean.shape[3]
+                means[i], stds[i] = tensor_to_bytes(mean[j], self.dtype), tensor_to_bytes(std[j], self.dtype)
+                lat_h[i], lat_w[i] = mean.shape[2], mean.shape[3]
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(latent_mean=np.array(means, dtype=object), latent_std=np.array(stds, dtype=object),
                    latent_h=lat_h, latent_w=lat_w)
@@ -122,6 +139,7 @@ class TextEncoder:
                           return_tensors="pt")
         embeds = self.t5(t5_in.input_ids.to(self.device), output_hidden_states=False)[0]
         n = len(captions)
+        embeds, pooled = embeds.to("cpu", self.dtype), pooled.to("cpu", self.dtype)
         return {"caption_id": np.asarray(batch["caption_id"]), "caption": np.asarray(captions, dtype=object),
                 "prompt_embeds": np.array([tensor_to_bytes(embeds[i], self.dtype) for i in range(n)], dtype=object),
                 "pooled": np.array([tensor_to_bytes(pooled[i], self.dtype) for i in range(n)], dtype=object),

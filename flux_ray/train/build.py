@@ -9,6 +9,7 @@ from flux_ray.core import lora as L
 from flux_ray.core.adapters import attach_adapter
 from flux_ray.core import model as M
 from flux_ray.core.step import FluxLossFn
+from flux_ray.core.tread import TokenRouter
 from flux_ray.data.loader import CacheReader
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer
@@ -21,7 +22,8 @@ def base_dtype(spec, device: torch.device) -> torch.dtype:
 
 
 def build_transformer(spec, device: torch.device):
-    """Frozen base (optionally quantized), LoRA attached, checkpointing set; returns (model, lora params)."""
+    """Frozen base (quantized or group-offloaded, optionally), LoRA attached, checkpointing set; returns
+    (model, adapter, its initial state when the init rewrote base weights)."""
     from flux_ray.core.quantize import quantize_base
 
     transformer = M.load_transformer(spec.model, dtype=base_dtype(spec, device))
@@ -29,8 +31,15 @@ def build_transformer(spec, device: torch.device):
         from flux_ray.core.lora_export import merge_lora
 
         merge_lora(transformer, spec.model.assistant_lora_path)
-    transformer = quantize_base(transformer, spec.model, device)
-    adapter = attach_adapter(transformer, spec.lora)
+    if spec.model.enable_group_offload:  # the base stays on the CPU; the adapter, attached after, on the device
+        from flux_ray.core.offload import apply_group_offload, keep_unowned_on_device
+
+        apply_group_offload(transformer, spec.model, device)
+        adapter = attach_adapter(transformer, spec.lora)
+        keep_unowned_on_device(transformer, device)
+    else:
+        transformer = quantize_base(transformer, spec.model, device)
+        adapter = attach_adapter(transformer, spec.lora)
     init_sd = adapter.state_dict() if L.moves_base_weights(spec.lora) else None
     if spec.train.gradient_checkpointing:
         from flux_ray.core.checkpointing import apply_gradient_checkpointing
@@ -43,6 +52,7 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
                      wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
     torch.manual_seed(spec.train.seed)
     transformer, adapter, lora_init = build_transformer(spec, device)
+    tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     model = wrap(transformer)
     if spec.train.compile:
         from flux_ray.core.compile import compile_blocks
@@ -59,7 +69,7 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
     loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(spec.model),
                          fast_schedule=spec.fast_schedule, masked_attention=spec.train.flux_attention_masked_training,
-                         autocast_dtype=autocast, attention_backend=spec.train.attention_backend)
+                         autocast_dtype=autocast, attention_backend=spec.train.attention_backend, tread=tread)
     reader = CacheReader(spec, M.load_vae_config(spec.model))
     train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
     if not train_samples:

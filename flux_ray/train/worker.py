@@ -49,6 +49,8 @@ def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.
     import ray.train
     import ray.train.torch
 
+    if spec.model.enable_group_offload:  # one worker (spec-checked); build_transformer placed every tensor
+        return model
     if ray.train.get_context().get_world_size() == 1 or spec.scaling.strategy == "deepspeed":
         return model.to(device)  # DeepSpeed wraps the model itself after the optimizer exists
     if spec.scaling.strategy == "fsdp":

@@ -84,3 +84,28 @@ def test_saved_lora_loads_in_diffusers_with_alpha(tiny_model_dir, tmp_path):
                   return_dict=False)
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(**inputs)[0], tr(**inputs)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_random_flux_writer_saves_a_loadable_diffusers_layout(tmp_path):
+    """full_size.write_random_flux (FLUX.1-dev sizes on the GPU) with tiny configs: our loaders read it back."""
+    from flux_ray.core import model as M
+    from flux_ray.core.full_size import FULL_SIZE, write_random_flux
+    from flux_ray.core.tiny import TINY_TRANSFORMER, TINY_VAE
+    from flux_ray.spec import ModelSpec
+
+    assert FULL_SIZE["transformer"]["num_layers"] == 19 and FULL_SIZE["text_encoder_2"]["d_model"] == 4096
+    tiny = {"transformer": TINY_TRANSFORMER, "vae": TINY_VAE,
+            "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=77, vocab_size=120, projection_dim=32),
+            "text_encoder_2": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1, vocab_size=120,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)}
+    path = write_random_flux(tmp_path / "rf", device="cpu", configs=tiny, dtype=torch.float32)
+    spec = ModelSpec(pretrained_model_name_or_path=str(path))
+    transformer = M.load_transformer(spec, dtype=torch.float32)
+    assert transformer.config.num_layers == 1 and not any(p.requires_grad for p in transformer.parameters())
+    assert M.load_vae(spec).config.latent_channels == 16
+    tok, clip, tok2, t5 = M.load_text_encoders(spec)
+    ids = tok2(["a red circle"], padding="max_length", max_length=512, return_tensors="pt").input_ids
+    assert ids.shape == (1, 512) and int(ids.max()) < t5.config.vocab_size
+    assert t5(ids)[0].shape == (1, 512, 32) and M.load_scheduler_config(spec)["use_dynamic_shifting"]
+    assert write_random_flux(path, device="cpu", configs=tiny) == path  # already there: a no-op

@@ -1,0 +1,225 @@
+"""The Ray path on GPUs: the cache job (Ray Data) at 1024 px and Ray Train at 512 px on 1 and N GPUs.
+
+Full-size random-weight FLUX.1-dev (``flux-ray random-model``, written once to --work) loaded through the
+same ``from_pretrained`` calls as the real model; a generated JPEG photo set. Phases, each optional:
+
+  cache   ``run_cache`` on --cache-images images at --cache-res: images/s end to end and per Ray Data stage,
+          for unique captions (one per image) and for one shared caption (instance prompt)
+  train   for each --gpus value G: ``train()`` (TorchTrainer, G workers, DDP over NCCL) at --train-res;
+          samples/s from the workers' reports after the first --warmup-reports reports; scaling efficiency
+          = samples/s(G) / (G x samples/s(1))
+
+Prints JSON lines as it goes and markdown tables at the end (also written to --out/ray_gpu_bench.json).
+CPU smoke test (tiny model, CPU workers): --tiny --cpu.
+
+usage: python bench/ray_gpu_bench.py --work .bench_work --phases cache train --gpus 1 2 --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+SIZES = [(1024, 1024), (1216, 832), (832, 1216), (1536, 1024)]
+
+
+def log(**kv) -> None:
+    print(json.dumps(kv, default=str), flush=True)
+
+
+def write_photos(directory: Path, n: int, sizes, unique_captions: bool) -> Path:
+    """n JPEGs (coloured shapes on gradients) with .txt captions; skipped if already written."""
+    import numpy as np
+
+    from flux_ray.data import demo
+
+    if directory.exists() and len(list(directory.glob("*.jpg"))) >= n:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        colour, shape, bg = (str(rng.choice(list(demo.COLOURS))), str(rng.choice(demo.SHAPES)),
+                             str(rng.choice(list(demo.BACKGROUNDS))))
+        img = demo._background(sizes[i % len(sizes)], demo.BACKGROUNDS[bg], rng)
+        demo._draw(img, shape, demo.COLOURS[colour], rng)
+        img.save(directory / f"{i:05d}.jpg", "JPEG", quality=90)
+        caption = demo.caption_text(colour, shape, bg) + (f", photo {i}, detailed, high quality" if unique_captions
+                                                          else "")
+        (directory / f"{i:05d}.txt").write_text(caption)
+    return directory
+
+
+def base_spec(a, model_dir: str, images: Path, res: int, name: str, caption: str) -> dict:
+    ds = {"id": f"photos{res}", "instance_data_dir": str(images), "resolution": res, "resolution_type": "pixel_area",
+          "caption_strategy": caption, "instance_prompt": "a photo of sks shape" if caption == "instanceprompt" else None}
+    return {
+        "name": name,
+        "model": {"model_flavour": "dev", "pretrained_model_name_or_path": model_dir,
+                  "base_model_default_dtype": "fp32" if a.tiny else "bf16",
+                  **({"tokenizer_max_length": 32} if a.tiny else {})},
+        "lora": {"lora_rank": 16, "lora_alpha": 16, "flux_lora_target": "all+ffs"},
+        "datasets": [{k: v for k, v in ds.items() if v is not None}],
+        "cache": {"uri": str(Path(a.work) / "cache"), "vae_batch_size": a.vae_bs, "text_batch_size": a.text_bs,
+                  "vae_channels_last": bool(a.channels_last), "commit_every": 4096},
+        "train": {"max_train_steps": a.steps, "train_batch_size": a.bs, "log_every": a.log_every,
+                  "checkpointing_steps": 10**6, "compile": bool(a.compile), "attention_backend": a.attn,
+                  "mixed_precision": "no" if a.cpu else "bf16", "gradient_checkpointing": bool(a.ckpt),
+                  "resume_from_checkpoint": None, "learning_rate": 1e-4},
+        "eval": {"eval_split_fraction": 0.0},
+        "scaling": {"num_workers": 1, "use_gpu": not a.cpu},
+        "output": {"uri": str(Path(a.work) / "out")},
+    }
+
+
+def phase_cache(a, model_dir: str) -> list[dict]:
+    from flux_ray.data.cache import run_cache
+    from flux_ray.spec import load_spec
+
+    rows = []
+    for caption in a.captions:
+        images = write_photos(Path(a.work) / f"photos_{caption}", a.cache_images, SIZES, caption == "textfile")
+        spec = load_spec(data=base_spec(a, model_dir, images, a.cache_res, f"cache-{caption}", caption))
+        spec.cache.uri = str(Path(a.work) / f"cache_{caption}_{int(time.time())}")  # fresh: encode everything
+        t0 = time.perf_counter()
+        summary = run_cache(spec)
+        wall = time.perf_counter() - t0
+        d = summary.datasets[spec.datasets[0].id]
+        row = dict(phase="cache", captions=caption, images=d["usable"], res=a.cache_res, wall_s=round(wall, 1),
+                   images_per_s=round(d["usable"] / wall, 1), latents_s=d["seconds"],
+                   latents_images_per_s=d["images_per_s"], text_s=summary.text_seconds,
+                   unique_captions=summary.unique_captions, stages=d.get("stages"), text_stages=summary.text_stages,
+                   bytes=summary.bytes_written)
+        log(**row)
+        rows.append(row)
+    return rows
+
+
+def collector(path: Path):
+    """A Ray Train callback appending rank 0's reports to a JSON-lines file (it runs in Train's controller,
+    another process on this node)."""
+    from ray.train import UserCallback
+
+    class Collect(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0]:
+                with open(path, "a") as f:
+                    f.write(json.dumps(dict(metrics[0], t=time.time())) + "\n")
+    return Collect()
+
+
+def phase_train(a, model_dir: str) -> list[dict]:
+    import ray
+
+    from flux_ray.data.cache import run_cache
+    from flux_ray.spec import load_spec
+    from flux_ray.train.driver import train
+
+    images = write_photos(Path(a.work) / "photos_train", a.train_images, [(512, 512), (640, 384)] if not a.tiny
+                          else [(64, 64)], True)
+    rows = []
+    for g in a.gpus:
+        spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", "textfile"))
+        spec.scaling.num_workers = g
+        if a.cpu:
+            spec.scaling.resources_per_worker = {"CPU": 1}
+        run_cache(spec)  # cached once, found by key on the next G
+        reports = Path(a.work) / f"reports-{spec.name}.jsonl"
+        t0, t_wall = time.perf_counter(), time.time()
+        outcome = train(spec, extra_callbacks=[collector(reports)])
+        wall = time.perf_counter() - t0
+        sink = [json.loads(line) for line in reports.read_text().splitlines()] if reports.exists() else []
+        steady = sink[a.warmup_reports:] or sink[-1:]
+        sps = statistics.median(m["samples_per_s"] for m in steady)
+        step_s = statistics.median(m["step_time_s"] for m in steady)
+        row = dict(phase="train", gpus=g, res=a.train_res, bs_per_gpu=a.bs, steps=outcome.steps,
+                   samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
+                   first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
+                   peak_gib=round(max(m.get("peak_gpu_mem_gib", 0) for m in sink), 2) if sink else None,
+                   final_loss=outcome.final_loss, reports=[round(m["samples_per_s"], 2) for m in sink])
+        log(**row)
+        rows.append(row)
+    base = next((r for r in rows if r["gpus"] == 1), None)
+    for r in rows:
+        if base:
+            r["scaling_efficiency"] = round(r["samples_per_s"] / (r["gpus"] * base["samples_per_s"]), 3)
+    ray.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=".bench_work")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--phases", nargs="+", default=["cache", "train"])
+    ap.add_argument("--tiny", action="store_true", help="the tiny model instead of full-size random weights")
+    ap.add_argument("--cpu", action="store_true", help="CPU workers (smoke test)")
+    ap.add_argument("--cache-images", type=int, default=1024)
+    ap.add_argument("--cache-res", type=int, default=1024)
+    ap.add_argument("--captions", nargs="+", default=["instanceprompt", "textfile"])
+    ap.add_argument("--vae-bs", type=int, default=8)
+    ap.add_argument("--text-bs", type=int, default=32)
+    ap.add_argument("--channels-last", type=int, default=0)
+    ap.add_argument("--train-images", type=int, default=128)
+    ap.add_argument("--train-res", type=int, default=512)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--bs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--warmup-reports", type=int, default=2)
+    ap.add_argument("--compile", type=int, default=1)
+    ap.add_argument("--ckpt", type=int, default=0)
+    ap.add_argument("--attn", default="cudnn")
+    ap.add_argument("--num-cpus", type=int, default=None)
+    a = ap.parse_args()
+    if a.cpu:
+        a.attn = "auto"
+
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    a.work = str(work)
+    t0 = time.perf_counter()
+    if a.tiny:
+        from flux_ray.core.tiny import ensure_tiny_flux
+
+        model_dir = str(ensure_tiny_flux(work / "tiny-flux"))
+    else:
+        from flux_ray.core.full_size import write_random_flux
+
+        model_dir = str(write_random_flux(work / "random-flux-dev", device="cuda"))
+    log(phase="model", path=model_dir, seconds=round(time.perf_counter() - t0, 1))
+    # job.init_ray's worker setup hook is a runtime_env, which needs ray[default]'s agent; the device
+    # carries Ray without it, so start the local Ray the same way minus that hook (only Tune needs it).
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(address="local", num_cpus=a.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False)
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    results = {"card": card, "gpus_visible": torch.cuda.device_count(), "args": vars(a)}
+    if "cache" in a.phases:
+        results["cache"] = phase_cache(a, model_dir)
+    if "train" in a.phases:
+        results["train"] = phase_train(a, model_dir)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "ray_gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"\n{card}\n")
+    for r in results.get("cache", []):
+        print(f"cache {r['captions']}: {r['images']} images at {r['res']} px, {r['wall_s']} s, "
+              f"**{r['images_per_s']} images/s** end to end (latents {r['latents_images_per_s']}/s, "
+              f"text {r['text_s']} s for {r['unique_captions']} captions)")
+        for name, s in (r["stages"] or {}).items():
+            print(f"  | {name} | {s['rows']} | {s['seconds']} s | {s['rows_per_s']} rows/s | busy {s['busy_seconds']} s |")
+    if results.get("train"):
+        print("\n| GPUs | res | bs/GPU | samples/s | s/step | scaling efficiency | peak GiB | first report s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results["train"]:
+            print(f"| {r['gpus']} | {r['res']} | {r['bs_per_gpu']} | {r['samples_per_s']} | {r['step_time_s']} | "
+                  f"{r.get('scaling_efficiency')} | {r['peak_gib']} | {r['first_report_s']} |")
+
+
+if __name__ == "__main__":
+    main()
