@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[test]"
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"
+	# On a CPU-only machine DeepSpeed JIT-builds its shared-memory comm op at its first init (~1 min);
+	# build it here, once, instead of inside the first training run.
+	$(BIN)/python -c "import torch; from deepspeed.accelerator import get_accelerator as g; \
+	  b = None if torch.cuda.is_available() else g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
 demo: setup

@@ -69,7 +69,7 @@ def main() -> None:
     rows.append(("text encode (unique captions)", len(unique), time.perf_counter() - t0))
 
     print(f"\ncache pipeline, tiny Flux, {args.images} images, {args.num_cpus} logical CPUs\n")
-    print(f"| stage | items | seconds | items/s |\n|---|---|---|---|")
+    print("| stage | items | seconds | items/s |\n|---|---|---|---|")
     for name, n, s in rows:
         print(f"| {name} | {n} | {s:.1f} | {n / s:.1f} |")
     d = summary.datasets["demo"]

@@ -196,7 +196,7 @@ class CacheSpec(_Section):
     """Images per committed chunk: a killed job loses at most one chunk of work."""
     min_rows_per_file: int = Field(256, ge=1)
     decode_concurrency: int | None = Field(None, ge=1)
-    """Most decode+crop actors at once; default: the cluster's CPU count less the CPUs encoders hold."""
+    """Most decode+crop tasks at once; default: the cluster's CPU count less the CPUs encoders hold."""
     vae_channels_last: bool = False
     """GPU only: run the VAE encoder in channels-last memory format (bench/RESULTS.md has the measurement)."""
 
@@ -260,13 +260,21 @@ class TrainSpec(_Section):
     """latest | a checkpoint path | null (start fresh)."""
     flux_attention_masked_training: bool = False
     attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
-    """auto: flash on CUDA (the default cuDNN choice crashed on H200), math on CPU."""
+    """auto: flash on CUDA (the default cuDNN choice crashed on H200), math on CPU. cudnn is the fastest
+    measured (bench/RESULTS.md) but crashed in eager mode on an H200, so it needs compile: true."""
     compile: bool = False
     tread_config: TreadConfig | None = None
     """TREAD token routing (SimpleTuner's option): training forwards only; eval loss and validation run
     every token. Works with flux_attention_masked_training (the mask is routed too), checkpointing, compile."""
     log_every: int = Field(10, ge=1)
     """Report metrics every n steps (a Ray Train report costs up to one controller poll)."""
+
+    @model_validator(mode="after")
+    def _check_attention(self) -> TrainSpec:
+        if self.attention_backend == "cudnn" and not self.compile:
+            raise ValueError("train.attention_backend cudnn needs train.compile: true (eager cuDNN attention crashed "
+                             "a Flux step on an H200, bench/RESULTS.md call 7); use flash or auto without compile")
+        return self
 
 
 class EvalSpec(_Section):

@@ -73,6 +73,7 @@ def test_set_overrides_any_key_by_dotted_path(tmp_path, demo_data_dir):
     (lambda d: d["train"].update(tread_config={"routes": [{"selection_ratio": 0.5, "start_layer_idx": 5,
                                                            "end_layer_idx": 2}]}),
      "start_layer_idx (5) comes after end_layer_idx (2)"),
+    (lambda d: d["train"].update(attention_backend="cudnn"), "train: train.attention_backend cudnn needs train.compile"),
 ])
 def test_bad_spec_names_key_and_problem(tmp_path, demo_data_dir, mutate, expected):
     data = _minimal(tmp_path, demo_data_dir)

@@ -1,6 +1,6 @@
 """The cache job (driver side): images -> buckets/crops -> VAE latents + text embeddings -> Parquet.
 
-Runs as Ray Data pipelines: decode on CPU tasks, VAE and text encoders on actor pools (a GPU per
+Runs as Ray Data pipelines: decode on CPU tasks (torch-free, so task workers start fast), VAE and text encoders on actor pools (a GPU per
 actor when there are GPUs). Work is committed in chunks of ``cache.commit_every`` images; a rerun
 encodes only samples no committed shard holds (new images, or what a killed run had not committed).
 Bad files become skip rows with a reason, so they are counted and not retried.
@@ -126,7 +126,10 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
     """Encode what is missing for one dataset; returns its committed manifest."""
     import ray
 
-    from flux_ray.data.encoders import DecodeAndCrop, VaeEncoder
+    from ray.data import TaskPoolStrategy
+
+    from flux_ray.data.decode import decode_row
+    from flux_ray.data.encoders import VaeEncoder
 
     st = spec.storage
     key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
@@ -147,9 +150,8 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         pipe = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk) // 8, 64)))
-        pipe = pipe.map(DecodeAndCrop, fn_constructor_kwargs={"dataset_spec": ds_spec, "storage_spec": st,
-                                                              "seed": spec.train.seed},
-                        concurrency=(1, _decode_concurrency(spec)))
+        pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": ds_spec, "storage_spec": st, "seed": spec.train.seed},
+                        compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
         pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size,
                                 fn_constructor_kwargs={"model_spec": spec.model, "latent_dtype": spec.cache.latent_dtype,
                                                        "use_gpu": spec.scaling.use_gpu,

@@ -1,4 +1,4 @@
-"""Ray-free callables for the cache pipeline: decode+crop, VAE encode, text encode.
+"""Ray-free callables for the cache pipeline: decode+crop (data/decode.py, torch-free), VAE encode, text encode.
 
 Each is a class that loads what it needs in ``__init__`` and maps ``dict[str, ndarray] -> dict``
 batches, so Ray Data runs it on an actor pool and tests call it directly.
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from flux_ray.core.model import DTYPES
+from flux_ray.data.decode import DecodeAndCrop, decode_row, hash_int  # noqa: F401 - the pipeline's three stages
 
 TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
 
@@ -31,38 +32,6 @@ def bytes_to_tensor(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
 
 def pick_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-
-class DecodeAndCrop:
-    """Reads an image (local or S3), decodes, buckets and crops it; bad files become skip rows."""
-
-    def __init__(self, dataset_spec, storage_spec=None, seed: int = 0):
-        self.ds = dataset_spec
-        self.storage = storage_spec
-        self.seed = seed
-
-    def __call__(self, row: dict) -> dict:
-        from flux_ray.data import decode, sources
-
-        out = dict(row, skip_reason="", pixels=np.zeros(0, np.uint8), bucket_w=0, bucket_h=0, orig_w=0,
-                   orig_h=0, crop_box=[0, 0, 0, 0])
-        try:
-            ref = sources.ImageRef(**{k: row[k] for k in ("dataset_id", "uri", "rel_path", "size", "mtime_ns")})
-            data = sources.read_bytes(ref, self.ds, self.storage)
-            prep = decode.prepare_image(data, row["rel_path"], self.ds, seed=self.seed ^ hash_int(row["sample_id"]))
-        except decode.SkipImage as e:
-            out["skip_reason"] = e.reason
-            return out
-        except OSError as e:  # unreadable source: count it, never crash the job
-            out["skip_reason"] = f"read_error:{type(e).__name__}"
-            return out
-        out.update(pixels=prep.pixels_u8.ravel(), bucket_w=prep.bucket_w, bucket_h=prep.bucket_h,
-                   orig_w=prep.orig_w, orig_h=prep.orig_h, crop_box=list(prep.crop_box))
-        return out
-
-
-def hash_int(text: str) -> int:
-    return int(text[:8], 16)
 
 
 class VaeEncoder:

@@ -56,7 +56,7 @@ def test_adding_images_encodes_only_the_new_ones(ray_session, tiny_model_dir, de
     assert first.captions_encoded == len(captions) + 1
     # per-stage numbers from Ray Data: every image went through decode and the VAE stage
     stages = first.datasets["demo"]["stages"]
-    decode = next(v for k, v in stages.items() if "DecodeAndCrop" in k)
+    decode = next(v for k, v in stages.items() if "decode_row" in k)
     vae = next(v for k, v in stages.items() if "VaeEncoder" in k)
     assert decode["rows"] == 12 and vae["rows"] == 12 and decode["rows_per_s"] > 0 and vae["busy_seconds"] > 0
     assert any("TextEncoder" in k for k in first.text_stages) and first.text_seconds > 0

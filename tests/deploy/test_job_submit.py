@@ -66,10 +66,16 @@ def _wait_for_job_agent(head, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
-def _sets(tiny_model_dir, demo_data_dir, out, **extra) -> list[str]:
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for this module's jobs: content-addressed, so the first job encodes and the rest find it."""
+    return tmp_path_factory.mktemp("job_cache")
+
+
+def _sets(tiny_model_dir, demo_data_dir, out, cache, **extra) -> list[str]:
     values = {"model.pretrained_model_name_or_path": tiny_model_dir, "model.make_tiny_if_missing": "false",
               "datasets.demo.instance_data_dir": demo_data_dir, "datasets.demo.make_demo_if_missing": "false",
-              "cache.uri": str(out / "cache"), "output.uri": str(out / "output"), "train.max_train_steps": "4",
+              "cache.uri": str(cache), "output.uri": str(out / "output"), "train.max_train_steps": "4",
               "train.log_every": "2", "train.checkpointing_steps": "2", "eval.validation_step_interval": "null",
               "eval.eval_steps_interval": "null", **extra}
     return [f"{k}={v}" for k, v in values.items()]
@@ -92,8 +98,8 @@ def _check_run(out: Path, name: str = "demo") -> dict:
     return summary
 
 
-def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_path):
-    sets = " ".join(f"--set {s}" for s in _sets(tiny_model_dir, demo_data_dir, tmp_path))
+def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
+    sets = " ".join(f"--set {s}" for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache))
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO), "--",
            *f"flux-ray run jobs/demo.yaml {sets}".split()]
     proc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
@@ -102,10 +108,10 @@ def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_p
     _check_run(tmp_path)
 
 
-def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path):
+def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
     spec = tmp_path / "job.yaml"
     spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
-    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path) for a in ("--set", s)]
+    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache) for a in ("--set", s)]
     proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"],
                            "--working-dir", str(tmp_path), *sets], env=head["env"], capture_output=True, text=True,
                           timeout=600)
@@ -128,12 +134,12 @@ def test_bad_spec_fails_before_any_job_is_created(head, tmp_path):
     assert len(client.list_jobs()) == before
 
 
-def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data_dir, tmp_path):
+def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
     from flux_ray.train.checkpoint import checkpoint_position
 
     spec = tmp_path / "job.yaml"
     spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
-    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, **{"train.max_train_steps": "100000"})
+    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache, **{"train.max_train_steps": "100000"})
             for a in ("--set", s)]
     proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"], "--no-wait",
                            "--working-dir", str(tmp_path), "--submission-id", "flux-ray-stop-test", *sets],
