@@ -198,7 +198,8 @@ class CacheSpec(_Section):
     decode_concurrency: int | None = Field(None, ge=1)
     """Most decode+crop tasks at once; default: the cluster's CPU count less the CPUs encoders hold."""
     vae_channels_last: bool = False
-    """GPU only: run the VAE encoder in channels-last memory format (bench/RESULTS.md has the measurement)."""
+    """GPU only: run the VAE encoder in channels-last memory format (not measured yet:
+    ``bench/cache_bench.py --channels-last 0 1``)."""
 
 
 class FlowSpec(_Section):

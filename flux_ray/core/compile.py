@@ -14,8 +14,9 @@ import torch
 from flux_ray.core.checkpointing import transformer_blocks
 
 
-def compile_blocks(transformer: torch.nn.Module) -> int:
+def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU)."""
     blocks = transformer_blocks(transformer)
     for blk in blocks:
-        blk.compile()
+        blk.compile(backend=backend)
     return len(blocks)

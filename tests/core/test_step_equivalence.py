@@ -6,7 +6,6 @@ batch and generator, so noise, sigmas and guidance are the same draws.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from flux_ray.core.checkpointing import apply_gradient_checkpointing
@@ -36,7 +35,7 @@ def make_batch(bs: int = 2) -> FluxBatch:
                      torch.randn(bs, 32, generator=g))
 
 
-def loss_and_grads(dtype, *, ckpt: int, backend: str, uncast: bool, compile_blocks: bool = False,
+def loss_and_grads(dtype, *, ckpt: int, backend: str, uncast: bool, compile_blocks: str | None = None,
                    autocast: torch.dtype | None = None):
     model, params = make_model(dtype)
     if ckpt:
@@ -44,7 +43,7 @@ def loss_and_grads(dtype, *, ckpt: int, backend: str, uncast: bool, compile_bloc
     if compile_blocks:
         from flux_ray.core.compile import compile_blocks as compile_
 
-        compile_(model)
+        compile_(model, backend=compile_blocks)
     fn = FluxLossFn(model, FlowSpec(flow_schedule_auto_shift=True), scheduler_config=dict(FLUX_SCHEDULER),
                     fast_schedule=False, autocast_dtype=autocast, attention_backend=backend)
     if not uncast:
@@ -88,8 +87,11 @@ def test_lora_input_cast_restored_after_step():
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in fn._uncast_lora)
 
 
-@pytest.mark.slow  # inductor's CPU compile of the two block kinds takes minutes on a small CPU
 def test_compiled_blocks_match_plain_step_fp32():
+    """Regional compile as the trainer applies it (checkpointed and plain blocks of both kinds, PEFT's cast
+    skipped), captured by dynamo + AOTAutograd. The aot_eager backend stops short of inductor's code generation:
+    a cold inductor CPU compile of these graphs takes ~2 min on 2 cores; inductor's GPU kernels are what the
+    trainer runs, and bench/train_step_bench.py runs them (compile=1) next to the eager step."""
     plain = loss_and_grads(torch.float32, ckpt=0, backend="math", uncast=False)
-    fast = loss_and_grads(torch.float32, ckpt=2, backend="flash", uncast=True, compile_blocks=True)
-    assert_close(plain, fast, rtol=1e-3, atol=1e-5)
+    fast = loss_and_grads(torch.float32, ckpt=2, backend="flash", uncast=True, compile_blocks="aot_eager")
+    assert_close(plain, fast, rtol=1e-4, atol=1e-6)
