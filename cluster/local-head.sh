@@ -8,7 +8,8 @@
 #
 # Settings (environment): NUM_CPUS (8), NUM_GPUS (unset: Ray detects), RAY_HEAD_IP (127.0.0.1),
 # RAY_PORT (6379), DASHBOARD_PORT (8265), DASHBOARD_AGENT_PORT (52365), FLUX_RAY_STATE_DIR (<repo>/.flux_ray: pid file and log),
-# RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (use that token instead of ~/.ray/auth_token).
+# RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (use that token instead of ~/.ray/auth_token), STOP_GRACE_S (10:
+# seconds `stop` waits for Ray's graceful shutdown before it kills what is left of this head).
 #
 # Why the script sets RAY_AUTH_MODE=token itself: with Ray 2.60, `ray start --head` turns token
 # auth on only when RAY_AUTH_MODE=token or, with RAY_AUTH_MODE unset, when a token already exists;
@@ -157,6 +158,11 @@ cmd_status() {
     fi
 }
 
+descendants() {  # every process under pid $1 (ray start -> gcs, raylet, dashboard -> workers)
+    local p
+    for p in $(pgrep -P "$1" 2>/dev/null); do echo "$p"; descendants "$p"; done
+}
+
 cmd_stop() {
     local pid
     if ! pid="$(head_pid)"; then
@@ -165,12 +171,21 @@ cmd_stop() {
              "(to stop every Ray process of this user on the machine: ray stop)"
         return 0
     fi
+    local tree
+    tree="$(descendants "$pid")"
     kill -TERM "$pid"
     local waited=0
-    while kill -0 "$pid" 2>/dev/null; do
-        (( waited++ < 60 )) || die "pid $pid still alive after 30 s; kill -KILL $pid, then ray stop"
+    while kill -0 "$pid" 2>/dev/null && (( waited++ < ${STOP_GRACE_S:-10} * 2 )); do
         sleep 0.5
     done
+    # Ray's graceful shutdown can take longer than that after jobs ran; then finish it the way
+    # `ray stop --force` would, but only for this head's processes.
+    local alive=()
+    for p in $pid $tree; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+    if (( ${#alive[@]} )); then
+        kill -KILL "${alive[@]}" 2>/dev/null || true
+        echo "local-head: ${#alive[@]} process(es) still up after ${STOP_GRACE_S:-10} s; killed"
+    fi
     rm -f "$PID_FILE"
     echo "local-head: stopped (pid $pid)"
 }

@@ -109,10 +109,10 @@ def ray_session():
     import ray
 
     os.environ.update(S3_ENV)  # workers inherit the test credentials for the moto server
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05"},
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
                               "worker_process_setup_hook": "flux_ray.job.pin_ray_address"})
     from ray.data import DataContext
 

@@ -32,7 +32,7 @@ def head(tmp_path_factory):
     # that already ran ray.init() keeps the token it loaded, so a per-test token would not match.
     env = dict(os.environ, NUM_CPUS="6", RAY_PORT=str(port), DASHBOARD_PORT=str(dash), FLUX_RAY_STATE_DIR=str(state),
                DASHBOARD_AGENT_PORT=str(_free_port()),
-               RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.05")
+               RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     subprocess.run([str(REPO / "cluster" / "local-head.sh"), "start"], env=env, check=True, timeout=180,
@@ -44,9 +44,8 @@ def head(tmp_path_factory):
         _wait_for_job_agent(info)
         yield info
     finally:
-        # `ray start --block` takes ~30 s to stop its processes gracefully: let it, while later tests run.
-        subprocess.Popen([str(REPO / "cluster" / "local-head.sh"), "stop"], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+        subprocess.run([str(REPO / "cluster" / "local-head.sh"), "stop"], env=dict(env, STOP_GRACE_S="5"),
+                       timeout=120, capture_output=True)
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and str(port) in current.read_text():
             current.unlink()
