@@ -43,14 +43,9 @@ def timed(fn, sync, reps=5):
 def vae_encoder(device, dtype, channels_last=False):
     from flux_ray.data.encoders import VaeEncoder
 
-    enc = VaeEncoder.__new__(VaeEncoder)  # __init__ would load from_pretrained; set what it sets
-    enc.device, enc.compute, enc.dtype = device, dtype, torch.bfloat16
-    enc.vae = build_component("vae", FLUX_DEV_VAE, device, dtype)
-    enc.channels_last = channels_last and device.type == "cuda"
-    if enc.channels_last:
-        enc.vae.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    enc = VaeEncoder.__new__(VaeEncoder)  # __init__ would load from_pretrained; use() takes a built VAE
+    enc.device = device
+    enc.use(build_component("vae", FLUX_DEV_VAE, device, dtype), dtype, torch.bfloat16, channels_last)
     return enc
 
 

@@ -46,9 +46,11 @@ class VaeEncoder:
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.vae = load_vae(model_spec, dtype=compute, device=self.device)
-        self.compute = compute
-        self.dtype = DTYPES[latent_dtype]
+        self.use(load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last)
+
+    def use(self, vae, compute: torch.dtype, latent_dtype: torch.dtype, channels_last: bool = False) -> None:
+        """Take a loaded VAE (``__init__``'s, or one built in memory by bench/cache_bench.py)."""
+        self.vae, self.compute, self.dtype = vae, compute, latent_dtype
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
