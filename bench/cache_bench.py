@@ -14,7 +14,7 @@ Run the stock baseline (stock_cache_encode.py) in the same call for the ratio.
 End to end, one GPU doing both stages for images with unique captions, the rate is
 ``1 / (1/vae_rate + 1/text_rate)``.
 
-usage: python bench/cache_bench.py [--res 1024] [--vae-bs 8] [--text-bs 32] [--device cuda]
+usage: python bench/cache_bench.py [--res 1024] [--vae-bs 8] [--text-bs 32] [--channels-last 0 1] [--compile 0 1]
 """
 from __future__ import annotations
 
@@ -40,16 +40,17 @@ def timed(fn, sync, reps=5):
     return sorted(ts)[len(ts) // 2]
 
 
-def vae_encoder(device, dtype, channels_last=False):
+def vae_encoder(device, dtype, channels_last=False, compile_backend=None):
     from flux_ray.data.encoders import VaeEncoder
 
     enc = VaeEncoder.__new__(VaeEncoder)  # __init__ would load from_pretrained; use() takes a built VAE
     enc.device = device
-    enc.use(build_component("vae", FLUX_DEV_VAE, device, dtype), dtype, torch.bfloat16, channels_last)
+    enc.use(build_component("vae", FLUX_DEV_VAE, device, dtype), dtype, torch.bfloat16, channels_last,
+            compile_backend)
     return enc
 
 
-def text_encoder(device, dtype):
+def text_encoder(device, dtype, compile_backend=None):
     from flux_ray.core.tiny import _clip_tokenizer, _t5_tokenizer
     from flux_ray.data.encoders import TextEncoder
 
@@ -58,6 +59,8 @@ def text_encoder(device, dtype):
     enc.tok, enc.tok2 = _clip_tokenizer(), _t5_tokenizer()
     enc.clip = build_component("text_encoder", CLIP_L, device, dtype)
     enc.t5 = build_component("text_encoder_2", T5_XXL, device, dtype)
+    if compile_backend:
+        enc.t5 = torch.compile(enc.t5, backend=compile_backend)
     return enc
 
 
@@ -82,6 +85,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--channels-last", type=int, nargs="+", default=[0], help="VAE memory format variants (0/1)")
+    ap.add_argument("--compile", type=int, nargs="+", default=[0],
+                    help="variants: 0 eager, 1 torch.compile (inductor) the VAE encoder / T5 (cache.compile_encoders)")
     ap.add_argument("--skip-text", action="store_true")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -89,13 +94,15 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     rates = {}
-    for cl in a.channels_last:
-        enc = vae_encoder(device, dtype, channels_last=bool(cl))
+    for cl, comp in [(cl, comp) for comp in a.compile for cl in a.channels_last]:
+        enc = vae_encoder(device, dtype, channels_last=bool(cl), compile_backend="inductor" if comp else None)
         for bs in a.vae_bs:
             batch = vae_batch(bs, a.res, rng)
+            t0 = time.perf_counter()
             t = timed(lambda: enc(batch), sync, a.reps)
             rates["vae"] = max(rates.get("vae", 0), bs / t)
-            print(json.dumps(dict(stage="ours_vae_encoder", res=a.res, bs=bs, channels_last=cl, s=round(t, 4),
+            print(json.dumps(dict(stage="ours_vae_encoder", res=a.res, bs=bs, channels_last=cl, compile=comp,
+                                  s=round(t, 4), first_s=round(time.perf_counter() - t0 - t * a.reps, 1),
                                   images_per_s=round(bs / t, 1),
                                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
                                   else None)), flush=True)
@@ -104,13 +111,19 @@ def main():
         return
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    enc = text_encoder(device, dtype)
-    for bs in a.text_bs:
-        batch = text_batch(bs)
-        t = timed(lambda: enc(batch), sync, a.reps)
-        rates["text"] = max(rates.get("text", 0), bs / t)
-        print(json.dumps(dict(stage="ours_text_encoder", t5_tokens=512, bs=bs, s=round(t, 4),
-                              captions_per_s=round(bs / t, 1))), flush=True)
+    for comp in a.compile:
+        enc = text_encoder(device, dtype, compile_backend="inductor" if comp else None)
+        for bs in a.text_bs:
+            batch = text_batch(bs)
+            t0 = time.perf_counter()
+            t = timed(lambda: enc(batch), sync, a.reps)
+            rates["text"] = max(rates.get("text", 0), bs / t)
+            print(json.dumps(dict(stage="ours_text_encoder", t5_tokens=512, bs=bs, compile=comp, s=round(t, 4),
+                                  first_s=round(time.perf_counter() - t0 - t * a.reps, 1),
+                                  captions_per_s=round(bs / t, 1))), flush=True)
+        del enc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     both = 1 / (1 / rates["vae"] + 1 / rates["text"])
     print(json.dumps(dict(stage="ours_end_to_end_one_gpu", res=a.res, images_per_s=round(both, 1),
                           note="unique caption per image; VAE and text encoders in turn on one GPU")), flush=True)

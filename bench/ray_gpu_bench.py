@@ -30,25 +30,30 @@ def log(**kv) -> None:
     print(json.dumps(kv, default=str), flush=True)
 
 
-def write_photos(directory: Path, n: int, sizes, unique_captions: bool) -> Path:
-    """n JPEGs (coloured shapes on gradients) with .txt captions; skipped if already written."""
+def _write_photo(args) -> None:
+    from flux_ray.data import demo
     import numpy as np
 
-    from flux_ray.data import demo
+    directory, i, size = args
+    rng = np.random.default_rng(i)
+    colour, shape, bg = (str(rng.choice(list(demo.COLOURS))), str(rng.choice(demo.SHAPES)),
+                         str(rng.choice(list(demo.BACKGROUNDS))))
+    img = demo._background(size, demo.BACKGROUNDS[bg], rng)
+    demo._draw(img, shape, demo.COLOURS[colour], rng)
+    img.save(directory / f"{i:05d}.jpg", "JPEG", quality=90)
+    (directory / f"{i:05d}.txt").write_text(demo.caption_text(colour, shape, bg) + f", photo {i}, detailed, high quality")
+
+
+def write_photos(directory: Path, n: int, sizes) -> Path:
+    """n JPEGs (coloured shapes on gradients), each with a unique .txt caption, written by a process pool;
+    skipped if already written. The instance-prompt variant reads the same photos and ignores the .txt."""
+    from concurrent.futures import ProcessPoolExecutor
 
     if directory.exists() and len(list(directory.glob("*.jpg"))) >= n:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        colour, shape, bg = (str(rng.choice(list(demo.COLOURS))), str(rng.choice(demo.SHAPES)),
-                             str(rng.choice(list(demo.BACKGROUNDS))))
-        img = demo._background(sizes[i % len(sizes)], demo.BACKGROUNDS[bg], rng)
-        demo._draw(img, shape, demo.COLOURS[colour], rng)
-        img.save(directory / f"{i:05d}.jpg", "JPEG", quality=90)
-        caption = demo.caption_text(colour, shape, bg) + (f", photo {i}, detailed, high quality" if unique_captions
-                                                          else "")
-        (directory / f"{i:05d}.txt").write_text(caption)
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(_write_photo, [(directory, i, sizes[i % len(sizes)]) for i in range(n)], chunksize=16))
     return directory
 
 
@@ -63,7 +68,8 @@ def base_spec(a, model_dir: str, images: Path, res: int, name: str, caption: str
         "lora": {"lora_rank": 16, "lora_alpha": 16, "flux_lora_target": "all+ffs"},
         "datasets": [{k: v for k, v in ds.items() if v is not None}],
         "cache": {"uri": str(Path(a.work) / "cache"), "vae_batch_size": a.vae_bs, "text_batch_size": a.text_bs,
-                  "vae_channels_last": bool(a.channels_last), "commit_every": 4096},
+                  "vae_channels_last": bool(a.channels_last), "compile_encoders": bool(a.compile_encoders),
+                  "num_vae_actors": a.vae_actors, "commit_every": 4096},
         "train": {"max_train_steps": a.steps, "train_batch_size": a.bs, "log_every": a.log_every,
                   "checkpointing_steps": 10**6, "compile": bool(a.compile), "attention_backend": a.attn,
                   "mixed_precision": "no" if a.cpu else "bf16", "gradient_checkpointing": bool(a.ckpt),
@@ -80,7 +86,7 @@ def phase_cache(a, model_dir: str) -> list[dict]:
 
     rows = []
     for caption in a.captions:
-        images = write_photos(Path(a.work) / f"photos_{caption}", a.cache_images, SIZES, caption == "textfile")
+        images = write_photos(Path(a.work) / f"photos_{a.cache_images}", a.cache_images, SIZES)
         spec = load_spec(data=base_spec(a, model_dir, images, a.cache_res, f"cache-{caption}", caption))
         spec.cache.uri = str(Path(a.work) / f"cache_{caption}_{int(time.time())}")  # fresh: encode everything
         t0 = time.perf_counter()
@@ -118,7 +124,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
     from flux_ray.train.driver import train
 
     images = write_photos(Path(a.work) / "photos_train", a.train_images, [(512, 512), (640, 384)] if not a.tiny
-                          else [(64, 64)], True)
+                          else [(64, 64)])
     rows = []
     for g in a.gpus:
         spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", "textfile"))
@@ -131,6 +137,10 @@ def phase_train(a, model_dir: str) -> list[dict]:
         outcome = train(spec, extra_callbacks=[collector(reports)])
         wall = time.perf_counter() - t0
         sink = [json.loads(line) for line in reports.read_text().splitlines()] if reports.exists() else []
+        prof_dir = Path(a.out).resolve() / "profile"
+        profile = [json.loads(p.read_text()) for p in sorted(prof_dir.glob("rank*.json"))]
+        for p in prof_dir.glob("rank*.json"):
+            p.rename(prof_dir / f"{spec.name}-{p.name}")
         steady = sink[a.warmup_reports:] or sink[-1:]
         sps = statistics.median(m["samples_per_s"] for m in steady)
         step_s = statistics.median(m["step_time_s"] for m in steady)
@@ -138,7 +148,8 @@ def phase_train(a, model_dir: str) -> list[dict]:
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
                    first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
                    peak_gib=round(max(m.get("peak_gpu_mem_gib", 0) for m in sink), 2) if sink else None,
-                   final_loss=outcome.final_loss, reports=[round(m["samples_per_s"], 2) for m in sink])
+                   final_loss=outcome.final_loss, reports=[round(m["samples_per_s"], 2) for m in sink],
+                   profile=profile)
         log(**row)
         rows.append(row)
     base = next((r for r in rows if r["gpus"] == 1), None)
@@ -162,6 +173,8 @@ def main() -> None:
     ap.add_argument("--vae-bs", type=int, default=8)
     ap.add_argument("--text-bs", type=int, default=32)
     ap.add_argument("--channels-last", type=int, default=0)
+    ap.add_argument("--compile-encoders", type=int, default=0)
+    ap.add_argument("--vae-actors", type=int, default=1)
     ap.add_argument("--train-images", type=int, default=128)
     ap.add_argument("--train-res", type=int, default=512)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
@@ -169,6 +182,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--warmup-reports", type=int, default=2)
+    ap.add_argument("--profile-steps", default=None, help="START,COUNT: flux_ray.train.profile on every rank")
     ap.add_argument("--compile", type=int, default=1)
     ap.add_argument("--ckpt", type=int, default=0)
     ap.add_argument("--attn", default="cudnn")
@@ -195,6 +209,9 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if a.profile_steps:  # set before ray.init: Ray's workers inherit the environment the local cluster starts with
+        os.environ.update(FLUX_RAY_PROFILE_STEPS=a.profile_steps,
+                          FLUX_RAY_PROFILE_DIR=str(Path(a.out).resolve() / "profile"))
     ray.init(address="local", num_cpus=a.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False)
     import torch
 
@@ -219,6 +236,10 @@ def main() -> None:
         for r in results["train"]:
             print(f"| {r['gpus']} | {r['res']} | {r['bs_per_gpu']} | {r['samples_per_s']} | {r['step_time_s']} | "
                   f"{r.get('scaling_efficiency')} | {r['peak_gib']} | {r['first_report_s']} |")
+        for r in results["train"]:
+            for p in r.get("profile") or []:
+                print(f"profile {r['gpus']} GPUs rank {p['rank']} steps {p['steps']}: wall {p['wall_s_per_step']} s/step, "
+                      f"host batch {p['host_batch_ms_per_step']} ms, kernels ms/step {p['kernel_ms_per_step']}")
 
 
 if __name__ == "__main__":

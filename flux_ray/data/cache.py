@@ -67,6 +67,17 @@ def _write_chunk(ds, uri: str, st, min_rows: int) -> list[dict]:
     return entries
 
 
+def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
+    """Ray Data stage: write one batch as a Parquet shard under ``<uri>/shards/<run>/`` and emit only its
+    manifest entry, so the driver commits shards while the encoders keep running."""
+    rel = f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
+    fs, path = storage.resolve(storage.join(uri, rel), storage_spec)
+    if fs.type_name == "local":
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    return {"file": [rel], "rows": [table.num_rows], "bytes": [fs.get_file_info(path).size]}
+
+
 def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Table | None = None) -> dict:
     manifest = dict(manifest, shards=manifest["shards"] + new_entries, version=manifest["version"] + 1)
     if index is not None:
@@ -146,22 +157,35 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
     todo = [r for r in rows if r["sample_id"] not in done]
     log.info("dataset %s: %d images, %d cached, %d to encode -> %s", ds_spec.id, len(rows), len(rows) - len(todo),
              len(todo), uri)
-    step, stages = spec.cache.commit_every, {}
-    for start in range(0, len(todo), step):
-        chunk = todo[start:start + step]
-        pipe = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk) // 8, 64)))
+    stages: dict = {}
+    if todo:
+        # One streaming execution: the encoder actors load (and compile) once for the whole dataset. Shards are
+        # written by tasks as rows come out; the driver commits them every cache.commit_every rows.
+        pipe = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 8, 256)))
         pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": ds_spec, "storage_spec": st, "seed": spec.train.seed},
                         compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
         pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size,
                                 fn_constructor_kwargs={"model_spec": spec.model, "latent_dtype": spec.cache.latent_dtype,
                                                        "use_gpu": spec.scaling.use_gpu,
-                                                       "channels_last": spec.cache.vae_channels_last},
+                                                       "channels_last": spec.cache.vae_channels_last,
+                                                       "compile_backend": spec.cache.encoder_compile_backend(
+                                                           spec.scaling.use_gpu)},
                                 concurrency=spec.cache.num_vae_actors, **_ray_resources(spec))
-        entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
-        manifest = _commit(uri, st, manifest, entries)
-        summary.bytes_written += sum(e["bytes"] for e in entries)
+        rows_per_file = min(spec.cache.min_rows_per_file, spec.cache.commit_every)
+        pipe = pipe.map_batches(write_shard, batch_size=rows_per_file, batch_format="pyarrow",
+                                fn_kwargs={"uri": uri, "storage_spec": st, "run": f"run-{uuid.uuid4().hex[:12]}"})
+        pending: list[dict] = []
+        committed = 0
+        for entry in pipe.iter_rows():
+            pending.append({"file": entry["file"], "rows": int(entry["rows"]), "bytes": int(entry["bytes"])})
+            n_pending = sum(e["rows"] for e in pending)
+            if n_pending >= spec.cache.commit_every or committed + n_pending == len(todo):
+                manifest = _commit(uri, st, manifest, pending)
+                summary.bytes_written += sum(e["bytes"] for e in pending)
+                committed += n_pending
+                pending = []
+                log.info("dataset %s: committed %d/%d", ds_spec.id, committed, len(todo))
         _add_stage_stats(stages, pipe)
-        log.info("dataset %s: committed %d/%d", ds_spec.id, min(start + step, len(todo)), len(todo))
     by_id = {r["sample_id"]: r for r in rows}
     index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
                       "caption": [captions.get(r["uri"], "") for r in by_id.values()]})
@@ -214,7 +238,9 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
         pipe = ray.data.from_items(todo).map_batches(
             TextEncoder, batch_size=spec.cache.text_batch_size, concurrency=spec.cache.num_text_actors,
             fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
-                                   "use_gpu": spec.scaling.use_gpu}, **_ray_resources(spec))
+                                   "use_gpu": spec.scaling.use_gpu,
+                                   "compile_backend": spec.cache.encoder_compile_backend(spec.scaling.use_gpu)},
+            **_ray_resources(spec))
         t0 = time.time()
         entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
         manifest = _commit(uri, st, manifest, entries)

@@ -41,21 +41,29 @@ class VaeEncoder:
     normalised there, and each group's mean/std come back to the host in one copy.
     """
 
-    def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False, channels_last: bool = False):
+    def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False, channels_last: bool = False,
+                 compile_backend: str | None = None):
         from flux_ray.core.model import load_vae
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.use(load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last)
+        self.use(load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last,
+                 compile_backend)
 
-    def use(self, vae, compute: torch.dtype, latent_dtype: torch.dtype, channels_last: bool = False) -> None:
-        """Take a loaded VAE (``__init__``'s, or one built in memory by bench/cache_bench.py)."""
+    def use(self, vae, compute: torch.dtype, latent_dtype: torch.dtype, channels_last: bool = False,
+            compile_backend: str | None = None) -> None:
+        """Take a loaded VAE (``__init__``'s, or one built in memory by bench/cache_bench.py).
+
+        ``compile_backend`` (e.g. "inductor") compiles the encoder; bucket shapes after the first are
+        handled by dynamo's automatic dynamic shapes (one more compile, not one per shape)."""
         self.vae, self.compute, self.dtype = vae, compute, latent_dtype
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one conv plan per bucket shape, reused for every batch
+        if compile_backend:
+            self.vae.encoder = torch.compile(self.vae.encoder, backend=compile_backend)
 
     def _pixels(self, batch: dict, idx: list[int], h: int, w: int) -> torch.Tensor:
         px = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i]).reshape(3, h, w) for i in idx]))
@@ -91,7 +99,8 @@ class VaeEncoder:
 class TextEncoder:
     """CLIP pooled + T5 sequence embeddings (and the T5 mask) for unique captions."""
 
-    def __init__(self, model_spec, embed_dtype: str = "bf16", use_gpu: bool = False):
+    def __init__(self, model_spec, embed_dtype: str = "bf16", use_gpu: bool = False,
+                 compile_backend: str | None = None):
         from flux_ray.core.model import load_text_encoders
 
         self.device = pick_device(use_gpu)
@@ -99,6 +108,8 @@ class TextEncoder:
         self.tok, self.clip, self.tok2, self.t5 = load_text_encoders(model_spec, dtype=compute, device=self.device)
         self.max_len = model_spec.t5_max_length
         self.dtype = DTYPES[embed_dtype]
+        if compile_backend:  # T5 sees one shape (padded to max_len) but for a last partial batch
+            self.t5 = torch.compile(self.t5, backend=compile_backend)
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:

@@ -37,6 +37,7 @@ class LoopParts:
     stepper: object = None                          # TorchStepper | DeepSpeedStepper
     lora_init: dict | None = None                   # PiSSA/OLoRA/LoftQ initial adapter (export converts)
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
+    after_step: Callable[[int], None] | None = None  # e.g. profile.StepProfiler.after_step
     position: Position = field(default_factory=Position)
 
 
@@ -95,7 +96,8 @@ def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> 
                 samples = plan[pos.batch_index + micro]
                 gen = step_generator(tr.seed, pos.step, parts.rank, micro)
                 rng = random.Random(gen.initial_seed())
-                batch = parts.reader.batch(samples, gen, dropout, rng).to(parts.device)
+                with torch.profiler.record_function("flux_ray.batch"):
+                    batch = parts.reader.batch(samples, gen, dropout, rng).to(parts.device)
                 loss = parts.loss_fn(batch, gen)
                 parts.stepper.micro_step(loss, micro, accum)
                 step_loss += loss.detach() / accum
@@ -104,6 +106,8 @@ def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> 
             pos.step += 1
             pos.batch_index += accum
             losses.append(step_loss)
+            if parts.after_step:
+                parts.after_step(pos.step)
             last = _maybe_report(parts, report, losses, t_last, samples_since)
             if last:
                 losses, t_last, samples_since = [], time.perf_counter(), 0

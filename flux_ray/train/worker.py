@@ -38,6 +38,10 @@ def train_loop_per_worker(config: dict) -> None:
     elif explicit:
         parts.position = load_checkpoint(spec.train.resume_from_checkpoint, state_io=parts.state_io,
                                          lr_scheduler=parts.lr_scheduler)
+    from flux_ray.train.profile import StepProfiler
+
+    profiler = StepProfiler.from_env(parts.rank, device)
+    parts.after_step = profiler.after_step if profiler else None
     if parts.position.step:
         log.info("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
                  parts.position.epoch, parts.position.batch_index)

@@ -119,7 +119,10 @@ def test_killed_cache_job_resumes_with_only_the_missing_work(ray_session, tiny_m
     data = dict(yaml.safe_load(open(os.path.join(REPO, "jobs", "demo.yaml"))))
     data["model"].update(pretrained_model_name_or_path=tiny_model_dir, make_tiny_if_missing=False)
     data["datasets"][0].update(instance_data_dir=demo_data_dir, make_demo_if_missing=False)
-    data["cache"].update(uri=str(tmp_path / "cache"), commit_every=8, vae_batch_size=2, min_rows_per_file=1)
+    # One decode task at a time: the three 8-image blocks reach the writer about a second apart, so the
+    # first commit is seen (and the driver killed) before the last one.
+    data["cache"].update(uri=str(tmp_path / "cache"), commit_every=8, vae_batch_size=2, min_rows_per_file=1,
+                         decode_concurrency=1)
     data["output"]["uri"] = str(tmp_path / "out")
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(data))
@@ -138,7 +141,7 @@ def test_killed_cache_job_resumes_with_only_the_missing_work(ray_session, tiny_m
                 committed = 0
             if committed:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -24,11 +24,11 @@ def dist_env(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_
 
     out = tmp_path_factory.mktemp("dist")
 
-    def spec_for(name, strategy="ddp", **train):
+    def spec_for(name, strategy="ddp", num_workers=2, **train):
         return demo_spec(tiny_model_dir, demo_data_dir, out, name=name,
                          train={"max_train_steps": STEPS, "checkpointing_steps": CKPT, "log_every": 1, **train},
                          eval={"eval_steps_interval": CKPT, "validation_step_interval": None},
-                         scaling={"num_workers": 2, "strategy": strategy, "max_failures": 1})
+                         scaling={"num_workers": num_workers, "strategy": strategy, "max_failures": 1})
 
     job.cache(spec_for("cache-only"))
     return spec_for, job
@@ -56,10 +56,12 @@ def test_strategies_train_the_same_lora(dist_env, ddp_run, strategy):
 
 
 def _train_workers() -> list[psutil.Process]:
+    """This session's Train workers: descendants of this process (its local Ray's raylet spawned them),
+    so a parallel test process's cluster is never touched."""
     procs = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+            if any("RayTrainWorker" in part for part in p.cmdline()):
                 procs.append(p)
         except psutil.Error:
             continue
@@ -109,7 +111,7 @@ def test_killed_driver_resumes_with_same_run_name(dist_env, tmp_path):
     import yaml
 
     spec_for, job = dist_env
-    spec = spec_for("driver-killed")
+    spec = spec_for("driver-killed", num_workers=1)  # the driver is what dies; one worker is enough
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     import ray

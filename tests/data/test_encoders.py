@@ -1,0 +1,48 @@
+"""The cache actors' callables, called directly (Ray Data runs the same objects on its actor pools)."""
+import numpy as np
+import torch
+
+from flux_ray.data.encoders import TextEncoder, VaeEncoder
+from flux_ray.spec import ModelSpec
+
+
+def _vae_batch(n: int, size: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"sample_id": np.array([f"{i:08x}" for i in range(n)], dtype=object),
+            "skip_reason": np.array([""] * (n - 1) + ["too_small"], dtype=object),
+            "bucket_w": np.full(n, size, np.int32), "bucket_h": np.full(n, size, np.int32),
+            "pixels": rng.integers(0, 256, (n, 3 * size * size), dtype=np.uint8)}
+
+
+def test_compiled_encoders_store_what_eager_ones_do(tiny_model_dir):
+    """cache.compile_encoders' path (here with the aot_eager backend: the same dynamo capture as inductor,
+    without a CPU C++ compile) changes how the encoders run, not what they store."""
+    spec = ModelSpec(model_flavour="dev", pretrained_model_name_or_path=tiny_model_dir, tokenizer_max_length=32)
+    torch._dynamo.reset()
+    batch = _vae_batch(3, 64)
+    eager = VaeEncoder(spec, latent_dtype="fp32")(batch)
+    compiled_vae = VaeEncoder(spec, latent_dtype="fp32", compile_backend="aot_eager")
+    assert hasattr(compiled_vae.vae.encoder, "_orig_mod")
+    compiled = compiled_vae(batch)
+    assert eager["latent_mean"][2] == b"" and compiled["latent_mean"][2] == b""  # the skip row stays empty
+    for k in ("latent_mean", "latent_std"):
+        for a, b in zip(eager[k][:2], compiled[k][:2]):
+            np.testing.assert_allclose(np.frombuffer(a, np.float32), np.frombuffer(b, np.float32), rtol=1e-5, atol=1e-6)
+    captions = {"caption_id": np.array(["a", "b"], dtype=object),
+                "caption": np.array(["a red circle", ""], dtype=object)}
+    text_eager = TextEncoder(spec, embed_dtype="fp32")(captions)
+    text_compiled = TextEncoder(spec, embed_dtype="fp32", compile_backend="aot_eager")(captions)
+    for k in ("prompt_embeds", "pooled", "text_mask"):
+        for a, b in zip(text_eager[k], text_compiled[k]):
+            np.testing.assert_allclose(np.frombuffer(a, np.float32 if k != "text_mask" else np.int8),
+                                       np.frombuffer(b, np.float32 if k != "text_mask" else np.int8),
+                                       rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_compile_encoders_applies_on_gpu_only():
+    from flux_ray.spec import CacheSpec
+
+    assert CacheSpec(compile_encoders=True).encoder_compile_backend(use_gpu=True) == "inductor"
+    assert CacheSpec(compile_encoders=True).encoder_compile_backend(use_gpu=False) is None
+    assert CacheSpec().encoder_compile_backend(use_gpu=True) is None
