@@ -48,7 +48,7 @@ def test_adding_images_encodes_only_the_new_ones(ray_session, tiny_model_dir, de
     names = _images(demo_data_dir)
     data = tmp_path / "imgs"
     _copy_images(demo_data_dir, data, names[:12])
-    spec = demo_spec(tiny_model_dir, str(data), tmp_path)
+    spec = demo_spec(tiny_model_dir, str(data), tmp_path, cache={"uri": str(tmp_path / "cache")})  # its own cache
     first = run_cache(spec)
     assert first.datasets["demo"]["encoded_this_run"] == 12 and first.datasets["demo"]["usable"] == 12
     captions = {open(data / (os.path.splitext(n)[0] + ".txt")).read().strip() for n in names[:12]}
@@ -104,7 +104,8 @@ def test_bad_files_are_skipped_with_reasons_and_counted(ray_session, tiny_model_
     Image.new("CMYK", (128, 128), (0, 255, 0, 0)).save(buf, format="JPEG")
     (data / "cmyk.jpg").write_bytes(buf.getvalue())
     Image.new("P", (128, 96)).save(data / "palette.png")
-    spec = demo_spec(tiny_model_dir, str(data), tmp_path, overrides=["datasets.demo.minimum_image_size=32"])
+    spec = demo_spec(tiny_model_dir, str(data), tmp_path, cache={"uri": str(tmp_path / "cache")},
+                     overrides=["datasets.demo.minimum_image_size=32"])
     summary = run_cache(spec).datasets["demo"]
     assert summary["usable"] == 8  # 6 demo + CMYK + palette converted to RGB
     assert summary["skipped_files"] == {"truncated.png": "unreadable", "not_an_image.png": "unreadable",
