@@ -78,6 +78,12 @@ def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
     return {"file": [rel], "rows": [table.num_rows], "bytes": [fs.get_file_info(path).size]}
 
 
+def _commit_shards(uri: str, st, manifest: dict, entries: list[dict], summary: CacheSummary) -> dict:
+    """Add written shards to the manifest (atomically replaced) and count their bytes."""
+    summary.bytes_written += sum(e["bytes"] for e in entries)
+    return _commit(uri, st, manifest, entries)
+
+
 def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Table | None = None) -> dict:
     manifest = dict(manifest, shards=manifest["shards"] + new_entries, version=manifest["version"] + 1)
     if index is not None:
@@ -178,13 +184,14 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
         committed = 0
         for entry in pipe.iter_rows():
             pending.append({"file": entry["file"], "rows": int(entry["rows"]), "bytes": int(entry["bytes"])})
-            n_pending = sum(e["rows"] for e in pending)
-            if n_pending >= spec.cache.commit_every or committed + n_pending == len(todo):
-                manifest = _commit(uri, st, manifest, pending)
-                summary.bytes_written += sum(e["bytes"] for e in pending)
-                committed += n_pending
+            if sum(e["rows"] for e in pending) >= spec.cache.commit_every:
+                manifest, committed = _commit_shards(uri, st, manifest, pending, summary), committed + sum(
+                    e["rows"] for e in pending)
                 pending = []
                 log.info("dataset %s: committed %d/%d", ds_spec.id, committed, len(todo))
+        if pending:  # the last, partial chunk
+            manifest = _commit_shards(uri, st, manifest, pending, summary)
+            log.info("dataset %s: committed %d/%d", ds_spec.id, len(todo), len(todo))
         _add_stage_stats(stages, pipe)
     by_id = {r["sample_id"]: r for r in rows}
     index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],

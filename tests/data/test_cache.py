@@ -116,14 +116,19 @@ def test_bad_files_are_skipped_with_reasons_and_counted(ray_session, tiny_model_
 
 
 def test_killed_cache_job_resumes_with_only_the_missing_work(ray_session, tiny_model_dir, demo_data_dir, tmp_path):
-    """SIGKILL the `flux-ray cache` driver after its first committed chunk; the rerun finishes the rest."""
+    """SIGKILL the `flux-ray cache` driver once chunks are committed; the rerun encodes only the rest.
+
+    The last file of the folder is a named pipe that no one writes to: its decode task blocks, so the
+    job commits the other blocks and can never finish. The kill point does not depend on timing."""
+    images = tmp_path / "imgs"
+    _copy_images(demo_data_dir, images, _images(demo_data_dir))
+    fifo = images / "zz_never_written.png"
+    os.mkfifo(fifo)
+    (images / "zz_never_written.txt").write_text("a caption")
     data = dict(yaml.safe_load(open(os.path.join(REPO, "jobs", "demo.yaml"))))
     data["model"].update(pretrained_model_name_or_path=tiny_model_dir, make_tiny_if_missing=False)
-    data["datasets"][0].update(instance_data_dir=demo_data_dir, make_demo_if_missing=False)
-    # One decode task at a time: the three 8-image blocks reach the writer about a second apart, so the
-    # first commit is seen (and the driver killed) before the last one.
-    data["cache"].update(uri=str(tmp_path / "cache"), commit_every=8, vae_batch_size=2, min_rows_per_file=1,
-                         decode_concurrency=1)
+    data["datasets"][0].update(instance_data_dir=str(images), make_demo_if_missing=False)
+    data["cache"].update(uri=str(tmp_path / "cache"), commit_every=8, vae_batch_size=2, min_rows_per_file=1)
     data["output"]["uri"] = str(tmp_path / "out")
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(data))
@@ -140,14 +145,21 @@ def test_killed_cache_job_resumes_with_only_the_missing_work(ray_session, tiny_m
                 committed = sum(s["rows"] for s in _manifest(spec)[1]["shards"])
             except (FileNotFoundError, OSError, ValueError):
                 committed = 0
-            if committed:
+            if committed >= 8:
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert 0 < committed < 24, "the job should be killed after its first chunk and before the last"
+        try:  # let a decode task still blocked on the pipe see EOF
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        fifo.unlink()
+        (images / "zz_never_written.txt").unlink()
     uri, manifest = _manifest(spec)
+    committed = sum(s["rows"] for s in manifest["shards"])  # what the killed job left, read after the kill
+    assert 0 < committed < 24, "the job should be killed after its first chunk and before the last"
     before = {s["file"] for s in manifest["shards"]}
     from flux_ray.data.cache import run_cache
 
