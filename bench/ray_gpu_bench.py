@@ -138,8 +138,9 @@ def phase_train(a, model_dir: str) -> list[dict]:
         wall = time.perf_counter() - t0
         sink = [json.loads(line) for line in reports.read_text().splitlines()] if reports.exists() else []
         prof_dir = Path(a.out).resolve() / "profile"
-        profile = [json.loads(p.read_text()) for p in sorted(prof_dir.glob("rank*.json"))]
-        for p in prof_dir.glob("rank*.json"):
+        profile = []
+        for p in sorted(prof_dir.glob("rank*.json")):  # this run's; kept under the run's name
+            profile.append(json.loads(p.read_text()))
             p.rename(prof_dir / f"{spec.name}-{p.name}")
         steady = sink[a.warmup_reports:] or sink[-1:]
         sps = statistics.median(m["samples_per_s"] for m in steady)

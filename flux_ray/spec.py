@@ -202,7 +202,7 @@ class CacheSpec(_Section):
     (H200, 1024 px bs16: 61 vs 50 images/s compiled; eager it halves the rate); ``bench/cache_bench.py``."""
     compile_encoders: bool = False
     """GPU only: ``torch.compile`` the VAE encoder and T5 in the cache actors (worth it for large datasets:
-    each actor pays the compile once per job chunk). Ignored on CPU."""
+    each actor compiles once per dataset, 15-35 s on an H200). Ignored on CPU."""
 
     def encoder_compile_backend(self, use_gpu: bool) -> str | None:
         return "inductor" if self.compile_encoders and use_gpu else None

@@ -54,19 +54,6 @@ def _committed_column(uri: str, manifest: dict, st, column: str) -> set:
     return seen
 
 
-def _write_chunk(ds, uri: str, st, min_rows: int) -> list[dict]:
-    """Write a Ray Dataset into a fresh shard folder; return the files' manifest entries."""
-    chunk = f"shards/chunk-{uuid.uuid4().hex[:12]}"
-    fs, path = storage.resolve(storage.join(uri, chunk), st)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows)
-    entries = []
-    for f in storage.list_files(storage.join(uri, chunk), st, suffixes=(".parquet",)):
-        rel = chunk + "/" + f.uri.rstrip("/").rsplit("/", 1)[-1]
-        _, p = storage.resolve(f.uri, st)
-        entries.append({"file": rel, "rows": pq.read_metadata(p, filesystem=fs).num_rows, "bytes": f.size})
-    return entries
-
-
 def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
     """Ray Data stage: write one batch as a Parquet shard under ``<uri>/shards/<run>/`` and emit only its
     manifest entry, so the driver commits shards while the encoders keep running."""
@@ -78,10 +65,29 @@ def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
     return {"file": [rel], "rows": [table.num_rows], "bytes": [fs.get_file_info(path).size]}
 
 
-def _commit_shards(uri: str, st, manifest: dict, entries: list[dict], summary: CacheSummary) -> dict:
-    """Add written shards to the manifest (atomically replaced) and count their bytes."""
-    summary.bytes_written += sum(e["bytes"] for e in entries)
-    return _commit(uri, st, manifest, entries)
+def _write_and_commit(pipe, uri: str, st, manifest: dict, summary: CacheSummary, rows_per_file: int,
+                      commit_every: int, label: str) -> tuple[dict, object]:
+    """Append a ``write_shard`` stage to ``pipe``, run it, and commit the written shards to the manifest
+    every ``commit_every`` rows and at the end (a killed run loses at most one uncommitted chunk).
+    Returns the manifest and the executed dataset (for its stats)."""
+    pipe = pipe.map_batches(write_shard, batch_size=rows_per_file, batch_format="pyarrow",
+                            fn_kwargs={"uri": uri, "storage_spec": st, "run": f"run-{uuid.uuid4().hex[:12]}"})
+    pending: list[dict] = []
+    pending_rows = committed = 0
+    for entry in pipe.iter_rows():
+        pending.append({"file": entry["file"], "rows": int(entry["rows"]), "bytes": int(entry["bytes"])})
+        pending_rows += pending[-1]["rows"]
+        if pending_rows >= commit_every:
+            manifest = _commit(uri, st, manifest, pending)
+            summary.bytes_written += sum(e["bytes"] for e in pending)
+            committed += pending_rows
+            pending, pending_rows = [], 0
+            log.info("%s: committed %d rows", label, committed)
+    if pending:
+        manifest = _commit(uri, st, manifest, pending)
+        summary.bytes_written += sum(e["bytes"] for e in pending)
+        log.info("%s: committed %d rows", label, committed + pending_rows)
+    return manifest, pipe
 
 
 def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Table | None = None) -> dict:
@@ -112,9 +118,8 @@ def _add_stage_stats(stages: dict, ds) -> None:
     the per-stage rates.
     """
     try:
-        executed = getattr(ds, "_write_ds", None) or ds
-        summaries, todo = [], [executed._get_stats_summary()]
-        while todo:  # the write's summary and, through parents, every upstream operator's
+        summaries, todo = [], [ds._get_stats_summary()]
+        while todo:  # the last stage's summary and, through parents, every upstream operator's
             summ = todo.pop()
             summaries.append(summ)
             todo.extend(p for p in summ.parents if p is not None)
@@ -177,21 +182,9 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
                                                        "compile_backend": spec.cache.encoder_compile_backend(
                                                            spec.scaling.use_gpu)},
                                 concurrency=spec.cache.num_vae_actors, **_ray_resources(spec))
-        rows_per_file = min(spec.cache.min_rows_per_file, spec.cache.commit_every)
-        pipe = pipe.map_batches(write_shard, batch_size=rows_per_file, batch_format="pyarrow",
-                                fn_kwargs={"uri": uri, "storage_spec": st, "run": f"run-{uuid.uuid4().hex[:12]}"})
-        pending: list[dict] = []
-        committed = 0
-        for entry in pipe.iter_rows():
-            pending.append({"file": entry["file"], "rows": int(entry["rows"]), "bytes": int(entry["bytes"])})
-            if sum(e["rows"] for e in pending) >= spec.cache.commit_every:
-                manifest, committed = _commit_shards(uri, st, manifest, pending, summary), committed + sum(
-                    e["rows"] for e in pending)
-                pending = []
-                log.info("dataset %s: committed %d/%d", ds_spec.id, committed, len(todo))
-        if pending:  # the last, partial chunk
-            manifest = _commit_shards(uri, st, manifest, pending, summary)
-            log.info("dataset %s: committed %d/%d", ds_spec.id, len(todo), len(todo))
+        manifest, pipe = _write_and_commit(pipe, uri, st, manifest, summary,
+                                           min(spec.cache.min_rows_per_file, spec.cache.commit_every),
+                                           spec.cache.commit_every, f"dataset {ds_spec.id} ({len(todo)} to encode)")
         _add_stage_stats(stages, pipe)
     by_id = {r["sample_id"]: r for r in rows}
     index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
@@ -249,9 +242,8 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
                                    "compile_backend": spec.cache.encoder_compile_backend(spec.scaling.use_gpu)},
             **_ray_resources(spec))
         t0 = time.time()
-        entries = _write_chunk(pipe, uri, st, spec.cache.min_rows_per_file)
-        manifest = _commit(uri, st, manifest, entries)
-        summary.bytes_written += sum(e["bytes"] for e in entries)
+        manifest, pipe = _write_and_commit(pipe, uri, st, manifest, summary, spec.cache.min_rows_per_file,
+                                           len(todo), f"captions ({len(todo)} to encode)")
         stages: dict = {}
         _add_stage_stats(stages, pipe)
         summary.text_stages = _stage_rates(stages)

@@ -83,7 +83,6 @@ def server_job(mlflow_server, ray_session, tiny_model_dir, demo_data_dir, tmp_pa
 
     out = tmp_path_factory.mktemp("server_job")
     spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="server-job",
-                     cache={"uri": str(tmp_path_factory.getbasetemp() / "shared_demo_cache")},
                      train={"max_train_steps": STEPS, "log_every": 1, "checkpointing_steps": STEPS},
                      eval={"eval_steps_interval": 2, "validation_step_interval": STEPS},
                      tracking={"mlflow_tracking_uri": mlflow_server.url, "experiment_name": "server_test",

@@ -25,11 +25,6 @@ TUNE = {"param_space": {"train.learning_rate": {"type": "grid", "values": [1e-3,
         "num_samples": 1, "grace_period": 2, "reduction_factor": 2, "scheduler": "asha", "max_concurrent_trials": 2}
 
 
-def shared_cache_dir(tmp_path_factory) -> str:
-    """One cache for the session's demo-data jobs (content-addressed, so sharing is safe)."""
-    return str(tmp_path_factory.getbasetemp() / "shared_demo_cache")
-
-
 def cache_files(cache_uri: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"shards": [], "manifests": []}
     for root, _, files in os.walk(cache_uri):
@@ -54,7 +49,6 @@ def sweep(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_spe
 
     out = tmp_path_factory.mktemp("sweep")
     spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="sweep",
-                     cache={"uri": shared_cache_dir(tmp_path_factory)},
                      train={"max_train_steps": MAX_STEPS, "log_every": 2, "checkpointing_steps": 4},
                      eval={"eval_steps_interval": 2, "validation_step_interval": None}, tune=TUNE,
                      tracking={"register_model_name": "sweep-best-lora"})
