@@ -16,7 +16,7 @@ Two commands:
 SPEC (comma separated, defaults in DEFAULTS): res, bs, targets, rank, ckpt (0 none, n: every n-th of
 the 57 blocks, auto: the least that fits, from an earlier no-checkpointing job's memory; the stock script's
 ckpt is 0/1), compile (0/1: regional, each block), attn (flash|efficient|cudnn|math), quant
-(none|int8|int4|int2|nf4|fp8), lora_dtype (fp32|bf16: the adamw_bf16 optimizer), opt (adamw: the
+(none|int8|int4|int2|nf4|fp8|int8t: int8-torchao), lora_dtype (fp32|bf16: the adamw_bf16 optimizer), opt (adamw: the
 project's fused AdamW | foreach), uncast (1: FluxLossFn skips PEFT's round-trip input cast), model
 (dev|tiny), device (cuda|cpu), steps, warmup, txt, profile (1: GPU kernel time per step by kind, from
 torch.profiler over 2 steps, against the unprofiled step time), tread (0 off; r: TREAD, one route of
@@ -46,7 +46,7 @@ DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, 
 STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
-         "nf4": "nf4-bnb", "fp8": "fp8-torchao"}
+         "nf4": "nf4-bnb", "fp8": "fp8-torchao", "int8t": "int8-torchao"}
 NUM_BLOCKS = 57
 
 # The stock script's model-FLOPs count (bench/_stock/stock_flux_lora_step.py, model_flops): forward plus

@@ -54,7 +54,7 @@ class ModelSpec(_Section):
     make_tiny_if_missing: bool = False
     """Generate the tiny random Flux at a missing local path (demo and tests)."""
     base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb",
-                                  "fp8-torchao"] = "no_change"
+                                  "int8-torchao", "fp8-torchao"] = "no_change"
     quantize_via: Literal["accelerator", "cpu"] = "accelerator"
     base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
     enable_group_offload: bool = False

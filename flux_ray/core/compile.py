@@ -9,14 +9,35 @@ serves that graph to a later run asking for another. Clear TORCHINDUCTOR_CACHE_D
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flux_ray.core.checkpointing import transformer_blocks
 
 
+def _has_subclass_weights(module: torch.nn.Module) -> bool:
+    """Quantized bases hold tensor subclasses (quanto, torchao, bitsandbytes) as weights."""
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in module.parameters())
+
+
+def _unaliased(forward):
+    """A single block returns two slices of one tensor. AOT autograd cannot compile a graph whose outputs
+    alias each other when its inputs include tensor subclasses ("ANY output aliasing ... is currently
+    unsupported"), so a quantized block returns copies (two activation-sized copies; the weights dominate).
+    Wrapped into ``forward`` itself: dynamo traces a module's forward hooks as a graph of their own."""
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out
+    return wrapped
+
+
 def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> int:
     """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU)."""
-    blocks = transformer_blocks(transformer)
+    blocks, singles = transformer_blocks(transformer), set(transformer.single_transformer_blocks)
     for blk in blocks:
+        if blk in singles and _has_subclass_weights(blk):
+            blk.forward = _unaliased(blk.forward)
         blk.compile(backend=backend)
     return len(blocks)

@@ -1,22 +1,23 @@
-"""Quantized frozen bases: optimum-quanto int8/int4/int2, bitsandbytes NF4, torchao fp8 (weight-only)."""
+"""Quantized frozen bases: optimum-quanto int8/int4/int2, bitsandbytes NF4, torchao int8 / fp8 (weight-only)."""
 from __future__ import annotations
 
 import torch
 
 QUANTO = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2"}
+TORCHAO = ("int8-torchao", "fp8-torchao")
 
 
 def check_quantization_supported(precision: str, device: torch.device) -> None:
     """Fail early, with the option named, when this device cannot run the quantized base."""
     if precision == "nf4-bnb" and device.type != "cuda":
         raise ValueError(f"model.base_model_precision={precision!r} needs a CUDA device; this worker runs on "
-                         f"{device.type} (use no_change, fp8-torchao or an *-quanto precision on CPU)")
-    if precision == "fp8-torchao":  # weight-only: dequantize + a bf16 matmul, so any device (no fp8 kernels)
+                         f"{device.type} (use no_change, a *-torchao or an *-quanto precision on CPU)")
+    if precision in TORCHAO:  # weight-only: dequantize + a bf16 matmul, so any device (no int8/fp8 kernels)
         try:
             import torchao  # noqa: F401
         except ImportError as e:
-            raise ValueError("model.base_model_precision='fp8-torchao' needs the torchao package "
-                             "(pip install 'flux_ray[fp8]')") from e
+            raise ValueError(f"model.base_model_precision={precision!r} needs the torchao package "
+                             "(pip install 'flux_ray[torchao]')") from e
 
 
 def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device) -> torch.nn.Module:
@@ -37,7 +38,7 @@ def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device
     elif precision == "nf4-bnb":
         _to_nf4(transformer)
     else:
-        _to_fp8_weight_only(transformer)
+        _to_torchao_weight_only(transformer, precision)
     return transformer.to(device)
 
 
@@ -80,26 +81,27 @@ def _to_nf4(transformer: torch.nn.Module) -> None:
             setattr(parent, name.rsplit(".", 1)[-1], q.to(mod.weight.device))
 
 
-def _to_fp8_weight_only(transformer: torch.nn.Module) -> None:
-    """The blocks' Linears to torchao fp8 weights (per-row scales), computed as dequantize + matmul.
+def _to_torchao_weight_only(transformer: torch.nn.Module, precision: str) -> None:
+    """The blocks' Linears to torchao int8 or fp8 weights (per-row scales), computed as dequantize + matmul.
 
     torchao's dynamic fp8 (fp8 activations and ``_scaled_mm``, SimpleTuner's fp8-torchao) has no backward
     (H100: "derivative for aten::_scaled_mm is not implemented"), and a LoRA below a frozen layer needs
-    d(loss)/d(input) through it. Weight-only has one (CPU and H100: the dequantized bf16 layer's), but
-    torchao's linear saves the bf16 dequantized weight for it, a full bf16 copy of every layer held from
-    forward to backward; ``Fp8WeightOnlyLinear`` saves the fp8 weight and dequantizes again in backward.
+    d(loss)/d(input) through it. Weight-only has one (the dequantized bf16 layer's), but torchao's linear
+    saves the bf16 dequantized weight for it, a full bf16 copy of every layer held from forward to
+    backward; ``WeightOnlyLinear`` saves the quantized weight and dequantizes again in backward.
     """
-    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
+    config = (Int8WeightOnlyConfig if precision == "int8-torchao" else Float8WeightOnlyConfig)(set_inductor_config=False)
     in_blocks = lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith(  # noqa: E731
         ("transformer_blocks.", "single_transformer_blocks."))
-    quantize_(transformer, Float8WeightOnlyConfig(set_inductor_config=False), filter_fn=in_blocks)
+    quantize_(transformer, config, filter_fn=in_blocks)
     for m in transformer.modules():
-        if type(m) is torch.nn.Linear and type(m.weight).__name__ == "Float8Tensor":
-            m.__class__ = Fp8WeightOnlyLinear
+        if type(m) is torch.nn.Linear and type(m.weight).__name__ in ("Float8Tensor", "Int8Tensor"):
+            m.__class__ = WeightOnlyLinear
 
 
-class _Fp8Linear(torch.autograd.Function):
+class _WeightOnlyLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
@@ -114,8 +116,9 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-class Fp8WeightOnlyLinear(torch.nn.Linear):
-    """A Linear with a frozen torchao Float8Tensor weight; backward holds the fp8 weight, not a bf16 copy."""
+class WeightOnlyLinear(torch.nn.Linear):
+    """A Linear with a frozen torchao weight (Int8Tensor / Float8Tensor); backward holds it, not a bf16 copy.
+    Compiled (``train.compile``), the dequantize is traced into the block's graph."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8Linear.apply(x, self.weight, self.bias)
+        return _WeightOnlyLinear.apply(x, self.weight, self.bias)
