@@ -3,8 +3,10 @@
 Full-size random-weight FLUX.1-dev (``flux-ray random-model``, written once to --work) loaded through the
 same ``from_pretrained`` calls as the real model; a generated JPEG photo set. Phases, each optional:
 
-  cache   ``run_cache`` on --cache-images images at --cache-res: images/s end to end and per Ray Data stage,
-          for unique captions (one per image) and for one shared caption (instance prompt)
+  cache   ``run_cache`` on --cache-images images at --cache-res: images/s end to end, steady (between the
+          first and last commit of --commit-every rows) and per Ray Data stage, for unique captions (one per
+          image) and for one shared caption (instance prompt); text runs beside the latents
+          (--gpus-per-actor 0.5: one VAE and one text actor share a GPU)
   train   for each --gpus value G: ``train()`` (TorchTrainer, G workers, DDP over NCCL) at --train-res;
           samples/s from the workers' reports after the first --warmup-reports reports; scaling efficiency
           = samples/s(G) / (G x samples/s(1))
@@ -69,7 +71,8 @@ def base_spec(a, model_dir: str, images: Path, res: int, name: str, caption: str
         "datasets": [{k: v for k, v in ds.items() if v is not None}],
         "cache": {"uri": str(Path(a.work) / "cache"), "vae_batch_size": a.vae_bs, "text_batch_size": a.text_bs,
                   "vae_channels_last": bool(a.channels_last), "compile_encoders": bool(a.compile_encoders),
-                  "num_vae_actors": a.vae_actors, "commit_every": 4096},
+                  "num_vae_actors": a.vae_actors, "gpus_per_actor": a.gpus_per_actor,
+                  "commit_every": a.commit_every},
         "train": {"max_train_steps": a.steps, "train_batch_size": a.bs, "log_every": a.log_every,
                   "checkpointing_steps": 10**6, "compile": bool(a.compile), "attention_backend": a.attn,
                   "mixed_precision": "no" if a.cpu else "bf16", "gradient_checkpointing": bool(a.ckpt),
@@ -85,8 +88,10 @@ def phase_cache(a, model_dir: str) -> list[dict]:
     from flux_ray.spec import load_spec
 
     rows = []
-    for caption in a.captions:
-        images = write_photos(Path(a.work) / f"photos_{a.cache_images}", a.cache_images, SIZES)
+    for item in a.captions:  # "mode" or "mode:N" (N images instead of --cache-images)
+        caption, _, n = item.partition(":")
+        n = int(n or a.cache_images)
+        images = write_photos(Path(a.work) / f"photos_{n}", n, SIZES)
         spec = load_spec(data=base_spec(a, model_dir, images, a.cache_res, f"cache-{caption}", caption))
         spec.cache.uri = str(Path(a.work) / f"cache_{caption}_{int(time.time())}")  # fresh: encode everything
         t0 = time.perf_counter()
@@ -95,7 +100,8 @@ def phase_cache(a, model_dir: str) -> list[dict]:
         d = summary.datasets[spec.datasets[0].id]
         row = dict(phase="cache", captions=caption, images=d["usable"], res=a.cache_res, wall_s=round(wall, 1),
                    images_per_s=round(d["usable"] / wall, 1), latents_s=d["seconds"],
-                   latents_images_per_s=d["images_per_s"], text_s=summary.text_seconds,
+                   latents_images_per_s=d["images_per_s"], steady_images_per_s=d["steady_images_per_s"],
+                   commits=d["commits"], text_s=summary.text_seconds,
                    unique_captions=summary.unique_captions, stages=d.get("stages"), text_stages=summary.text_stages,
                    bytes=summary.bytes_written)
         log(**row)
@@ -170,12 +176,15 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="CPU workers (smoke test)")
     ap.add_argument("--cache-images", type=int, default=1024)
     ap.add_argument("--cache-res", type=int, default=1024)
-    ap.add_argument("--captions", nargs="+", default=["instanceprompt", "textfile"])
+    ap.add_argument("--captions", nargs="+", default=["instanceprompt", "textfile"],
+                    help="caption strategies, each optionally :N images (e.g. instanceprompt:8192 textfile:2048)")
     ap.add_argument("--vae-bs", type=int, default=8)
     ap.add_argument("--text-bs", type=int, default=32)
     ap.add_argument("--channels-last", type=int, default=0)
     ap.add_argument("--compile-encoders", type=int, default=0)
     ap.add_argument("--vae-actors", type=int, default=1)
+    ap.add_argument("--gpus-per-actor", type=float, default=0.5)
+    ap.add_argument("--commit-every", type=int, default=512)
     ap.add_argument("--train-images", type=int, default=128)
     ap.add_argument("--train-res", type=int, default=512)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
@@ -228,6 +237,7 @@ def main() -> None:
     for r in results.get("cache", []):
         print(f"cache {r['captions']}: {r['images']} images at {r['res']} px, {r['wall_s']} s, "
               f"**{r['images_per_s']} images/s** end to end (latents {r['latents_images_per_s']}/s, "
+              f"steady {r['steady_images_per_s']}/s between first and last commit {r['commits'][:1]}..{r['commits'][-1:]}, "
               f"text {r['text_s']} s for {r['unique_captions']} captions)")
         for name, s in (r["stages"] or {}).items():
             print(f"  | {name} | {s['rows']} | {s['seconds']} s | {s['rows_per_s']} rows/s | busy {s['busy_seconds']} s |")

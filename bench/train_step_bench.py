@@ -220,6 +220,9 @@ def run_variant(v: dict) -> dict:
     sync()
     warm_s = time.time() - t0
     static_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    first_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # includes compilation
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(v["steps"]):
         if cuda:
@@ -267,7 +270,8 @@ def run_variant(v: dict) -> dict:
                 s_per_step_pipelined=round(pipelined, 4), samples_per_s=round(v["bs"] / med, 3),
                 mfu_vs_800T=round(flops / med / PEAK_FLOPS, 3),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                static_gib=round(static_gib, 2), total_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
+                static_gib=round(static_gib, 2), first_peak_gib=first_peak_gib and round(first_peak_gib, 2),
+                total_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
                 build_s=round(build_s, 1), first_step_s=round(first_s, 1), warmup_s=round(warm_s, 1),
                 host_syncs_per_step=host_syncs, gpu_ms_per_step=gpu_ms, rope_ms=None if rope_ms is None else round(rope_ms, 3),
                 ckpt_blocks=checkpointed_blocks(int(v["ckpt"])), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),

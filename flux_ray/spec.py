@@ -192,6 +192,9 @@ class CacheSpec(_Section):
     text_batch_size: int = Field(16, ge=1)
     num_vae_actors: int = Field(1, ge=1)
     num_text_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.5, gt=0, le=1)
+    """GPU share each encoder actor asks Ray for (``scaling.use_gpu``). 0.5: a VAE actor and a text actor share
+    one GPU, so captions are encoded beside the latents; 1 keeps one actor per GPU (many-GPU nodes)."""
     commit_every: int = Field(512, ge=1)
     """Images per committed chunk: a killed job loses at most one chunk of work."""
     min_rows_per_file: int = Field(256, ge=1)

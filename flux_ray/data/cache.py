@@ -1,7 +1,9 @@
 """The cache job (driver side): images -> buckets/crops -> VAE latents + text embeddings -> Parquet.
 
-Runs as Ray Data pipelines: decode on CPU tasks (torch-free, so task workers start fast), VAE and text encoders on actor pools (a GPU per
-actor when there are GPUs). Work is committed in chunks of ``cache.commit_every`` images; a rerun
+Runs as Ray Data pipelines: decode on CPU tasks (torch-free, so task workers start fast), VAE and text
+encoders on actor pools (``cache.gpus_per_actor`` of a GPU each when there are GPUs). Captions are known
+from the listing, so the text pipeline runs beside the latent pipelines (its own thread and Ray Data
+execution), not after them. Work is committed in chunks of ``cache.commit_every`` images; a rerun
 encodes only samples no committed shard holds (new images, or what a killed run had not committed).
 Bad files become skip rows with a reason, so they are counted and not retried.
 """
@@ -11,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -33,6 +36,7 @@ class CacheSummary:
     captions_encoded: int = 0
     text_seconds: float = 0.0
     text_stages: dict = field(default_factory=dict)
+    text_bytes: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
 
@@ -65,29 +69,38 @@ def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
     return {"file": [rel], "rows": [table.num_rows], "bytes": [fs.get_file_info(path).size]}
 
 
-def _write_and_commit(pipe, uri: str, st, manifest: dict, summary: CacheSummary, rows_per_file: int,
-                      commit_every: int, label: str) -> tuple[dict, object]:
+@dataclass
+class _Written:
+    manifest: dict
+    pipe: object                 # the executed dataset, for its stats
+    bytes: int = 0
+    commits: list = field(default_factory=list)  # [seconds since start, rows committed so far] per commit
+
+
+def _write_and_commit(pipe, uri: str, st, manifest: dict, rows_per_file: int, commit_every: int,
+                      label: str) -> _Written:
     """Append a ``write_shard`` stage to ``pipe``, run it, and commit the written shards to the manifest
-    every ``commit_every`` rows and at the end (a killed run loses at most one uncommitted chunk).
-    Returns the manifest and the executed dataset (for its stats)."""
+    every ``commit_every`` rows and at the end (a killed run loses at most one uncommitted chunk)."""
     pipe = pipe.map_batches(write_shard, batch_size=rows_per_file, batch_format="pyarrow",
                             fn_kwargs={"uri": uri, "storage_spec": st, "run": f"run-{uuid.uuid4().hex[:12]}"})
+    out, t0 = _Written(manifest, pipe), time.perf_counter()
     pending: list[dict] = []
-    pending_rows = committed = 0
+
+    def commit():
+        out.manifest = _commit(uri, st, out.manifest, pending)
+        out.bytes += sum(e["bytes"] for e in pending)
+        rows = (out.commits[-1][1] if out.commits else 0) + sum(e["rows"] for e in pending)
+        out.commits.append([round(time.perf_counter() - t0, 2), rows])
+        log.info("%s: committed %d rows", label, rows)
+        pending.clear()
+
     for entry in pipe.iter_rows():
         pending.append({"file": entry["file"], "rows": int(entry["rows"]), "bytes": int(entry["bytes"])})
-        pending_rows += pending[-1]["rows"]
-        if pending_rows >= commit_every:
-            manifest = _commit(uri, st, manifest, pending)
-            summary.bytes_written += sum(e["bytes"] for e in pending)
-            committed += pending_rows
-            pending, pending_rows = [], 0
-            log.info("%s: committed %d rows", label, committed)
+        if sum(e["rows"] for e in pending) >= commit_every:
+            commit()
     if pending:
-        manifest = _commit(uri, st, manifest, pending)
-        summary.bytes_written += sum(e["bytes"] for e in pending)
-        log.info("%s: committed %d rows", label, committed + pending_rows)
-    return manifest, pipe
+        commit()
+    return out
 
 
 def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Table | None = None) -> dict:
@@ -107,7 +120,8 @@ def _decode_concurrency(spec) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 4))
-    held = 0 if spec.scaling.use_gpu else spec.cache.num_vae_actors  # CPU encoders hold a CPU each
+    # CPU encoders hold a CPU each, the text actors included: they run beside the decode tasks
+    held = 0 if spec.scaling.use_gpu else spec.cache.num_vae_actors + spec.cache.num_text_actors
     return max(1, cpus - held - 1)
 
 
@@ -141,11 +155,17 @@ def _stage_rates(stages: dict) -> dict:
 
 
 def _ray_resources(spec) -> dict:
-    return {"num_gpus": 1} if spec.scaling.use_gpu else {"num_cpus": 1}
+    return {"num_gpus": spec.cache.gpus_per_actor} if spec.scaling.use_gpu else {"num_cpus": 1}
 
 
-def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dict:
-    """Encode what is missing for one dataset; returns its committed manifest."""
+def list_dataset(ds_spec, st) -> tuple[list, dict]:
+    """The dataset's image refs and their captions (uri -> caption)."""
+    refs = sources.list_images(ds_spec, st)
+    return refs, sources.captions_for(refs, ds_spec, st)
+
+
+def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listing: tuple[list, dict]) -> dict:
+    """Encode what is missing for one dataset (``listing``: list_dataset's); returns its committed manifest."""
     import ray
 
     from ray.data import TaskPoolStrategy
@@ -161,14 +181,14 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
             "shift_factor": vae_config.get("shift_factor") or 0.0, "scaling_factor": vae_config.get("scaling_factor", 1.0)}
     manifest = _read_manifest(uri, st, "latents", key, meta)
     t0 = time.time()
-    refs = sources.list_images(ds_spec, st)
-    captions = sources.captions_for(refs, ds_spec, st)
+    refs, captions = listing
     done = _committed_column(uri, manifest, st, "sample_id")
     rows = [dict(asdict(r), sample_id=sample_id(r)) for r in refs]
     todo = [r for r in rows if r["sample_id"] not in done]
     log.info("dataset %s: %d images, %d cached, %d to encode -> %s", ds_spec.id, len(rows), len(rows) - len(todo),
              len(todo), uri)
     stages: dict = {}
+    written = None
     if todo:
         # One streaming execution: the encoder actors load (and compile) once for the whole dataset. Shards are
         # written by tasks as rows come out; the driver commits them every cache.commit_every rows.
@@ -182,18 +202,27 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary) -> dic
                                                        "compile_backend": spec.cache.encoder_compile_backend(
                                                            spec.scaling.use_gpu)},
                                 concurrency=spec.cache.num_vae_actors, **_ray_resources(spec))
-        manifest, pipe = _write_and_commit(pipe, uri, st, manifest, summary,
-                                           min(spec.cache.min_rows_per_file, spec.cache.commit_every),
-                                           spec.cache.commit_every, f"dataset {ds_spec.id} ({len(todo)} to encode)")
-        _add_stage_stats(stages, pipe)
+        written = _write_and_commit(pipe, uri, st, manifest, min(spec.cache.min_rows_per_file, spec.cache.commit_every),
+                                    spec.cache.commit_every, f"dataset {ds_spec.id} ({len(todo)} to encode)")
+        manifest = written.manifest
+        _add_stage_stats(stages, written.pipe)
     by_id = {r["sample_id"]: r for r in rows}
     index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
                       "caption": [captions.get(r["uri"], "") for r in by_id.values()]})
     index = index.append_column("caption_id", pa.array([sources.caption_id(c) for c in index["caption"].to_pylist()]))
     manifest = _commit(uri, st, manifest, [], index)
     summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
-    summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages))
+    summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages), bytes_written=written.bytes if written else 0,
+                                        commits=written.commits if written else [],
+                                        steady_images_per_s=_steady_rate(written.commits) if written else 0.0)
     return manifest
+
+
+def _steady_rate(commits: list) -> float:
+    """Rows/s between the first and the last commit: the pipeline's rate once encoders are loaded and compiled."""
+    if len(commits) < 2 or commits[-1][0] <= commits[0][0]:
+        return 0.0
+    return round((commits[-1][1] - commits[0][1]) / (commits[-1][0] - commits[0][0]), 2)
 
 
 def _dataset_stats(uri: str, st, manifest: dict, seen: int, encoded_now: int, seconds: float) -> dict:
@@ -234,7 +263,7 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
     todo = sorted({sources.caption_id(c): c for c in captions | {EMPTY_CAPTION}}.items())
     todo = [{"caption_id": cid, "caption": c} for cid, c in todo if cid not in done]
     summary.text_key, summary.unique_captions, summary.captions_encoded = key, len(captions | {EMPTY_CAPTION}), len(todo)
-    if todo:
+    if todo:  # runs beside the latent pipelines (run_cache's thread), so it writes only its own summary fields
         pipe = ray.data.from_items(todo).map_batches(
             TextEncoder, batch_size=spec.cache.text_batch_size, concurrency=spec.cache.num_text_actors,
             fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
@@ -242,17 +271,24 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
                                    "compile_backend": spec.cache.encoder_compile_backend(spec.scaling.use_gpu)},
             **_ray_resources(spec))
         t0 = time.time()
-        manifest, pipe = _write_and_commit(pipe, uri, st, manifest, summary, spec.cache.min_rows_per_file,
-                                           len(todo), f"captions ({len(todo)} to encode)")
+        written = _write_and_commit(pipe, uri, st, manifest, spec.cache.min_rows_per_file, len(todo),
+                                    f"captions ({len(todo)} to encode)")
         stages: dict = {}
-        _add_stage_stats(stages, pipe)
-        summary.text_stages = _stage_rates(stages)
+        _add_stage_stats(stages, written.pipe)
+        summary.text_stages, summary.text_bytes = _stage_rates(stages), written.bytes
         summary.text_seconds = round(time.time() - t0, 2)
+        manifest = written.manifest
     return manifest
 
 
 def run_cache(spec) -> CacheSummary:
-    """Cache every enabled dataset of the spec (train and eval) and their captions."""
+    """Cache every enabled dataset of the spec (train and eval) and their captions.
+
+    Every dataset is listed first, so the captions are known before any image is decoded: the text
+    encoders run in a thread of their own beside the datasets' latent pipelines (on one GPU with
+    ``cache.gpus_per_actor`` 0.5, the VAE and T5 actors share it; model loads and compiles overlap)."""
+    from pathlib import Path
+
     from flux_ray.core.model import ensure_base_model, load_vae_config
     from flux_ray.data.demo import write_demo_data
 
@@ -260,21 +296,25 @@ def run_cache(spec) -> CacheSummary:
     ensure_base_model(spec.model)
     vae_config = load_vae_config(spec.model)
     summary = CacheSummary(cache_uri=spec.cache.uri)
-    captions: set[str] = set()
+    listings = {}
     for ds_spec in spec.enabled_datasets():
-        if ds_spec.make_demo_if_missing and ds_spec.type == "local":
-            from pathlib import Path
-
-            if not Path(ds_spec.instance_data_dir).exists():
-                write_demo_data(ds_spec.instance_data_dir)
-        manifest = cache_dataset(spec, ds_spec, vae_config, summary)
-        uri = CachePaths(spec.cache.uri).latents(summary.datasets[ds_spec.id]["key"])
-        fs, path = storage.resolve(storage.join(uri, manifest["index"]), spec.storage)
-        captions.update(pq.read_table(path, filesystem=fs, columns=["caption"]).column("caption").to_pylist())
-        if summary.datasets[ds_spec.id]["usable"] == 0:
-            raise ValueError(f"dataset {ds_spec.id!r}: no usable images after decoding "
-                             f"(skipped: {summary.datasets[ds_spec.id]['skipped']})")
-    cache_text(spec, captions, summary)
+        if ds_spec.make_demo_if_missing and ds_spec.type == "local" and not Path(ds_spec.instance_data_dir).exists():
+            write_demo_data(ds_spec.instance_data_dir)
+        listings[ds_spec.id] = list_dataset(ds_spec, spec.storage)
+    captions = {captions.get(r.uri, "") for refs, captions in listings.values() for r in refs}
+    with ThreadPoolExecutor(1, thread_name_prefix="flux_ray-text") as pool:
+        text = pool.submit(cache_text, spec, captions, summary)
+        try:
+            for ds_spec in spec.enabled_datasets():
+                cache_dataset(spec, ds_spec, vae_config, summary, listings[ds_spec.id])
+                if summary.datasets[ds_spec.id]["usable"] == 0:
+                    raise ValueError(f"dataset {ds_spec.id!r}: no usable images after decoding "
+                                     f"(skipped: {summary.datasets[ds_spec.id]['skipped']})")
+        except BaseException:
+            text.exception()  # let the text job finish (it commits what it encodes) before reporting this error
+            raise
+        text.result()
+    summary.bytes_written = summary.text_bytes + sum(d["bytes_written"] for d in summary.datasets.values())
     summary.seconds = round(time.time() - t0, 2)
     storage.write_json_atomic(storage.join(spec.cache.uri, "last_cache_summary.json"), summary.to_dict(), spec.storage)
     return summary
