@@ -72,6 +72,7 @@ def base_spec(a, model_dir: str, images: Path, res: int, name: str, caption: str
         "cache": {"uri": str(Path(a.work) / "cache"), "vae_batch_size": a.vae_bs, "text_batch_size": a.text_bs,
                   "vae_channels_last": bool(a.channels_last), "compile_encoders": bool(a.compile_encoders),
                   "num_vae_actors": a.vae_actors, "gpus_per_actor": a.gpus_per_actor,
+                  "vae_bucket_window": a.bucket_window, "decode_concurrency": a.decode_concurrency,
                   "commit_every": a.commit_every},
         "train": {"max_train_steps": a.steps, "train_batch_size": a.bs, "log_every": a.log_every,
                   "checkpointing_steps": 10**6, "compile": bool(a.compile), "attention_backend": a.attn,
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--compile-encoders", type=int, default=0)
     ap.add_argument("--vae-actors", type=int, default=1)
     ap.add_argument("--gpus-per-actor", type=float, default=0.5)
+    ap.add_argument("--bucket-window", type=int, default=4)
+    ap.add_argument("--decode-concurrency", type=int, default=None)
     ap.add_argument("--commit-every", type=int, default=512)
     ap.add_argument("--train-images", type=int, default=128)
     ap.add_argument("--train-res", type=int, default=512)
@@ -198,6 +201,10 @@ def main() -> None:
     ap.add_argument("--attn", default="cudnn")
     ap.add_argument("--num-cpus", type=int, default=None)
     a = ap.parse_args()
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("flux_ray").setLevel(logging.INFO)  # the cache's commit lines: progress even if cut short
     if a.cpu:
         a.attn = "auto"
 

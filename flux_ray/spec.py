@@ -189,6 +189,9 @@ class CacheSpec(_Section):
     latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     text_embed_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     vae_batch_size: int = Field(4, ge=1)
+    vae_bucket_window: int = Field(4, ge=1)
+    """Images reach a VAE actor in Ray Data batches of vae_batch_size x this; the actor encodes each aspect
+    bucket's images of a batch in batches of vae_batch_size, so mixed-aspect datasets still fill the VAE batch."""
     text_batch_size: int = Field(16, ge=1)
     num_vae_actors: int = Field(1, ge=1)
     num_text_actors: int = Field(1, ge=1)

@@ -195,8 +195,9 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
         pipe = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 8, 256)))
         pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": ds_spec, "storage_spec": st, "seed": spec.train.seed},
                         compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
-        pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size,
+        pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size * spec.cache.vae_bucket_window,
                                 fn_constructor_kwargs={"model_spec": spec.model, "latent_dtype": spec.cache.latent_dtype,
+                                                       "batch_size": spec.cache.vae_batch_size,
                                                        "use_gpu": spec.scaling.use_gpu,
                                                        "channels_last": spec.cache.vae_channels_last,
                                                        "compile_backend": spec.cache.encoder_compile_backend(

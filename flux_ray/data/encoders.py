@@ -35,16 +35,18 @@ def pick_device(use_gpu: bool) -> torch.device:
 
 
 class VaeEncoder:
-    """Encodes same-bucket groups of a batch with the VAE; stores mean and std bytes.
+    """Encodes same-bucket groups of a batch with the VAE, ``batch_size`` images at a time (None: a whole
+    group); stores mean and std bytes.
 
     Pixels arrive as uint8 (or float in [-1, 1]); on a GPU they are copied from pinned memory and
-    normalised there, and each group's mean/std come back to the host in one copy.
+    normalised there, and each VAE batch's mean/std come back to the host in one copy.
     """
 
     def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False, channels_last: bool = False,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, batch_size: int | None = None):
         from flux_ray.core.model import load_vae
 
+        self.batch_size = batch_size
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.use(load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last,
@@ -57,6 +59,7 @@ class VaeEncoder:
         ``compile_backend`` (e.g. "inductor") compiles the encoder; bucket shapes after the first are
         handled by dynamo's automatic dynamic shapes (one more compile, not one per shape)."""
         self.vae, self.compute, self.dtype = vae, compute, latent_dtype
+        self.batch_size = getattr(self, "batch_size", None)
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
@@ -83,17 +86,23 @@ class VaeEncoder:
         for i in range(n):
             if not batch["skip_reason"][i]:
                 groups.setdefault((int(batch["bucket_w"][i]), int(batch["bucket_h"][i])), []).append(i)
-        for (w, h), idx in groups.items():
-            dist = self.vae.encode(self._pixels(batch, idx, h, w)).latent_dist
-            mean = dist.mean.to("cpu", self.dtype).contiguous()
-            std = dist.std.to("cpu", self.dtype).contiguous()
-            for j, i in enumerate(idx):
-                means[i], stds[i] = tensor_to_bytes(mean[j], self.dtype), tensor_to_bytes(std[j], self.dtype)
-                lat_h[i], lat_w[i] = mean.shape[2], mean.shape[3]
+        step = self.batch_size or n
+        for (w, h), group in groups.items():
+            for idx in (group[k:k + step] for k in range(0, len(group), step)):
+                self._encode(batch, idx, h, w, means, stds, lat_h, lat_w)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(latent_mean=np.array(means, dtype=object), latent_std=np.array(stds, dtype=object),
                    latent_h=lat_h, latent_w=lat_w)
         return out
+
+    def _encode(self, batch: dict, idx: list[int], h: int, w: int, means: list, stds: list, lat_h, lat_w) -> None:
+        """One VAE batch: rows ``idx`` of ``batch`` (one bucket, h x w); fills their outputs in place."""
+        dist = self.vae.encode(self._pixels(batch, idx, h, w)).latent_dist
+        mean = dist.mean.to("cpu", self.dtype).contiguous()
+        std = dist.std.to("cpu", self.dtype).contiguous()
+        for j, i in enumerate(idx):
+            means[i], stds[i] = tensor_to_bytes(mean[j], self.dtype), tensor_to_bytes(std[j], self.dtype)
+            lat_h[i], lat_w[i] = mean.shape[2], mean.shape[3]
 
 
 class TextEncoder:

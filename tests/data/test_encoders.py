@@ -46,3 +46,26 @@ def test_compile_encoders_applies_on_gpu_only():
     assert CacheSpec(compile_encoders=True).encoder_compile_backend(use_gpu=True) == "inductor"
     assert CacheSpec(compile_encoders=True).encoder_compile_backend(use_gpu=False) is None
     assert CacheSpec().encoder_compile_backend(use_gpu=True) is None
+
+
+def test_vae_encodes_each_bucket_in_batches_of_batch_size(tiny_model_dir):
+    """A Ray Data batch (vae_batch_size x vae_bucket_window rows) of mixed buckets: each bucket's rows go
+    through the VAE batch_size at a time, and every row gets its own latents back in its own place."""
+    spec = ModelSpec(model_flavour="dev", pretrained_model_name_or_path=tiny_model_dir)
+    rng = np.random.default_rng(1)
+    sizes = [(64, 64), (64, 32), (64, 64), (64, 64), (64, 32), (64, 64), (64, 64)]  # 5 of one bucket, 2 of another
+    batch = {"sample_id": np.array([f"{i:08x}" for i in range(len(sizes))], dtype=object),
+             "skip_reason": np.array([""] * len(sizes), dtype=object),
+             "bucket_w": np.array([w for w, _ in sizes], np.int32), "bucket_h": np.array([h for _, h in sizes], np.int32),
+             "pixels": np.array([rng.integers(0, 256, 3 * w * h, dtype=np.uint8) for w, h in sizes], dtype=object)}
+    enc = VaeEncoder(spec, latent_dtype="fp32", batch_size=2)
+    calls = []
+    enc.vae.encoder.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape[:1] + args[0].shape[2:])))
+    out = enc(batch)
+    assert calls == [(2, 64, 64), (2, 64, 64), (1, 64, 64), (2, 32, 64)]
+    one_by_one = VaeEncoder(spec, latent_dtype="fp32", batch_size=1)
+    for i, (w, h) in enumerate(sizes):
+        assert (out["latent_w"][i], out["latent_h"][i]) == (w // 8, h // 8)
+        alone = one_by_one({k: v[i:i + 1] for k, v in batch.items()})
+        np.testing.assert_allclose(np.frombuffer(out["latent_mean"][i], np.float32),
+                                   np.frombuffer(alone["latent_mean"][0], np.float32), rtol=1e-4, atol=1e-5)
