@@ -115,6 +115,26 @@ def test_bad_files_are_skipped_with_reasons_and_counted(ray_session, tiny_model_
     assert again["encoded_this_run"] == 0 and again["skipped"] == summary["skipped"]  # bad files not retried
 
 
+def test_dataset_with_no_usable_image_fails_after_the_text_job_commits(ray_session, tiny_model_dir, tmp_path,
+                                                                      demo_spec):
+    """The text job runs beside the datasets: a dataset error waits for it, so its captions are committed, and
+    the error names the dataset and the skip reasons."""
+    from flux_ray.data.cache import run_cache
+
+    data = tmp_path / "broken"
+    data.mkdir()
+    (data / "not_an_image.png").write_text("hello")
+    (data / "not_an_image.txt").write_text("a caption nobody will train on")
+    spec = demo_spec(tiny_model_dir, str(data), tmp_path, cache={"uri": str(tmp_path / "cache")})
+    with pytest.raises(ValueError, match=r"dataset 'demo': no usable images after decoding .*'unreadable': 1"):
+        run_cache(spec)
+    text_uri = CachePaths(spec.cache.uri).text(text_key(spec.model, spec.cache.text_embed_dtype))
+    manifest = storage.read_json(storage.join(text_uri, "manifest.json"), spec.storage)
+    captions = {c for s in manifest["shards"]
+                for c in pq.read_table(os.path.join(text_uri, s["file"]), columns=["caption"]).column("caption").to_pylist()}
+    assert captions == {"", "a caption nobody will train on"}
+
+
 def test_killed_cache_job_resumes_with_only_the_missing_work(ray_session, tiny_model_dir, demo_data_dir, tmp_path):
     """SIGKILL the `flux-ray cache` driver once chunks are committed; the rerun encodes only the rest.
 
