@@ -168,7 +168,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
     """Encode what is missing for one dataset (``listing``: list_dataset's); returns its committed manifest."""
     import ray
 
-    from ray.data import TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from flux_ray.data.decode import decode_row
     from flux_ray.data.encoders import VaeEncoder
@@ -202,7 +202,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
                                                        "channels_last": spec.cache.vae_channels_last,
                                                        "compile_backend": spec.cache.encoder_compile_backend(
                                                            spec.scaling.use_gpu)},
-                                concurrency=spec.cache.num_vae_actors, **_ray_resources(spec))
+                                compute=ActorPoolStrategy(size=spec.cache.num_vae_actors), **_ray_resources(spec))
         written = _write_and_commit(pipe, uri, st, manifest, min(spec.cache.min_rows_per_file, spec.cache.commit_every),
                                     spec.cache.commit_every, f"dataset {ds_spec.id} ({len(todo)} to encode)")
         manifest = written.manifest
@@ -213,9 +213,9 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
     index = index.append_column("caption_id", pa.array([sources.caption_id(c) for c in index["caption"].to_pylist()]))
     manifest = _commit(uri, st, manifest, [], index)
     summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
+    commits = written.commits if written else []
     summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages), bytes_written=written.bytes if written else 0,
-                                        commits=written.commits if written else [],
-                                        steady_images_per_s=_steady_rate(written.commits) if written else 0.0)
+                                        commits=commits, steady_images_per_s=_steady_rate(commits))
     return manifest
 
 
@@ -251,6 +251,7 @@ def _dataset_stats(uri: str, st, manifest: dict, seen: int, encoded_now: int, se
 def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
     """Encode each caption not yet in the text cache exactly once (the empty caption included)."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     from flux_ray.data.encoders import TextEncoder
 
@@ -266,7 +267,8 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
     summary.text_key, summary.unique_captions, summary.captions_encoded = key, len(captions | {EMPTY_CAPTION}), len(todo)
     if todo:  # runs beside the latent pipelines (run_cache's thread), so it writes only its own summary fields
         pipe = ray.data.from_items(todo).map_batches(
-            TextEncoder, batch_size=spec.cache.text_batch_size, concurrency=spec.cache.num_text_actors,
+            TextEncoder, batch_size=spec.cache.text_batch_size,
+            compute=ActorPoolStrategy(size=spec.cache.num_text_actors),
             fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
                                    "use_gpu": spec.scaling.use_gpu,
                                    "compile_backend": spec.cache.encoder_compile_backend(spec.scaling.use_gpu)},
