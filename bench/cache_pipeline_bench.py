@@ -23,6 +23,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
+    from ray.data import ActorPoolStrategy
 
     from flux_ray import job
     from flux_ray.core.tiny import write_tiny_flux
@@ -55,16 +56,18 @@ def main() -> None:
     items = [dict(r.__dict__, sample_id=sample_id(r)) for r in refs]
     t0 = time.perf_counter()
     decoded = ray.data.from_items(items).map(DecodeAndCrop, fn_constructor_kwargs={
-        "dataset_spec": ds_spec, "storage_spec": spec.storage}, concurrency=(1, 4)).materialize()
+        "dataset_spec": ds_spec, "storage_spec": spec.storage},
+        compute=ActorPoolStrategy(min_size=1, max_size=4)).materialize()
     rows.append(("decode + crop (CPU tasks)", len(items), time.perf_counter() - t0))
     t0 = time.perf_counter()
-    decoded.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size, concurrency=spec.cache.num_vae_actors,
+    decoded.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size,
+                        compute=ActorPoolStrategy(size=spec.cache.num_vae_actors),
                         fn_constructor_kwargs={"model_spec": spec.model}, num_cpus=1).materialize()
     rows.append(("VAE encode (actor pool)", len(items), time.perf_counter() - t0))
     unique = sorted(set(captions.values()))
     t0 = time.perf_counter()
     ray.data.from_items([{"caption_id": sources.caption_id(c), "caption": c} for c in unique]).map_batches(
-        TextEncoder, batch_size=spec.cache.text_batch_size, concurrency=1,
+        TextEncoder, batch_size=spec.cache.text_batch_size, compute=ActorPoolStrategy(size=1),
         fn_constructor_kwargs={"model_spec": spec.model}, num_cpus=1).materialize()
     rows.append(("text encode (unique captions)", len(unique), time.perf_counter() - t0))
 
