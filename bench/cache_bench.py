@@ -54,13 +54,10 @@ def text_encoder(device, dtype, compile_backend=None):
     from flux_ray.core.tiny import _clip_tokenizer, _t5_tokenizer
     from flux_ray.data.encoders import TextEncoder
 
-    enc = TextEncoder.__new__(TextEncoder)
-    enc.device, enc.dtype, enc.max_len = device, torch.bfloat16, 512
-    enc.tok, enc.tok2 = _clip_tokenizer(), _t5_tokenizer()
-    enc.clip = build_component("text_encoder", CLIP_L, device, dtype)
-    enc.t5 = build_component("text_encoder_2", T5_XXL, device, dtype)
-    if compile_backend:
-        enc.t5 = torch.compile(enc.t5, backend=compile_backend)
+    enc = TextEncoder.__new__(TextEncoder)  # __init__ would load from_pretrained; use() takes built encoders
+    enc.device = device
+    enc.use(_clip_tokenizer(), build_component("text_encoder", CLIP_L, device, dtype), _t5_tokenizer(),
+            build_component("text_encoder_2", T5_XXL, device, dtype), 512, torch.bfloat16, compile_backend)
     return enc
 
 

@@ -171,7 +171,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=".bench_work")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="results folder (default: $OUT, else --work)")
     ap.add_argument("--phases", nargs="+", default=["cache", "train"])
     ap.add_argument("--tiny", action="store_true", help="the tiny model instead of full-size random weights")
     ap.add_argument("--cpu", action="store_true", help="CPU workers (smoke test)")
@@ -211,6 +211,7 @@ def main() -> None:
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     a.work = str(work)
+    a.out = a.out or a.work
     t0 = time.perf_counter()
     if a.tiny:
         from flux_ray.core.tiny import ensure_tiny_flux

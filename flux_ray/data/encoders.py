@@ -46,20 +46,19 @@ class VaeEncoder:
                  compile_backend: str | None = None, batch_size: int | None = None):
         from flux_ray.core.model import load_vae
 
-        self.batch_size = batch_size
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.use(load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last,
-                 compile_backend)
+                 compile_backend, batch_size)
 
     def use(self, vae, compute: torch.dtype, latent_dtype: torch.dtype, channels_last: bool = False,
-            compile_backend: str | None = None) -> None:
+            compile_backend: str | None = None, batch_size: int | None = None) -> None:
         """Take a loaded VAE (``__init__``'s, or one built in memory by bench/cache_bench.py).
 
-        ``compile_backend`` (e.g. "inductor") compiles the encoder; bucket shapes after the first are
-        handled by dynamo's automatic dynamic shapes (one more compile, not one per shape)."""
-        self.vae, self.compute, self.dtype = vae, compute, latent_dtype
-        self.batch_size = getattr(self, "batch_size", None)
+        ``compile_backend`` (e.g. "inductor") compiles the encoder. New bucket shapes and batch sizes
+        recompile until dynamo's automatic dynamic shapes cover them: 4 compiles for 4 buckets in
+        ``batch_size`` chunks, counted on a CPU (bench/RESULTS.md, call 16)."""
+        self.vae, self.compute, self.dtype, self.batch_size = vae, compute, latent_dtype, batch_size
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
@@ -114,9 +113,13 @@ class TextEncoder:
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tok, self.clip, self.tok2, self.t5 = load_text_encoders(model_spec, dtype=compute, device=self.device)
-        self.max_len = model_spec.t5_max_length
-        self.dtype = DTYPES[embed_dtype]
+        self.use(*load_text_encoders(model_spec, dtype=compute, device=self.device), model_spec.t5_max_length,
+                 DTYPES[embed_dtype], compile_backend)
+
+    def use(self, tok, clip, tok2, t5, max_len: int, embed_dtype: torch.dtype,
+            compile_backend: str | None = None) -> None:
+        """Take loaded tokenizers and encoders (``__init__``'s, or ones built in memory by bench/cache_bench.py)."""
+        self.tok, self.clip, self.tok2, self.t5, self.max_len, self.dtype = tok, clip, tok2, t5, max_len, embed_dtype
         if compile_backend:  # T5 sees one shape (padded to max_len) but for a last partial batch
             self.t5 = torch.compile(self.t5, backend=compile_backend)
 
