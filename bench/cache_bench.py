@@ -15,6 +15,7 @@ End to end, one GPU doing both stages for images with unique captions, the rate 
 ``1 / (1/vae_rate + 1/text_rate)``.
 
 usage: python bench/cache_bench.py [--res 1024] [--vae-bs 8] [--text-bs 32] [--channels-last 0 1] [--compile 0 1]
+       python bench/cache_bench.py --mix eager compiled --vae-bs 16 --channels-last 1   # cold start
 """
 from __future__ import annotations
 
@@ -40,13 +41,13 @@ def timed(fn, sync, reps=5):
     return sorted(ts)[len(ts) // 2]
 
 
-def vae_encoder(device, dtype, channels_last=False, compile_backend=None):
+def vae_encoder(device, dtype, channels_last=False, compile_backend=None, batch_size=None):
     from flux_ray.data.encoders import VaeEncoder
 
     enc = VaeEncoder.__new__(VaeEncoder)  # __init__ would load from_pretrained; use() takes a built VAE
     enc.device = device
     enc.use(build_component("vae", FLUX_DEV_VAE, device, dtype), dtype, torch.bfloat16, channels_last,
-            compile_backend)
+            compile_backend, batch_size)
     return enc
 
 
@@ -68,6 +69,49 @@ def vae_batch(n, res, rng):
             "pixels": rng.integers(0, 256, (n, 3 * res * res), dtype=np.uint8)}  # as DecodeAndCrop emits
 
 
+def mixed_batch(n, sizes, rng):
+    """A Ray Data batch as the cache's VAE actors get it: n rows spread at random over bucket ``sizes``."""
+    pick = [sizes[i] for i in rng.integers(0, len(sizes), n)]
+    return {"sample_id": np.array([f"{i:08x}" for i in range(n)], dtype=object),
+            "skip_reason": np.array([""] * n, dtype=object),
+            "bucket_w": np.array([w for w, _ in pick], np.int32), "bucket_h": np.array([h for _, h in pick], np.int32),
+            "pixels": np.array([rng.integers(0, 256, 3 * w * h, dtype=np.uint8) for w, h in pick], dtype=object)}
+
+
+def bucket_mix(a, device, dtype, sync, rng) -> None:
+    """Cold start to steady state of one VAE actor fed --mix-batches mixed-bucket batches (vae_bs x window rows
+    over the 4 buckets of bench/ray_gpu_bench.py): seconds for the warm-up batches (compiles included) and
+    images/s after them, eager and compiled."""
+    sizes = [(w * a.res // 1024 // 64 * 64, h * a.res // 1024 // 64 * 64)
+             for w, h in [(1024, 1024), (1216, 832), (832, 1216), (1536, 1024)]]
+    for name in a.mix:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        t0 = time.perf_counter()
+        enc = vae_encoder(device, dtype, channels_last=bool(a.channels_last[-1]),
+                          compile_backend="inductor" if name == "compiled" else None, batch_size=a.vae_bs[0])
+        sync()
+        load_s = time.perf_counter() - t0
+        batches = [mixed_batch(a.vae_bs[0] * a.window, sizes, rng) for _ in range(4)]
+        times = []
+        for i in range(a.mix_batches):
+            t = time.perf_counter()
+            enc(batches[i % len(batches)])
+            sync()
+            times.append(time.perf_counter() - t)
+        warm, n = a.mix_warmup, a.vae_bs[0] * a.window
+        print(json.dumps(dict(stage="ours_vae_bucket_mix", variant=name, res=a.res, vae_bs=a.vae_bs[0], window=a.window,
+                              build_s=round(load_s, 1), warmup_batches=warm, warmup_s=round(sum(times[:warm]), 1),
+                              warmup_images_per_s=round(n * warm / sum(times[:warm]), 1),
+                              first_batch_s=round(times[0], 1),
+                              steady_images_per_s=round(n * (len(times) - warm) / sum(times[warm:]), 1),
+                              slowest_steady_batch_s=round(max(times[warm:]), 2),
+                              graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))), flush=True)
+        del enc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def text_batch(n):
     caps = [f"a photo of subject {i} standing in a sunlit garden, detailed, {i % 7} flowers" for i in range(n)]
     return {"caption_id": np.array([f"{i:08x}" for i in range(n)], dtype=object),
@@ -85,11 +129,18 @@ def main():
     ap.add_argument("--compile", type=int, nargs="+", default=[0],
                     help="variants: 0 eager, 1 torch.compile (inductor) the VAE encoder / T5 (cache.compile_encoders)")
     ap.add_argument("--skip-text", action="store_true")
+    ap.add_argument("--mix", nargs="*", default=[], choices=["eager", "compiled"],
+                    help="bucket-mix variants: cold start to steady state on mixed-bucket batches (then exits)")
+    ap.add_argument("--mix-batches", type=int, default=24)
+    ap.add_argument("--mix-warmup", type=int, default=8)
+    ap.add_argument("--window", type=int, default=4, help="cache.vae_bucket_window for --mix")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
+    if a.mix:
+        return bucket_mix(a, device, dtype, sync, rng)
     rates = {}
     for cl, comp in [(cl, comp) for comp in a.compile for cl in a.channels_last]:
         enc = vae_encoder(device, dtype, channels_last=bool(cl), compile_backend="inductor" if comp else None)

@@ -32,6 +32,7 @@ LORA_TARGET_PRESETS["all+ffs"] = LORA_TARGET_PRESETS["all"] + [
 LORA_TARGET_PRESETS["context+ffs"] = LORA_TARGET_PRESETS["context"] + ["ff_context.net.0.proj", "ff_context.net.2"]
 
 SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
+T5_COMPILE_MIN_CAPTIONS = 4096  # cache.compile_encoders: fewer captions encode faster eager than compile + encode
 
 
 class SpecError(ValueError):
@@ -207,11 +208,17 @@ class CacheSpec(_Section):
     """GPU only: run the VAE encoder in channels-last memory format. It pays only with ``compile_encoders``
     (H200, 1024 px bs16: 61 vs 50 images/s compiled; eager it halves the rate); ``bench/cache_bench.py``."""
     compile_encoders: bool = False
-    """GPU only: ``torch.compile`` the VAE encoder and T5 in the cache actors (worth it for large datasets:
-    each actor compiles once per dataset, 15-35 s on an H200). Ignored on CPU."""
+    """GPU only: ``torch.compile`` the VAE encoder and T5 in the cache actors (worth it for large datasets: each
+    VAE actor compiles one graph, with symbolic sizes, for every bucket; 15-35 s on an H200). T5 is compiled only
+    when at least ``T5_COMPILE_MIN_CAPTIONS`` captions are to be encoded. Ignored on CPU."""
 
     def encoder_compile_backend(self, use_gpu: bool) -> str | None:
         return "inductor" if self.compile_encoders and use_gpu else None
+
+    def text_compile_backend(self, use_gpu: bool, captions: int) -> str | None:
+        """``encoder_compile_backend`` for T5, when ``captions`` to encode repay its compile: about 30 s on an
+        H200 to save 6 ms a caption (68 against 49 captions/s, bench/RESULTS.md call 10)."""
+        return self.encoder_compile_backend(use_gpu) if captions >= T5_COMPILE_MIN_CAPTIONS else None
 
 
 class FlowSpec(_Section):

@@ -271,7 +271,7 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
             compute=ActorPoolStrategy(size=spec.cache.num_text_actors),
             fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
                                    "use_gpu": spec.scaling.use_gpu,
-                                   "compile_backend": spec.cache.encoder_compile_backend(spec.scaling.use_gpu)},
+                                   "compile_backend": spec.cache.text_compile_backend(spec.scaling.use_gpu, len(todo))},
             **_ray_resources(spec))
         t0 = time.time()
         written = _write_and_commit(pipe, uri, st, manifest, spec.cache.min_rows_per_file, len(todo),

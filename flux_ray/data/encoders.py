@@ -55,26 +55,17 @@ class VaeEncoder:
             compile_backend: str | None = None, batch_size: int | None = None) -> None:
         """Take a loaded VAE (``__init__``'s, or one built in memory by bench/cache_bench.py).
 
-        ``compile_backend`` (e.g. "inductor") compiles the encoder. New bucket shapes and batch sizes
-        recompile until dynamo's automatic dynamic shapes cover them: 4 compiles for 4 buckets in
-        ``batch_size`` chunks, counted on a CPU (bench/RESULTS.md, call 16)."""
+        ``compile_backend`` (e.g. "inductor") compiles the encoder with symbolic batch, height and width: one
+        graph serves every bucket and chunk size (bench/RESULTS.md, call 18: as fast as one graph per shape)."""
         self.vae, self.compute, self.dtype, self.batch_size = vae, compute, latent_dtype, batch_size
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # one conv plan per bucket shape, reused for every batch
+            torch.backends.cudnn.benchmark = True  # one conv plan per batch shape, reused for every batch
+        self.compiled = bool(compile_backend)
         if compile_backend:
-            self.vae.encoder = torch.compile(self.vae.encoder, backend=compile_backend)
-
-    def _pixels(self, batch: dict, idx: list[int], h: int, w: int) -> torch.Tensor:
-        px = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i]).reshape(3, h, w) for i in idx]))
-        if self.device.type == "cuda":
-            px = px.pin_memory().to(self.device, non_blocking=True)
-        if px.dtype == torch.uint8:
-            px = px.float() / 127.5 - 1.0  # == decode.normalize_pixels, on the device
-        px = px.to(self.compute)
-        return px.contiguous(memory_format=torch.channels_last) if self.channels_last else px
+            self.vae.encoder = torch.compile(self.vae.encoder, backend=compile_backend, dynamic=True)
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
@@ -94,14 +85,37 @@ class VaeEncoder:
                    latent_h=lat_h, latent_w=lat_w)
         return out
 
+    def _pixels(self, batch: dict, idx: list[int], h: int, w: int) -> torch.Tensor:
+        px = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i]).reshape(3, h, w) for i in idx]))
+        if self.device.type == "cuda":
+            px = px.pin_memory().to(self.device, non_blocking=True)
+        if px.dtype == torch.uint8:
+            px = px.float() / 127.5 - 1.0  # == decode.normalize_pixels, on the device
+        px = px.to(self.compute)
+        return px.contiguous(memory_format=torch.channels_last) if self.channels_last else px
+
     def _encode(self, batch: dict, idx: list[int], h: int, w: int, means: list, stds: list, lat_h, lat_w) -> None:
         """One VAE batch: rows ``idx`` of ``batch`` (one bucket, h x w); fills their outputs in place."""
-        dist = self.vae.encode(self._pixels(batch, idx, h, w)).latent_dist
+        px = self._pixels(batch, idx, h, w)
+        if self.compiled:
+            one = px.shape[0] == 1  # dynamo specialises a size of 1: a one-image chunk runs as two
+            with _symbolic_sizes():
+                dist = self.vae.encode(torch.cat([px, px]) if one else px).latent_dist
+            dist = type(dist)(dist.parameters[:1]) if one else dist
+        else:
+            dist = self.vae.encode(px).latent_dist
         mean = dist.mean.to("cpu", self.dtype).contiguous()
         std = dist.std.to("cpu", self.dtype).contiguous()
         for j, i in enumerate(idx):
             means[i], stds[i] = tensor_to_bytes(mean[j], self.dtype), tensor_to_bytes(std[j], self.dtype)
             lat_h[i], lat_w[i] = mean.shape[2], mean.shape[3]
+
+
+def _symbolic_sizes():
+    """Dynamo's duck sizing gives equal sizes one symbol: a square first bucket would pin height == width."""
+    from torch.fx.experimental import _config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)
 
 
 class TextEncoder:
