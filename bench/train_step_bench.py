@@ -278,15 +278,11 @@ def run_variant(v: dict) -> dict:
                 loss=round(float(loss), 4), gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
 
 
-KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
-                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas", "splitk")),
-                ("optimizer", ("multi_tensor", "fused_adam", "adam", "foreach")),
-                ("triton", ("triton_",)))
-
-
 def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
     """GPU kernel milliseconds per step, summed by kind (attention, gemm, triton, optimizer, other)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from flux_ray.train.profile import kernel_kind
 
     sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -300,7 +296,7 @@ def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
         if us <= 0:
             continue
         name = e.key.lower()
-        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        kind = kernel_kind(name)
         out[kind] = out.get(kind, 0.0) + us / 1000 / n
         if kind == "attention" and us > top_attention[0]:
             top_attention = (us, e.key[:60])

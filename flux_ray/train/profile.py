@@ -4,7 +4,7 @@ Set ``FLUX_RAY_PROFILE_STEPS=START,COUNT`` and ``FLUX_RAY_PROFILE_DIR=/path`` in
 (``runtime_env`` env_vars, or the driver's environment on a local cluster). Steps START..START+COUNT-1 are
 recorded with ``torch.profiler`` on every rank and each rank writes ``rank<r>.json``: wall seconds per step,
 host seconds per step spent assembling batches, and device kernel milliseconds per step by kind (gemm,
-attention, nccl, other). On N GPUs, NCCL kernel time includes waiting for the slowest rank, so
+attention, nccl, optimizer, triton, other). On N GPUs, NCCL kernel time includes waiting for the slowest rank, so
 ``nccl`` growing while ``gemm`` and ``attention`` stay put is rank skew or communication, and wall time
 well above the kernel total is the host.
 """
@@ -20,15 +20,18 @@ import torch
 BATCH_RANGE = "flux_ray.batch"
 
 
+# GPU kernel kinds by name fragment, first match wins (also bench/train_step_bench.py's profile=1).
+KERNEL_KINDS = (("nccl", ("nccl",)),
+                ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas", "splitk", "matmul")),
+                ("optimizer", ("multi_tensor", "fused_adam", "adam", "foreach")),
+                ("triton", ("triton_",)))
+
+
 def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel by its name: nccl, attention, gemm, optimizer, triton (inductor's) or other."""
     n = name.lower()
-    if "nccl" in n:
-        return "nccl"
-    if any(k in n for k in ("flash", "fmha", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")):
-        return "attention"
-    if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "cublas")):
-        return "gemm"
-    return "other"
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in n for p in parts)), "other")
 
 
 class StepProfiler:
@@ -74,7 +77,7 @@ class StepProfiler:
             self.prof = None
 
     def summarize(self, prof, wall: float) -> dict:
-        kinds = {"gemm": 0.0, "attention": 0.0, "nccl": 0.0, "other": 0.0}
+        kinds = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other"], 0.0)
         host_batch = 0.0
         for e in prof.events():
             if e.name == BATCH_RANGE and e.device_type == torch.autograd.DeviceType.CPU:

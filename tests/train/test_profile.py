@@ -19,7 +19,7 @@ def test_profiles_only_its_window_and_writes_a_summary(tmp_path):
     out = json.loads((tmp_path / "rank1.json").read_text())
     assert out["rank"] == 1 and out["steps"] == [3, 4]
     assert out["wall_s_per_step"] > 0 and out["host_batch_ms_per_step"] > 0
-    assert set(out["kernel_ms_per_step"]) == {"gemm", "attention", "nccl", "other", "total"}
+    assert set(out["kernel_ms_per_step"]) == {"gemm", "attention", "nccl", "optimizer", "triton", "other", "total"}
 
 
 def test_env_switch_and_its_errors(monkeypatch, tmp_path):
@@ -40,4 +40,7 @@ def test_kernel_kinds():
     assert kernel_kind("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
     assert kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm"
-    assert kernel_kind("triton_poi_fused_add_mul_0") == "other"
+    assert kernel_kind("triton_poi_fused_add_mul_0") == "triton"
+    assert kernel_kind("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
