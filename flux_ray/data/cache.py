@@ -188,7 +188,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
     log.info("dataset %s: %d images, %d cached, %d to encode -> %s", ds_spec.id, len(rows), len(rows) - len(todo),
              len(todo), uri)
     stages: dict = {}
-    written = None
+    written = _Written(manifest, pipe=None)  # nothing to encode: no commits, no bytes
     if todo:
         # One streaming execution: the encoder actors load (and compile) once for the whole dataset. Shards are
         # written by tasks as rows come out; the driver commits them every cache.commit_every rows.
@@ -213,9 +213,8 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
     index = index.append_column("caption_id", pa.array([sources.caption_id(c) for c in index["caption"].to_pylist()]))
     manifest = _commit(uri, st, manifest, [], index)
     summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
-    commits = written.commits if written else []
-    summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages), bytes_written=written.bytes if written else 0,
-                                        commits=commits, steady_images_per_s=_steady_rate(commits))
+    summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages), bytes_written=written.bytes,
+                                        commits=written.commits, steady_images_per_s=_steady_rate(written.commits))
     return manifest
 
 
@@ -304,7 +303,7 @@ def run_cache(spec) -> CacheSummary:
         if ds_spec.make_demo_if_missing and ds_spec.type == "local" and not Path(ds_spec.instance_data_dir).exists():
             write_demo_data(ds_spec.instance_data_dir)
         listings[ds_spec.id] = list_dataset(ds_spec, spec.storage)
-    captions = {captions.get(r.uri, "") for refs, captions in listings.values() for r in refs}
+    captions = {by_uri.get(r.uri, "") for refs, by_uri in listings.values() for r in refs}
     with ThreadPoolExecutor(1, thread_name_prefix="flux_ray-text") as pool:
         text = pool.submit(cache_text, spec, captions, summary)
         try:
