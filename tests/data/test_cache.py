@@ -60,12 +60,20 @@ def test_adding_images_encodes_only_the_new_ones(ray_session, tiny_model_dir, de
     vae = next(v for k, v in stages.items() if "VaeEncoder" in k)
     assert decode["rows"] == 12 and vae["rows"] == 12 and decode["rows_per_s"] > 0 and vae["busy_seconds"] > 0
     assert any("TextEncoder" in k for k in first.text_stages) and first.text_seconds > 0
+    # the commit timeline and bytes: what this run wrote, in the manifest's own numbers
+    assert first.datasets["demo"]["commits"][-1][1] == 12
+    _, manifest = _manifest(spec)
+    assert first.datasets["demo"]["bytes_written"] == sum(s["bytes"] for s in manifest["shards"]) > 0
+    assert first.bytes_written == first.text_bytes + first.datasets["demo"]["bytes_written"] and first.text_bytes > 0
     _copy_images(demo_data_dir, data, names[12:15])
     second = run_cache(spec)
     assert second.datasets["demo"]["encoded_this_run"] == 3 and second.datasets["demo"]["usable"] == 15
     assert second.datasets["demo"]["key"] == first.datasets["demo"]["key"]
+    assert second.datasets["demo"]["commits"][-1][1] == 3
     third = run_cache(spec)
     assert third.datasets["demo"]["encoded_this_run"] == 0 and third.captions_encoded == 0
+    assert third.datasets["demo"]["commits"] == [] and third.bytes_written == 0
+    assert third.datasets["demo"]["steady_images_per_s"] == 0.0
     uri, manifest = _manifest(spec)
     total_rows = sum(s["rows"] for s in manifest["shards"])
     assert total_rows == 15
@@ -74,6 +82,13 @@ def test_adding_images_encodes_only_the_new_ones(ray_session, tiny_model_dir, de
     row = pq.read_table(os.path.join(uri, manifest["shards"][0]["file"])).to_pylist()[0]
     assert row["bucket_w"] % 64 == 0 and row["orig_w"] > 0 and len(row["crop_box"]) == 4
     assert row["latent_h"] == row["bucket_h"] // 8
+
+
+def test_steady_rate_is_rows_per_second_between_the_first_and_last_commit():
+    from flux_ray.data.cache import _steady_rate
+
+    assert _steady_rate([[100.0, 2000], [140.0, 4000], [180.0, 6000]]) == 50.0  # start-up before 100 s left out
+    assert _steady_rate([[30.0, 512]]) == 0.0 and _steady_rate([]) == 0.0  # one commit: no rate
 
 
 def test_changing_preprocessing_or_dtype_makes_a_new_cache(tiny_model_dir, demo_data_dir, tmp_path, demo_spec):
