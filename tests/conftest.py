@@ -140,15 +140,19 @@ def demo_spec_dict(tiny_model_dir: str, data_dir: str, out_dir, cache_uri=None, 
 
 
 @pytest.fixture(scope="session")
-def demo_spec(tmp_path_factory):
-    """Factory: ``demo_spec(tiny_model_dir, data_dir, out_dir, **sections) -> JobSpec``.
-
-    The cache defaults to one folder for the session: it is content-addressed (a key per source,
+def shared_demo_cache(tmp_path_factory):
+    """One cache folder for the session (per xdist worker). It is content-addressed (a key per source,
     preprocessing, model and dtype), so jobs on the same inputs find what an earlier test encoded and
     different inputs get their own keys. Tests about encoding itself use their own data folders."""
+    return tmp_path_factory.getbasetemp() / "shared_demo_cache"
+
+
+@pytest.fixture(scope="session")
+def demo_spec(shared_demo_cache):
+    """Factory: ``demo_spec(tiny_model_dir, data_dir, out_dir, **sections) -> JobSpec``, cache in `shared_demo_cache`."""
     from flux_ray.spec import load_spec
 
-    shared = tmp_path_factory.getbasetemp() / "shared_demo_cache"
+    shared = shared_demo_cache
 
     def make(tiny_model_dir, data_dir, out_dir, overrides=None, **sections):
         return load_spec(data=demo_spec_dict(tiny_model_dir, data_dir, out_dir, cache_uri=shared, **sections),

@@ -68,9 +68,9 @@ def _wait_for_job_agent(head, timeout_s: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    """One cache for this module's jobs: content-addressed, so the first job encodes and the rest find it."""
-    return tmp_path_factory.mktemp("job_cache")
+def shared_cache(shared_demo_cache) -> Path:
+    """These jobs use the session's demo cache: they find what an earlier module or job encoded."""
+    return shared_demo_cache
 
 
 def _sets(tiny_model_dir, demo_data_dir, out, cache, **extra) -> list[str]:
