@@ -8,6 +8,9 @@ PYTEST_ARGS ?=
 # Two test processes (pytest-xdist, a module at a time): the suite is Ray process start-up, which one process
 # leaves partly idle on 2 cores (767 s instead of 857 s measured). PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
+# xdist hands out modules in collection order (tests/conftest.py puts the longest first) only with
+# --no-loadscope-reorder; by default it sorts them by test count, which left a long module for the end.
+XDIST   = -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup demo test test-fast clean head-start head-stop
 
@@ -29,10 +32,10 @@ demo: setup
 	$(BIN)/flux-ray run jobs/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 head-start:
 	cluster/local-head.sh start

@@ -110,15 +110,28 @@ def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_p
 
 
 def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
+    """`flux-ray submit --command cache` waits for the job, echoes its logs and ends with its status.
+    (A submitted `run` is checked above through `ray job submit` and below through `--no-wait`.)"""
+    import re
+
+    from flux_ray.data.cache_layout import CachePaths, text_key
+    from flux_ray.spec import load_spec
+
     spec = tmp_path / "job.yaml"
     spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
-    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache) for a in ("--set", s)]
-    proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"],
-                           "--working-dir", str(tmp_path), *sets], env=head["env"], capture_output=True, text=True,
-                          timeout=600)
+    overrides = _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache)
+    sets = [a for s in overrides for a in ("--set", s)]
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"], "--command",
+                           "cache", "--working-dir", str(tmp_path), *sets], env=head["env"], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert head["token"] not in proc.stdout + proc.stderr  # secrets are never printed
-    _check_run(tmp_path)
+    job_id = re.search(r"^submitted (\S+): flux-ray cache ", proc.stdout, re.M).group(1)
+    assert proc.stdout.rstrip().endswith(f"{job_id}: SUCCEEDED")
+    loaded = load_spec(str(spec), overrides)
+    key = text_key(loaded.model, loaded.cache.text_embed_dtype)
+    assert f'"text_key": "{key}"' in proc.stdout  # the job's own summary, echoed from its logs
+    assert (Path(CachePaths(str(shared_cache)).text(key)) / "manifest.json").exists()
 
 
 def test_bad_spec_fails_before_any_job_is_created(head, tmp_path):
