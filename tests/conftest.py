@@ -149,13 +149,12 @@ def shared_demo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_spec(shared_demo_cache):
-    """Factory: ``demo_spec(tiny_model_dir, data_dir, out_dir, **sections) -> JobSpec``, cache in `shared_demo_cache`."""
+    """Factory: ``demo_spec(tiny_model_dir, data_dir, out_dir, **sections) -> JobSpec`` (shared cache)."""
     from flux_ray.spec import load_spec
 
-    shared = shared_demo_cache
-
     def make(tiny_model_dir, data_dir, out_dir, overrides=None, **sections):
-        return load_spec(data=demo_spec_dict(tiny_model_dir, data_dir, out_dir, cache_uri=shared, **sections),
+        return load_spec(data=demo_spec_dict(tiny_model_dir, data_dir, out_dir, cache_uri=shared_demo_cache,
+                                             **sections),
                          overrides=overrides)
 
     return make

@@ -67,12 +67,6 @@ def _wait_for_job_agent(head, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def shared_cache(shared_demo_cache) -> Path:
-    """These jobs use the session's demo cache: they find what an earlier module or job encoded."""
-    return shared_demo_cache
-
-
 def _sets(tiny_model_dir, demo_data_dir, out, cache, **extra) -> list[str]:
     values = {"model.pretrained_model_name_or_path": tiny_model_dir, "model.make_tiny_if_missing": "false",
               "datasets.demo.instance_data_dir": demo_data_dir, "datasets.demo.make_demo_if_missing": "false",
@@ -99,8 +93,8 @@ def _check_run(out: Path, name: str = "demo") -> dict:
     return summary
 
 
-def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
-    sets = " ".join(f"--set {s}" for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache))
+def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache):
+    sets = " ".join(f"--set {s}" for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache))
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO), "--",
            *f"flux-ray run jobs/demo.yaml {sets}".split()]
     proc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
@@ -109,7 +103,7 @@ def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_p
     _check_run(tmp_path)
 
 
-def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
+def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache):
     """`flux-ray submit --command cache` waits for the job, echoes its logs and ends with its status.
     (A submitted `run` is checked above through `ray job submit` and below through `--no-wait`.)"""
     import re
@@ -119,7 +113,7 @@ def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, 
 
     spec = tmp_path / "job.yaml"
     spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
-    overrides = _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache)
+    overrides = _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache)
     sets = [a for s in overrides for a in ("--set", s)]
     proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"], "--command",
                            "cache", "--working-dir", str(tmp_path), *sets], env=head["env"], capture_output=True,
@@ -131,7 +125,7 @@ def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, 
     loaded = load_spec(str(spec), overrides)
     key = text_key(loaded.model, loaded.cache.text_embed_dtype)
     assert f'"text_key": "{key}"' in proc.stdout  # the job's own summary, echoed from its logs
-    assert (Path(CachePaths(str(shared_cache)).text(key)) / "manifest.json").exists()
+    assert (Path(CachePaths(str(shared_demo_cache)).text(key)) / "manifest.json").exists()
 
 
 def test_bad_spec_fails_before_any_job_is_created(head, tmp_path):
@@ -148,13 +142,13 @@ def test_bad_spec_fails_before_any_job_is_created(head, tmp_path):
     assert len(client.list_jobs()) == before
 
 
-def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data_dir, tmp_path, shared_cache):
+def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache):
     from flux_ray.train.checkpoint import checkpoint_position
 
     spec = tmp_path / "job.yaml"
     spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
-    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_cache, **{"train.max_train_steps": "100000"})
-            for a in ("--set", s)]
+    sets = [a for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache,
+                             **{"train.max_train_steps": "100000"}) for a in ("--set", s)]
     proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"], "--no-wait",
                            "--working-dir", str(tmp_path), "--submission-id", "flux-ray-stop-test", *sets],
                           env=head["env"], capture_output=True, text=True, timeout=120)
