@@ -283,6 +283,10 @@ class TrainSpec(_Section):
     """auto: flash on CUDA (the default cuDNN choice crashed on H200), math on CPU. cudnn is the fastest
     measured (bench/RESULTS.md) but crashed in eager mode on an H200, so it needs compile: true."""
     compile: bool = False
+    compile_cache: bool = True
+    """With compile: share torch.compile's artifacts through ``<cache.uri>/compile/``: rank 0 uploads them after
+    the first step, and a later run or trial with the same model, options and software on the same kind of device
+    hot-loads them before compiling, so a fresh node skips inductor's codegen (train/compile_cache.py)."""
     tread_config: TreadConfig | None = None
     """TREAD token routing (SimpleTuner's option): training forwards only; eval loss and validation run
     every token. Works with flux_attention_masked_training (the mask is routed too), checkpointing, compile."""

@@ -54,9 +54,14 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     transformer, adapter, lora_init = build_transformer(spec, device)
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     model = wrap(transformer)
+    artifacts = None
     if spec.train.compile:
         from flux_ray.core.compile import compile_blocks
+        from flux_ray.train.compile_cache import CompileArtifacts
 
+        if spec.train.compile_cache:
+            artifacts = CompileArtifacts(spec, dict(transformer.config), device, rank)
+            artifacts.load()
         compile_blocks(getattr(model, "module", model))
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP
     optimizer = build_optimizer(spec.train, params, device)
@@ -87,4 +92,4 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
                      state_io=StateIO(model, adapter, optimizer, sharded=sharded,
                                       optimizer_state=spec.scaling.strategy != "deepspeed"),
                      stepper=stepper, lora_init=lora_init,
-                     validate=validate)
+                     validate=validate, after_step=artifacts.after_step if artifacts else None)

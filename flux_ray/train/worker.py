@@ -41,7 +41,8 @@ def train_loop_per_worker(config: dict) -> None:
     from flux_ray.train.profile import StepProfiler
 
     profiler = StepProfiler.from_env(parts.rank, device)
-    parts.after_step = profiler.after_step if profiler else None
+    hooks = [h for h in (parts.after_step, profiler.after_step if profiler else None) if h]
+    parts.after_step = (lambda step: [h(step) for h in hooks]) if hooks else None
     if parts.position.step:
         log.info("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
                  parts.position.epoch, parts.position.batch_index)

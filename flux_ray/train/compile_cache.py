@@ -1,0 +1,102 @@
+"""torch.compile artifacts shared through the run's storage, so a fresh node or trial skips inductor's codegen.
+
+Inductor already caches compiled graphs on the local disk (``TORCHINDUCTOR_CACHE_DIR``), which helps only a
+machine that compiled before. On KubeRay every trial's pod starts empty, so rank 0 uploads torch's portable
+"mega-cache" (``torch.compiler.save_cache_artifacts``: FX graph, AOT autograd and autotune entries) after the
+first step to ``<cache.uri>/compile/<key>.bin``; every worker of a later run with the same key hot-loads it
+(``load_cache_artifacts``) before compiling. The key hashes what decides the graphs: torch / Triton / CUDA
+versions, the device, flux_ray's model and training code, the transformer's config and the spec options that
+change the traced blocks (the SDPA backend too: inductor's own key ignores it, see core/compile.py). A
+changed shape still compiles (its graph is simply not in the artifacts), and a load that fails falls back
+to compiling. No Ray import.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from flux_ray import storage
+
+log = logging.getLogger("flux_ray.compile_cache")
+
+# Spec fields that change the compiled blocks' graphs (shapes are handled by the graphs' own keys).
+SPEC_FIELDS = {
+    "model": {"base_model_precision", "base_model_default_dtype", "model_flavour"},
+    "lora": {"lora_type", "lora_rank", "lora_dropout", "flux_lora_target", "peft_lora_target_modules",
+             "lycoris_config", "lora_init_type"},
+    "train": {"compile", "attention_backend", "gradient_checkpointing", "gradient_checkpointing_interval",
+              "tread_config", "mixed_precision", "flux_attention_masked_training", "train_batch_size"},
+}
+_CODE_DIRS = ("core",)  # the modules whose code is traced into the blocks' graphs
+
+
+def _code_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for d in _CODE_DIRS:
+        for p in sorted((root / d).glob("*.py")):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _device_identity(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"name": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
+                "cuda": torch.version.cuda}
+    return {"type": device.type}
+
+
+def artifact_key(spec, transformer_config: dict, device: torch.device) -> str:
+    """Everything that decides the compiled graphs, hashed."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    ident = {"torch": torch.__version__, "triton": triton_version, "device": _device_identity(device),
+             "code": _code_digest(), "transformer": transformer_config,
+             "spec": spec.model_dump(mode="json", include=SPEC_FIELDS)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class CompileArtifacts:
+    """Fetch before compiling (every worker), publish after the first step (rank 0, when none was found)."""
+
+    def __init__(self, spec, transformer_config: dict, device: torch.device, rank: int):
+        self.uri = storage.join(spec.cache.uri, "compile", artifact_key(spec, transformer_config, device) + ".bin")
+        self.st, self.rank = spec.storage, rank
+        self.loaded = False
+        self.published = False
+
+    def load(self) -> bool:
+        """Hot-load the shared artifacts if there are any; any failure means compiling as usual."""
+        try:
+            if not storage.exists(self.uri, self.st):
+                log.info("no shared compile artifacts at %s: compiling", self.uri)
+                return False
+            blob = storage.read_bytes(self.uri, self.st)
+            info = torch.compiler.load_cache_artifacts(blob)
+        except Exception as e:  # noqa: BLE001 - a cache must never stop training
+            log.warning("could not load compile artifacts %s (%s: %s): compiling", self.uri, type(e).__name__, e)
+            return False
+        self.loaded = info is not None
+        log.info("loaded compile artifacts %s (%d bytes)", self.uri, len(blob))
+        return self.loaded
+
+    def after_step(self, step: int) -> None:
+        """Rank 0 publishes what the first step compiled, once, when no artifacts were loaded."""
+        if self.published or self.loaded or self.rank != 0:
+            return
+        self.published = True
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                return
+            storage.write_bytes_atomic(self.uri, saved[0], self.st)
+            log.info("published compile artifacts %s (%d bytes)", self.uri, len(saved[0]))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not publish compile artifacts %s (%s: %s)", self.uri, type(e).__name__, e)
