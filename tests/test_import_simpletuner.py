@@ -140,7 +140,7 @@ SAMPLES = {
     "target_downsample_size": (1536, 1536),
     "crop": (True, True),
     "crop_style": ("random", "random"),
-    "crop_aspect": ("closest", "closest"),
+    "crop_aspect": ("closest", "preserve"),
     "repeats": ("9", 9),
     "is_regularisation_data": (True, True, {}, EITHER),
     "is_regularization_data": (True, True, {}, EITHER),
@@ -215,6 +215,20 @@ def test_unknown_keys_are_reported_not_dropped(tmp_path):
         assert key in result.report()
 
 
+def test_unsupported_values_say_what_applies(tmp_path):
+    config = {**BASE_CONFIG, "lr_scheduler": "cosine_with_restarts", "base_model_precision": "fp8-quanto",
+              "mixed_precision": "fp16"}
+    result = import_simpletuner(*write_files(tmp_path, config, [{**BASE_DATASET, "crop_style": "face"}]))
+    notes = {e.key: e.note for e in result.entries if e.status == "unsupported"}
+    assert notes["lr_scheduler"].endswith("flux_ray's default 'constant' applies")
+    assert notes["base_model_precision"].startswith("'fp8-quanto'")
+    assert notes["base_model_precision"].endswith("'no_change' applies")
+    assert notes["mixed_precision"].endswith("'bf16' applies")
+    assert notes["crop_style"].endswith("'center' applies")
+    assert result.data["train"] == {"max_train_steps": 10} and result.data["datasets"] == [{"id": "d", "type": "local",
+                                                                       "instance_data_dir": str(tmp_path / "data")}]
+
+
 def test_config_keys_are_defaults_for_datasets(tmp_path):
     """config.json's resolution / resolution_type apply to datasets that do not set their own (area: megapixels)."""
     config = {**BASE_CONFIG, "--resolution_type": "area", "--resolution": 0.25, "caption_dropout_probability": 0.2}
@@ -239,6 +253,22 @@ def test_spec_refusals_become_unsupported(tmp_path):
     assert entry.status == "unsupported" and "gradient_checkpointing" in entry.note
     assert result.data["model"] == {"model_family": "flux", "group_offload_type": "leaf_level"}
     load_spec(data=result.data, check_paths=False)
+
+
+def test_refusal_messages_blame_the_key_they_name(tmp_path):
+    """Refusals that reach the importer only as text (load_spec's checks after the model) or as a model-level
+    error are pinned on the mapped key whose spec path the message names, e.g. is_regularisation_data."""
+    from flux_ray.simpletuner.convert import _blame, _blame_text
+
+    datasets = [{**BASE_DATASET, "repeats": 2}, {**BASE_DATASET, "id": "reg", "is_regularisation_data": True}]
+    result = import_simpletuner(*write_files(tmp_path, BASE_CONFIG, datasets))
+    [reg] = [e for e in result.entries if e.key == "is_regularisation_data"]
+    text = "invalid job spec (dict):\n  datasets.1.is_regularisation_data: not supported yet (no parent-teacher loss)"
+    assert [e for e, _ in _blame_text(text, result.entries)] == [reg]
+    assert _blame_text("train.max_train_steps: too many", result.entries)[0][0].key == "max_train_steps"
+    model_level = {"loc": ("datasets", 1), "msg": "Value error, is_regularisation_data is not supported yet"}
+    assert _blame(model_level, result.entries)[0] is reg
+    assert _blame({"loc": ("datasets", 1), "msg": "Value error, something else"}, result.entries) is None
 
 
 def test_aws_dataset_keeps_credentials_out(tmp_path):
@@ -367,7 +397,8 @@ def test_quickstart_prompt_library_option(quickstart, tmp_path):
 TINY = ["model.model_flavour=dev", "model.pretrained_vae_model_name_or_path=null", "model.tokenizer_max_length=32",
         "model.base_model_precision=no_change", "model.base_model_default_dtype=fp32", 'train.mixed_precision="no"',
         "train.max_train_steps=2", "train.checkpointing_steps=2", "train.log_every=1",
-        "train.gradient_checkpointing=false", "eval.validation_step_interval=2", "eval.validation_resolution=64x64", "eval.validation_num_inference_steps=2"]
+        "train.gradient_checkpointing=false", "eval.validation_step_interval=2", "eval.validation_resolution=64x64",
+        "eval.validation_num_inference_steps=2"]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from flux_ray.simpletuner.table import (BACKENDS_UNSUPPORTED, DATASET_KINDS_DROP
                                         rules_for)
 from flux_ray.simpletuner.values import (AlreadyDefault, Context, Refused, Unsupported, WrongType, dataset_id,
                                          parquet_leftovers)
-from flux_ray.spec import SECRET_KEY_PARTS, JobSpec, SpecError, check_local_inputs, load_spec
+from flux_ray.spec import SECRET_KEY_PARTS, DatasetSpec, JobSpec, SpecError, check_local_inputs, load_spec
 
 MAPPED, DROPPED, UNSUPPORTED = "mapped", "dropped", "unsupported"
 UNKNOWN = "no flux_ray equivalent yet (the importer does not know this key)"
@@ -98,6 +98,21 @@ def read_json(path: Path, want: type, what: str) -> Any:
     return data
 
 
+def default_note(path: tuple) -> str:
+    """'; flux_ray's default X applies' for a spec key (``datasets`` items addressed by index or not at all)."""
+    keys = [p for p in path if isinstance(p, str) and p]
+    if not keys:
+        return ""
+    if keys[0] == "datasets":
+        field = DatasetSpec.model_fields.get(keys[-1])
+    elif len(keys) == 1:
+        field = JobSpec.model_fields.get(keys[0])
+    else:
+        field = JobSpec.model_fields[keys[0]].annotation.model_fields.get(keys[1])
+    default = field.get_default(call_default_factory=True) if field else None
+    return f"; flux_ray's default {default!r} applies" if field else ""
+
+
 def _strip_dashes(config: dict, source: str) -> tuple[dict[str, Any], dict[str, str]]:
     """``--key`` and ``key`` are the same trainer argument; returns (values, key as written)."""
     values, written = {}, {}
@@ -151,7 +166,7 @@ class _Importer:
             entry.status, entry.note = DROPPED, str(e)
             return
         except Unsupported as e:
-            entry.status, entry.note = UNSUPPORTED, str(e)
+            entry.status, entry.note = UNSUPPORTED, str(e) + default_note(base + tuple(rule.target.split(".")))
             return
         path = base + tuple(rule.target.split("."))
         earlier = self.by_path.get(path)
@@ -261,23 +276,46 @@ def _blame(err: dict, entries: list[Entry]) -> tuple[Entry, str] | None:
     return (min(named, key=lambda t: t[:2])[2], msg) if named else None
 
 
+def _blame_text(message: str, entries: list[Entry]) -> list[tuple[Entry, str]]:
+    """Mapped entries a refusal message names by full spec path (``datasets.0.x``, ``datasets.<id>.x``,
+    ``train.x``): for refusals raised after the pydantic model (load_spec's own checks)."""
+    out = []
+    for e in entries:
+        if e.status != MAPPED or not e.path or e.path[-1] in ("id", "type"):
+            continue
+        if ".".join(str(p) for p in e.path) in message or e.target in message:
+            out.append((e, " ".join(message.split())))
+    return out
+
+
+def _spec_errors(data: dict, entries: list[Entry]) -> tuple[list[tuple[Entry, str]], list[str]]:
+    """([(entry to blame, message)], [messages]) for the spec as it stands; both empty when it validates."""
+    try:
+        JobSpec.model_validate(copy.deepcopy(data))
+    except ValidationError as e:
+        errors = e.errors()
+        blamed = [b for b in (_blame(err, entries) for err in errors) if b]
+        return blamed, [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
+                        f"{err['msg'].removeprefix('Value error, ')}" for err in errors]
+    try:
+        load_spec(data=data, check_paths=False)
+    except SpecError as e:
+        return _blame_text(str(e), entries), [str(e)]
+    return [], []
+
+
 def validate_or_drop(importer: _Importer, sources: str) -> None:
     """Validate the spec; a mapped value the spec refuses becomes 'not supported yet' and is removed."""
     for _ in range(len(importer.entries) + 1):
-        try:
-            JobSpec.model_validate(copy.deepcopy(importer.data))
+        blamed, messages = _spec_errors(importer.data, importer.entries)
+        if not messages:
             return
-        except ValidationError as e:
-            errors = e.errors()
-            blamed = [b for b in (_blame(err, importer.entries) for err in errors) if b]
-            if not blamed:
-                lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
-                         f"{err['msg'].removeprefix('Value error, ')}" for err in errors]
-                raise SpecError(f"the spec imported from {sources} is invalid:\n" + "\n".join(lines)) from None
-            for entry, msg in blamed:
-                if entry.status == MAPPED:
-                    _remove(importer.data, entry.path)
-                    entry.status, entry.note = UNSUPPORTED, f"flux_ray's spec refuses it: {msg}"
+        if not blamed:
+            raise SpecError(f"the spec imported from {sources} is invalid:\n  " + "\n  ".join(messages))
+        for entry, msg in blamed:
+            if entry.status == MAPPED:
+                _remove(importer.data, entry.path)
+                entry.status, entry.note = UNSUPPORTED, f"flux_ray's spec refuses it: {msg}{default_note(entry.path)}"
 
 
 SECTION_ORDER = list(JobSpec.model_fields)

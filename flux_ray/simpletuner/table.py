@@ -259,7 +259,8 @@ TABLE: tuple[Rule, ...] = (
     M("crop_style", "crop_style", convert=choice(
         same("center", "random", "corner"), "crop_style {value!r}: flux_ray crops {known}"), scope=DS),
     M("crop_aspect", "crop_aspect", convert=choice(
-        same("square", "preserve", "closest", "random"), "crop_aspect {value!r}"), scope=DS),
+        {**same("square", "preserve"), "closest": "preserve", "random": "preserve"}, "crop_aspect {value!r}"),
+      note="closest / random pick from crop_aspect_buckets, which flux_ray has not: preserve", scope=DS),
     M("repeats", "repeats", as_int, note="same meaning: 0 = each image once per epoch", scope=DS),
     M("is_regularisation_data", "is_regularisation_data", as_bool, scope=DS),
     M("is_regularization_data", "is_regularisation_data", as_bool,
@@ -272,7 +273,7 @@ TABLE: tuple[Rule, ...] = (
     D("text_embeds", CACHE, scope=DS), D("image_embeds", CACHE, scope=DS),
     D("conditioning_image_embeds", CACHE, scope=DS), D("default", CACHE, scope=DS),
     D("metadata_update_interval", "flux_ray lists the images when the cache job runs", scope=DS),
-    U("crop_aspect_buckets", "flux_ray has no bucket list yet: closest / random act as preserve", scope=DS),
+    U("crop_aspect_buckets", "flux_ray has no bucket list yet (crop_aspect closest / random -> preserve)", scope=DS),
     U("max_upscale_threshold", "flux_ray has no bucket list to filter yet", scope=DS),
     U("minimum_aspect_ratio", "not implemented in flux_ray yet", scope=DS),
     U("maximum_aspect_ratio", "not implemented in flux_ray yet", scope=DS),
