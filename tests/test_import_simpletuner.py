@@ -292,9 +292,11 @@ def test_working_dir_option(tmp_path):
 
 
 def test_backend_path_from_config(tmp_path):
-    cfg, _ = write_files(tmp_path, {**BASE_CONFIG, "--data_backend_config": "config/multidatabackend.json"},
+    cfg, _ = write_files(tmp_path, {"model_family": "flux", "--data_backend_config": "config/multidatabackend.json"},
                          [BASE_DATASET])
-    assert import_simpletuner(cfg).data["datasets"][0]["id"] == "d"
+    result = import_simpletuner(cfg)
+    assert result.data["datasets"][0]["id"] == "d"
+    assert any("sets no max_train_steps: flux_ray's default 100 applies" in w for w in result.warnings)
 
 
 @pytest.mark.parametrize("config, datasets, words", [

@@ -20,7 +20,8 @@ from flux_ray.simpletuner.table import (BACKENDS_UNSUPPORTED, DATASET_KINDS_DROP
                                         rules_for)
 from flux_ray.simpletuner.values import (AlreadyDefault, Context, Refused, Unsupported, WrongType, dataset_id,
                                          parquet_leftovers)
-from flux_ray.spec import SECRET_KEY_PARTS, DatasetSpec, JobSpec, SpecError, check_local_inputs, load_spec
+from flux_ray.spec import (SECRET_KEY_PARTS, DatasetSpec, JobSpec, SpecError, TrainSpec, check_local_inputs,
+                           load_spec)
 
 MAPPED, DROPPED, UNSUPPORTED = "mapped", "dropped", "unsupported"
 UNKNOWN = "no flux_ray equivalent yet (the importer does not know this key)"
@@ -355,6 +356,9 @@ def import_simpletuner(config_path: str | Path, data_backend_config: str | Path 
     validate_or_drop(importer, sources)
     data = {k: importer.data[k] for k in SECTION_ORDER if k in importer.data}
     result = ImportResult(data, importer.entries, sources=sources)
+    if "max_train_steps" not in values:
+        steps = TrainSpec.model_fields["max_train_steps"].default
+        result.warnings.append(f"{config_path} sets no max_train_steps: flux_ray's default {steps} applies")
     spec = load_spec(data=data, check_paths=False)
     try:
         check_local_inputs(spec, "(imported)")

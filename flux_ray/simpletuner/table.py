@@ -75,7 +75,7 @@ TABLE: tuple[Rule, ...] = (
     M("pretrained_transformer_subfolder", "model.pretrained_transformer_subfolder"),
     M("pretrained_vae_model_name_or_path", "model.pretrained_vae_model_name_or_path", convert=model_path),
     M("base_model_precision", "model.base_model_precision", convert=choice(
-        same(*QUANTIZED), "{value!r}: flux_ray quantizes the base with {known}; the base stays unquantized")),
+        same(*QUANTIZED), "{value!r}: flux_ray quantizes the base with {known}")),
     M("quantize_via", "model.quantize_via", convert=choice(
         same("accelerator", "cpu"), "quantize_via {value!r}: flux_ray quantizes on the accelerator or cpu")),
     M("base_model_default_dtype", "model.base_model_default_dtype", convert=choice(
@@ -120,7 +120,7 @@ TABLE: tuple[Rule, ...] = (
     M("gradient_accumulation_steps", "train.gradient_accumulation_steps", as_int),
     M("learning_rate", "train.learning_rate", as_float),
     M("optimizer", "train.optimizer", convert=choice(
-        same(*OPTIMIZERS), "optimizer {value!r}: flux_ray has {known} and adamw (torch); adamw is used")),
+        same(*OPTIMIZERS), "optimizer {value!r}: flux_ray has {known} and adamw (torch)")),
     M("optimizer_beta1", "train.adam_beta1", as_float),
     M("optimizer_beta2", "train.adam_beta2", as_float),
     M("adam_beta1", "train.adam_beta1", as_float),
@@ -159,7 +159,7 @@ TABLE: tuple[Rule, ...] = (
     U("noise_offset", "not implemented in flux_ray yet"),
     U("input_perturbation", "not implemented in flux_ray yet"),
     U("train_text_encoder", "flux_ray trains the transformer LoRA only"),
-    D("disable_tf32", "flux_ray sets matmul precision itself"),
+    U("disable_tf32", "flux_ray leaves torch's TF32 settings at their defaults"),
     # flow matching
     M("flow_sigmoid_scale", "flow.flow_sigmoid_scale", as_float),
     M("flow_use_uniform_schedule", "flow.flow_use_uniform_schedule", as_bool),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+
 class Unsupported(Exception):
     """A value flux_ray cannot take yet: the key is reported as unsupported with this reason and dropped."""
 
@@ -107,10 +108,6 @@ def as_str_list(v: Any, ctx: Context) -> list[str]:
     return v
 
 
-def as_any(v: Any, ctx: Context) -> Any:
-    return v
-
-
 # ---------------------------------------------------------------- converters (value -> flux_ray value)
 
 def resolve_path(v: str, ctx: Context) -> str:
@@ -202,7 +199,7 @@ def max_train_steps(v: int, ctx: Context) -> int:
 
 
 def num_train_epochs(v: int, ctx: Context) -> None:
-    steps = as_int(ctx.config.get("max_train_steps", 0), ctx)
+    steps = as_int(ctx.config.get("max_train_steps") or 0, ctx)
     if v > 0 and steps <= 0:
         raise Refused(f"num_train_epochs {v} without max_train_steps: flux_ray counts steps only "
                       "(train.max_train_steps); set max_train_steps in the config")
