@@ -356,6 +356,8 @@ def import_simpletuner(config_path: str | Path, data_backend_config: str | Path 
     validate_or_drop(importer, sources)
     data = {k: importer.data[k] for k in SECTION_ORDER if k in importer.data}
     result = ImportResult(data, importer.entries, sources=sources)
+    result.warnings.append("scaling is not in SimpleTuner's files: the spec trains on 1 worker without a GPU "
+                           "(flux_ray's defaults) until scaling.use_gpu / scaling.num_workers are set")
     if "max_train_steps" not in values:
         steps = TrainSpec.model_fields["max_train_steps"].default
         result.warnings.append(f"{config_path} sets no max_train_steps: flux_ray's default {steps} applies")
