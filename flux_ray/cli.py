@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--merge", action="store_true", help="fuse into the base transformer and save it (bf16)")
     p.add_argument("--spec", dest="spec_path", default=None, help="job spec (default: the run's job_spec.yaml)")
+    p = sub.add_parser("import-simpletuner", help="write a job spec from SimpleTuner's config.json and "
+                                                  "multidatabackend.json (report on stderr)")
+    p.add_argument("config", help="SimpleTuner config.json (keys with or without the leading --)")
+    p.add_argument("--data-backend-config", default=None,
+                   help="multidatabackend.json (default: the config's data_backend_config)")
+    p.add_argument("--user-prompt-library", default=None, help="user_prompt_library.json ({nickname: prompt})")
+    p.add_argument("--working-dir", default=None,
+                   help="where SimpleTuner resolved the files' relative paths (default: the config's parent's parent)")
+    p.add_argument("-o", "--output", default=None, help="spec YAML to write (default: stdout)")
     from flux_ray.jobs_client import add_job_commands
 
     add_job_commands(sub)
@@ -88,6 +97,10 @@ def _dispatch(args) -> int:
         from flux_ray.core.lora_export import export_cli
 
         return export_cli(args)
+    if args.cmd == "import-simpletuner":
+        from flux_ray.simpletuner import import_cli
+
+        return import_cli(args)
     if args.cmd in ("submit", "status", "logs", "stop"):
         from flux_ray.jobs_client import run_job_command
 
