@@ -133,8 +133,14 @@ def phase_train(a, model_dir: str) -> list[dict]:
     images = write_photos(Path(a.work) / "photos_train", a.train_images, [(512, 512), (640, 384)] if not a.tiny
                           else [(64, 64)])
     rows = []
-    for g in a.gpus:
+    for i, g in enumerate(a.gpus):
+        if a.fresh_node_caches:  # a new "node": Ray restarted with empty local compile caches
+            ray.shutdown()
+            local = Path(a.work) / f"node-{int(time.time())}-{i}"
+            os.environ.update(TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"), TRITON_CACHE_DIR=str(local / "triton"))
+            start_ray(a)
         spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", "textfile"))
+        spec.train.compile_cache = bool(a.compile_cache)
         spec.scaling.num_workers = g
         if a.cpu:
             spec.scaling.resources_per_worker = {"CPU": 1}
@@ -153,6 +159,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
         sps = statistics.median(m["samples_per_s"] for m in steady)
         step_s = statistics.median(m["step_time_s"] for m in steady)
         row = dict(phase="train", gpus=g, res=a.train_res, bs_per_gpu=a.bs, steps=outcome.steps,
+                   fresh_node=bool(a.fresh_node_caches), compile_cache=bool(a.compile_cache),
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
                    first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
                    peak_gib=round(max(m.get("peak_gpu_mem_gib", 0) for m in sink), 2) if sink else None,
@@ -166,6 +173,12 @@ def phase_train(a, model_dir: str) -> list[dict]:
             r["scaling_efficiency"] = round(r["samples_per_s"] / (r["gpus"] * base["samples_per_s"]), 3)
     ray.shutdown()
     return rows
+
+
+def start_ray(a) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=a.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False)
 
 
 def main() -> None:
@@ -200,6 +213,9 @@ def main() -> None:
     ap.add_argument("--ckpt", type=int, default=0)
     ap.add_argument("--attn", default="cudnn")
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--fresh-node-caches", type=int, default=0,
+                    help="1: restart Ray before each --gpus run with empty local inductor/Triton caches (a fresh node)")
+    ap.add_argument("--compile-cache", type=int, default=1, help="train.compile_cache (artifacts via the cache URI)")
     a = ap.parse_args()
     import logging
 
@@ -224,13 +240,11 @@ def main() -> None:
     log(phase="model", path=model_dir, seconds=round(time.perf_counter() - t0, 1))
     # job.init_ray's worker setup hook is a runtime_env, which needs ray[default]'s agent; the device
     # carries Ray without it, so start the local Ray the same way minus that hook (only Tune needs it).
-    import ray
-
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if a.profile_steps:  # set before ray.init: Ray's workers inherit the environment the local cluster starts with
         os.environ.update(FLUX_RAY_PROFILE_STEPS=a.profile_steps,
                           FLUX_RAY_PROFILE_DIR=str(Path(a.out).resolve() / "profile"))
-    ray.init(address="local", num_cpus=a.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False)
+    start_ray(a)
     import torch
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -250,10 +264,12 @@ def main() -> None:
         for name, s in (r["stages"] or {}).items():
             print(f"  | {name} | {s['rows']} | {s['seconds']} s | {s['rows_per_s']} rows/s | busy {s['busy_seconds']} s |")
     if results.get("train"):
-        print("\n| GPUs | res | bs/GPU | samples/s | s/step | scaling efficiency | peak GiB | first report s |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| GPUs | res | bs/GPU | fresh node | compile cache | samples/s | s/step | scaling efficiency | peak GiB "
+              "| first report s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in results["train"]:
-            print(f"| {r['gpus']} | {r['res']} | {r['bs_per_gpu']} | {r['samples_per_s']} | {r['step_time_s']} | "
+            print(f"| {r['gpus']} | {r['res']} | {r['bs_per_gpu']} | {r['fresh_node']} | {r['compile_cache']} | "
+                  f"{r['samples_per_s']} | {r['step_time_s']} | "
                   f"{r.get('scaling_efficiency')} | {r['peak_gib']} | {r['first_report_s']} |")
         for r in results["train"]:
             for p in r.get("profile") or []:

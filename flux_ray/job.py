@@ -25,8 +25,13 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     # Train v2 workers block in report() until the controller polls (default every 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-             log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.pin_ray_address"})
+    context = ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+                       log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.pin_ray_address"})
+    if not context.dashboard_url:
+        # Train v2's PlacementGroupCleaner polls the State API, which the dashboard serves: without it every
+        # poll logs "Failed to query Ray Train Controller actor state" (seen on a GPU image without ray[default]).
+        log.warning("Ray's dashboard is not running (is ray[default] installed?): Ray Train's placement-group "
+                    "cleaner cannot read actor state and will log a warning every second")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
