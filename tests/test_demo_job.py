@@ -84,13 +84,21 @@ def test_rerun_same_name_resumes_instead_of_retraining(demo_run):
     from flux_ray import job
 
     spec, first = demo_run
-    lora_before = open(first["lora"], "rb").read()
+    from safetensors import safe_open
+
+    def tensors_and_steps(path):
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("flux_ray.training_steps")
+
+    lora_before, steps_before = tensors_and_steps(first["lora"])
     again = job.run(spec.model_copy(update={"output": spec.output.model_copy(
         update={"export_formats": ["diffusers", "kohya"]})}))
     assert again["rerun"] == "complete" and "is complete" in again["rerun_message"]
     assert again["steps"] == 30 and again["steps_trained_now"] == 0
     assert again["mlflow"] == first["mlflow"]
-    assert open(again["lora"], "rb").read() == lora_before
+    lora_after, steps_after = tensors_and_steps(again["lora"])
+    assert steps_after == steps_before == "30"
+    assert lora_after.keys() == lora_before.keys() and all(torch.equal(lora_after[k], lora_before[k]) for k in lora_after)
     import glob
     assert glob.glob(f"{spec.run_uri}/lora/kohya/*.safetensors")
     assert again["cache"]["datasets"]["demo"]["encoded_this_run"] == 0

@@ -172,6 +172,30 @@ def test_flow_options_train(cached, flow):
     assert other[0]["train_loss"] != pytest.approx(first[0]["train_loss"], abs=1e-7), "the option had no effect"
 
 
+@pytest.mark.parametrize("base, changed", [
+    (["flow.loss_type=huber"], ["flow.loss_type=huber", "flow.huber_c=0.5"]),
+    ([], ["flow.flow_sigmoid_scale=3.0"]),
+    ([], ["model.base_model_default_dtype=bf16"]),
+])
+def test_more_options_change_the_first_loss(cached, base, changed):
+    first = run_steps(cached(base), 1)[0]["train_loss"]
+    other = run_steps(cached(changed), 1)[0]["train_loss"]
+    assert torch.isfinite(torch.tensor(other)) and other != pytest.approx(first, abs=1e-7), "the option had no effect"
+
+
+@pytest.mark.parametrize("option", ["train.adam_beta1=0.5", "train.adam_beta2=0.9", "train.adam_weight_decay=0.5",
+                                    "train.max_grad_norm=1e-6"])
+def test_optimizer_options_change_the_update(cached, option):
+    """Two steps (Adam's first step is sign-like and ignores the betas) from the same start: the LoRA differs."""
+    def lora_after(opts):
+        parts = build_loop_parts(cached(opts + ["train.learning_rate=1e-3"]), CPU, 0, 1)
+        parts.spec.train.max_train_steps, parts.spec.train.log_every = 2, 1
+        train_loop(parts, lambda m, c: None)
+        return torch.cat([v.flatten().float() for v in parts.state_io.gather()[0].values()])
+
+    assert (lora_after([option]) - lora_after([])).abs().max() > 1e-7
+
+
 def test_loftq_refuses_cpu_clearly(cached):
     with pytest.raises(ValueError, match="lora_init_type='loftq' quantizes the base on a CUDA device"):
         build_loop_parts(cached(["lora.lora_init_type=loftq"]), CPU, 0, 1)
