@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -59,14 +60,27 @@ def test_strategies_train_the_same_lora(dist_env, ddp_run, strategy):
 def test_adamw_bf16_trains_under_ddp_and_fsdp(dist_env, ddp_run, strategy):
     """adamw_bf16 casts the LoRA to bf16 before DDP builds its buckets / FSDP2 its sharded parameters: two gloo
     workers train, the checkpointed LoRA is bf16, and the losses follow the fp32 DDP run within bf16 error."""
+    _check_adamw_bf16(dist_env, ddp_run, strategy, use_gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_adamw_bf16_trains_under_nccl(dist_env, ddp_run, strategy):
+    _check_adamw_bf16(dist_env, ddp_run, strategy, use_gpu=True)
+
+
+def _check_adamw_bf16(dist_env, ddp_run, strategy: str, use_gpu: bool) -> None:
     import glob as g
 
     from safetensors.torch import load_file
 
     spec_for, job = dist_env
     steps = 4
-    run = job.run(spec_for(f"bf16-{strategy}", strategy, optimizer="adamw_bf16", max_train_steps=steps),
-                  do_cache=False)
+    spec = spec_for(f"bf16-{strategy}-{'gpu' if use_gpu else 'cpu'}", strategy, optimizer="adamw_bf16",
+                    max_train_steps=steps)
+    spec.scaling.use_gpu = use_gpu
+    run = job.run(spec, do_cache=False)
     assert run["steps"] == steps
     base = dict(_history(ddp_run))
     hist = _history(run)

@@ -175,12 +175,20 @@ def test_flow_options_train(cached, flow):
 @pytest.mark.parametrize("base, changed", [
     (["flow.loss_type=huber"], ["flow.loss_type=huber", "flow.huber_c=0.5"]),
     ([], ["flow.flow_sigmoid_scale=3.0"]),
-    ([], ["model.base_model_default_dtype=bf16"]),
 ])
 def test_more_options_change_the_first_loss(cached, base, changed):
     first = run_steps(cached(base), 1)[0]["train_loss"]
     other = run_steps(cached(changed), 1)[0]["train_loss"]
     assert torch.isfinite(torch.tensor(other)) and other != pytest.approx(first, abs=1e-7), "the option had no effect"
+
+
+def test_base_dtype_is_the_frozen_weights_dtype(cached):
+    """(The tiny model's weights are bf16-exact and autocast runs bf16 matmuls, so the loss cannot show it.)"""
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        parts = build_loop_parts(cached([f"model.base_model_default_dtype={name}", "train.mixed_precision=bf16"]),
+                                 CPU, 0, 1)
+        assert {p.dtype for p in parts.model.parameters() if not p.requires_grad} == {dtype}
+        assert {p.dtype for p in parts.params} == {torch.float32}
 
 
 @pytest.mark.parametrize("option", ["train.adam_beta1=0.5", "train.adam_beta2=0.9", "train.adam_weight_decay=0.5",
