@@ -34,17 +34,20 @@ RESTART_MODES = ("keep", "discard")
 RESUMABLE_KEYS = (
     "name", "tune", "tune.*", "output.*", "tracking.*", "storage.*",
     "train.max_train_steps", "train.log_every", "train.checkpointing_steps", "train.checkpoints_total_limit",
-    "train.resume_from_checkpoint", "train.compile", "train.attention_backend",
+    "train.resume_from_checkpoint", "train.compile", "train.attention_backend", "train.gradient_checkpointing",
+    "train.gradient_checkpointing_interval",
     "eval.eval_steps_interval", "eval.eval_timesteps", "eval.eval_seed", "eval.validation_*",
     "eval.user_prompt_library",
-    "cache.vae_batch_size", "cache.vae_bucket_window", "cache.text_batch_size", "cache.num_vae_actors",
+    "cache.uri", "cache.vae_batch_size", "cache.vae_bucket_window", "cache.text_batch_size", "cache.num_vae_actors",
     "cache.num_text_actors", "cache.gpus_per_actor", "cache.commit_every", "cache.min_rows_per_file",
     "cache.decode_concurrency", "cache.vae_channels_last", "cache.compile_encoders",
     "scaling.max_failures", "scaling.resources_per_worker", "scaling.use_gpu",
     "model.make_tiny_if_missing", "model.quantize_via", "model.enable_group_offload", "model.group_offload_*",
     "datasets.*.make_demo_if_missing",
 )
-"""Dotted keys (fnmatch patterns) a rerun may change and still resume; every other key is the run's identity."""
+"""Dotted keys (fnmatch patterns) a rerun may change and still resume; every other key is the run's identity.
+Kept in the identity on purpose: scaling.num_workers (the global batch) and scaling.strategy (DeepSpeed keeps no
+optimizer moments), mixed_precision and the base's precision (the numbers trained)."""
 
 
 def is_resumable(key: str) -> bool:

@@ -100,3 +100,25 @@ def test_restart_keeps_or_discards_the_old_version(make, mode):
     R.record_identity(other)
     fake_checkpoint(other, 4)
     assert R.plan_run(other).action == "resume"  # the new version resumes; the kept one is not looked at
+
+
+def test_identity_and_restart_on_s3(make, s3_server):
+    """The same on an s3:// output (moto): checkpoints found, the old version copied aside, then deleted."""
+    from flux_ray import storage
+
+    bucket = s3_server.create_bucket("runs")
+    spec = make(f"output.uri={bucket}/out", f"storage.aws_endpoint_url={s3_server.endpoint}")
+    assert R.plan_run(spec).action == "fresh"  # nothing under the run yet
+    R.record_identity(spec)
+    storage.write_json_atomic(storage.join(spec.run_uri, "checkpoint_000010", "trainer_state.json"),
+                              {"position": {"step": 10, "epoch": 0, "batch_index": 0}}, spec.storage)
+    assert R.plan_run(spec).action == "resume"
+    with pytest.raises(SpecError, match="lora.lora_rank: 8 -> 4"):
+        R.plan_run(make(f"output.uri={bucket}/out", f"storage.aws_endpoint_url={s3_server.endpoint}",
+                        "lora.lora_rank=4"))
+    plan = R.plan_run(spec, restart="keep")
+    assert plan.action == "fresh" and R.latest_checkpoint(spec)[1] is None
+    kept = {f.rel_path for f in storage.list_files(spec.run_uri, spec.storage)}
+    (prev,) = {p.split("/")[0] for p in kept}
+    assert prev.startswith(R.PREVIOUS_PREFIX)
+    assert {p.split("/", 1)[1] for p in kept} == {R.IDENTITY_FILE, "checkpoint_000010/trainer_state.json"}
