@@ -102,6 +102,10 @@ def _dispatch(args) -> int:
         return 0
     from flux_ray import job
 
+    if args.cmd in ("train", "run") and args.restart is None:
+        from flux_ray.train.run_identity import plan_run
+
+        plan_run(spec)  # a refused rerun fails here, before Ray starts (job.run plans again, with --restart)
     job.init_ray(args.num_cpus)
     if args.cmd == "cache":
         summary = job.cache(spec).to_dict()

@@ -122,3 +122,25 @@ def test_identity_and_restart_on_s3(make, s3_server):
     (prev,) = {p.split("/")[0] for p in kept}
     assert prev.startswith(R.PREVIOUS_PREFIX)
     assert {p.split("/", 1)[1] for p in kept} == {R.IDENTITY_FILE, "checkpoint_000010/trainer_state.json"}
+
+
+def test_cli_refuses_a_changed_rerun_before_ray_starts(make, tmp_path, capsys):
+    import ray
+    import yaml
+
+    from flux_ray.cli import build_parser, main
+
+    spec = make()
+    R.record_identity(spec)
+    fake_checkpoint(spec, 10)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    was_up = ray.is_initialized()
+    assert main(["train", str(path), "--set", "lora.flux_lora_target=context"]) == 2
+    err = capsys.readouterr().err
+    assert 'lora.flux_lora_target: "all+ffs" -> "context"' in err and "--restart" in err and "Traceback" not in err
+    assert ray.is_initialized() == was_up
+    parse = build_parser().parse_args
+    assert parse(["run", "x.yaml", "--restart"]).restart == "keep"
+    assert parse(["train", "x.yaml", "--restart=discard"]).restart == "discard"
+    assert parse(["run", "x.yaml"]).restart is None
