@@ -103,7 +103,7 @@ def build(v: dict):
     from flux_ray.core.step import FluxLossFn
     from flux_ray.core.tiny import FLUX_SCHEDULER, TINY_TRANSFORMER
     from flux_ray.spec import FlowSpec, LoraSpec, ModelSpec, TrainSpec
-    from flux_ray.train.optim import build_lr_scheduler, build_optimizer
+    from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
 
     device = torch.device(v["device"])
     config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
@@ -143,6 +143,7 @@ def build(v: dict):
         opt = torch.optim.AdamW(params, lr=train_spec.learning_rate, betas=(0.9, 0.999),
                                 weight_decay=train_spec.adam_weight_decay, foreach=True)
     else:
+        cast_trainable_params(train_spec, params)
         opt = build_optimizer(train_spec, params, device)
     sched = build_lr_scheduler(train_spec, opt)
     loss_fn = FluxLossFn(transformer, FlowSpec(), scheduler_config=dict(FLUX_SCHEDULER), fast_schedule=False,

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _spec_args(p)
         _ray_args(p)
+        if name in ("train", "run"):
+            p.add_argument("--restart", nargs="?", const="keep", choices=["keep", "discard"], default=None,
+                           help="start the run afresh under the same name: its old contents (checkpoints, LoRA) "
+                                "move to <run>/previous-<time>/ (keep, the default) or are deleted (discard)")
     p = sub.add_parser("tiny-model", help="write a tiny random Flux in diffusers layout")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
@@ -111,6 +115,10 @@ def _dispatch(args) -> int:
         return 0
     from flux_ray import job
 
+    if args.cmd in ("train", "run") and args.restart is None:
+        from flux_ray.train.run_identity import plan_run
+
+        plan_run(spec)  # a refused rerun fails here, before Ray starts (job.run plans again, with --restart)
     job.init_ray(args.num_cpus)
     if args.cmd == "cache":
         summary = job.cache(spec).to_dict()
@@ -122,8 +130,8 @@ def _dispatch(args) -> int:
         result = run_sweep(spec)
         print(json.dumps(result, indent=1, default=str))
         return 0
-    summary = job.run(spec, do_cache=args.cmd == "run")
-    print(f"\nLoRA:        {summary['lora']}\ncache:       {summary['cache_uri']}\n"
+    summary = job.run(spec, do_cache=args.cmd == "run", restart=args.restart)
+    print(f"\n{summary['rerun_message']}\nLoRA:        {summary['lora']}\ncache:       {summary['cache_uri']}\n"
           f"MLflow:      {summary['mlflow']['tracking_uri']} run {summary['mlflow']['run_id']}\n"
           f"steps:       {summary['steps']}  final loss {summary['final_loss']}\n"
           f"summary:     {summary['run_uri']}/run_summary.json")

@@ -60,16 +60,25 @@ def cache(spec: JobSpec):
 
 
 def run(spec: JobSpec, *, do_cache: bool = True, parent_run_id: str | None = None,
-        extra_callbacks: list | None = None, run_name: str | None = None) -> dict:
-    """Cache (unless told not to), train, export; returns the run summary (also written to the run dir)."""
+        extra_callbacks: list | None = None, run_name: str | None = None, restart: str | None = None) -> dict:
+    """Cache (unless told not to), train, export; returns the run summary (also written to the run dir).
+
+    A rerun under the same name resumes when it trains the same thing (train/run_identity.py), re-exports only
+    when it is complete, and is refused when its spec differs; ``restart`` (keep | discard) starts it afresh."""
     from flux_ray.core.model import ensure_base_model
     from flux_ray.tracking import mlflow_run
+    from flux_ray.train import run_identity
     from flux_ray.train.driver import train, write_run_summary
 
     t0 = time.time()
+    plan = run_identity.plan_run(spec, restart)  # before any Ray work: a refused rerun costs nothing
+    log.info("%s", plan.message)
     ensure_base_model(spec.model)
     cache_summary = cache(spec) if do_cache else None
     cache_keys = {k: v["key"] for k, v in cache_summary.datasets.items()} if cache_summary else {}
+    run_identity.record_identity(spec, cache_keys)
+    if plan.action == "complete":
+        return _complete_rerun(spec, plan, cache_summary, cache_keys, t0)
     uri, run_id = mlflow_run.start_run(spec, run_name=run_name, parent_run_id=parent_run_id,
                                        tags=mlflow_run.run_tags(spec, cache_keys))
     try:
@@ -78,7 +87,8 @@ def run(spec: JobSpec, *, do_cache: bool = True, parent_run_id: str | None = Non
         mlflow_run.finish_run(uri, run_id, "FAILED")
         raise
     summary = {"name": spec.name, "run_uri": spec.run_uri, "lora": outcome.lora_uri, "cache_uri": spec.cache.uri,
-               "cache_keys": cache_keys, "checkpoint": outcome.checkpoint_uri,
+               "cache_keys": cache_keys, "checkpoint": outcome.checkpoint_uri, "rerun": plan.action,
+               "rerun_message": plan.message,
                "mlflow": {"tracking_uri": uri, "run_id": run_id, "experiment": spec.tracking.experiment_name},
                "steps": outcome.steps, "final_loss": outcome.final_loss, "eval_loss": outcome.eval_loss,
                "seconds": round(time.time() - t0, 1)}
@@ -93,4 +103,34 @@ def run(spec: JobSpec, *, do_cache: bool = True, parent_run_id: str | None = Non
     if outcome.final_loss is not None:
         mlflow_run.log_metrics(uri, run_id, {"final_train_loss": outcome.final_loss}, outcome.steps)
     mlflow_run.finish_run(uri, run_id)
+    return summary
+
+
+def _complete_rerun(spec: JobSpec, plan, cache_summary, cache_keys: dict, t0: float) -> dict:
+    """A finished run rerun: no Ray Train run, the LoRA re-exported from the latest checkpoint (export formats
+    may have changed); the summary keeps the training's MLflow run and metrics and says what happened."""
+    import json
+    import tempfile
+
+    from flux_ray import storage
+    from flux_ray.train.driver import export_final_lora, write_run_summary
+    from flux_ray.train.run_identity import latest_checkpoint
+
+    step, ckpt_uri, state = latest_checkpoint(spec)
+    metrics = dict(state.get("metrics") or {})
+    with tempfile.TemporaryDirectory(prefix="flux_ray_ckpt_") as d:
+        storage.copy_dir(ckpt_uri, d, spec.storage)
+        lora_uri = export_final_lora(spec, d, metrics)
+    summary_uri = storage.join(spec.run_uri, "run_summary.json")
+    old = storage.read_json(summary_uri, spec.storage) if storage.exists(summary_uri, spec.storage) else {}
+    summary = {**old, "name": spec.name, "run_uri": spec.run_uri, "lora": lora_uri, "cache_uri": spec.cache.uri,
+               "cache_keys": cache_keys or old.get("cache_keys", {}), "checkpoint": ckpt_uri,
+               "mlflow": old.get("mlflow", {"tracking_uri": None, "run_id": None,
+                                            "experiment": spec.tracking.experiment_name}),
+               "steps": step, "steps_trained_now": 0, "final_loss": metrics.get("train_loss"),
+               "eval_loss": metrics.get("eval_loss", old.get("eval_loss")), "rerun": plan.action,
+               "rerun_message": plan.message, "seconds": round(time.time() - t0, 1)}
+    if cache_summary:
+        summary["cache"] = cache_summary.to_dict()
+    write_run_summary(spec, json.loads(json.dumps(summary, default=str)))
     return summary

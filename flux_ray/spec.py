@@ -31,6 +31,9 @@ LORA_TARGET_PRESETS["all+ffs"] = LORA_TARGET_PRESETS["all"] + [
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 LORA_TARGET_PRESETS["context+ffs"] = LORA_TARGET_PRESETS["context"] + ["ff_context.net.0.proj", "ff_context.net.2"]
 
+LYCORIS_IGNORED_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "flux_lora_target",
+                             "peft_lora_target_modules", "init_lora")
+"""LoraSpec keys that shape a standard (PEFT) LoRA only; with lora_type lycoris they must keep their defaults."""
 SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
 T5_COMPILE_MIN_CAPTIONS = 4096  # cache.compile_encoders: fewer captions encode faster eager than compile + encode
 
@@ -175,6 +178,29 @@ class DatasetSpec(_Section):
             raise ValueError("caption_strategy instanceprompt needs instance_prompt")
         if self.caption_strategy == "parquet" and self.parquet is None:
             raise ValueError("caption_strategy parquet needs a parquet: {path, filename_column, caption_column}")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self) -> DatasetSpec:
+        """Options the data path would accept and ignore: refused with the reason and what to use instead."""
+        if self.is_regularisation_data:
+            raise ValueError("is_regularisation_data is not implemented yet (regularisation data would train as "
+                             "ordinary images): remove it, or add the images as a plain dataset")
+        if self.crop_aspect in ("closest", "random"):
+            raise ValueError(f"crop_aspect {self.crop_aspect} needs SimpleTuner's crop_aspect_buckets list, which "
+                             "the spec does not have: use preserve (aspect buckets) or square (with crop: true)")
+        if self.crop_aspect == "square" and not self.crop:
+            raise ValueError("crop_aspect square acts only with crop: true (without it every image is scaled to "
+                             "its aspect bucket): set crop: true, or crop_aspect: preserve")
+        sizes = {"maximum_image_size": self.maximum_image_size, "target_downsample_size": self.target_downsample_size}
+        given = [k for k, v in sizes.items() if v is not None]
+        if given and not self.crop:
+            raise ValueError(f"{' and '.join(given)} act only with crop: true (without it every image is scaled "
+                             "to its bucket, so there is nothing to downsample first): set crop: true or remove them")
+        if len(given) == 1:
+            missing = (set(sizes) - set(given)).pop()
+            raise ValueError(f"{given[0]} needs {missing} (images above maximum_image_size are downsampled to "
+                             "target_downsample_size before the crop): set both or neither")
         return self
 
 
@@ -428,6 +454,24 @@ class JobSpec(_Section):
                                  "remove comfyui/kohya")
             if self.lora.lora_init_type != "default":
                 raise ValueError("lora.lora_init_type applies to lora_type standard only")
+        if self.lora.lora_type == "lycoris":
+            changed = [k for k in LYCORIS_IGNORED_LORA_KEYS
+                       if getattr(self.lora, k) != LoraSpec.model_fields[k].get_default(call_default_factory=True)]
+            if changed:
+                raise ValueError(f"lora.{', lora.'.join(changed)}: LyCORIS takes its shape, targets and scale from "
+                                 "lora.lycoris_config (e.g. linear_dim, linear_alpha, factor, dropout), so these "
+                                 "would be ignored: remove them, or use lora.lora_type standard")
+        if self.model.model_flavour == "kontext":
+            raise ValueError("model.model_flavour kontext: Kontext training needs reference (conditioning) images, "
+                             "which the data path does not supply yet; training it without them would be plain "
+                             "dev-style training of the Kontext weights. Use model_flavour dev or krea")
+        if self.flow.flow_schedule_auto_shift and self.flow.flow_schedule_shift is not None:
+            raise ValueError("flow.flow_schedule_shift is ignored when flow.flow_schedule_auto_shift is true (the "
+                             "shift then follows each image's resolution): set one or the other")
+        if self.eval.eval_steps_interval and self.eval.eval_split_fraction == 0 \
+                and not self.enabled_datasets("eval"):
+            raise ValueError("eval.eval_steps_interval needs eval data: set eval.eval_split_fraction (e.g. 0.1) or "
+                             "add a dataset with dataset_type: eval, or remove eval.eval_steps_interval")
         if self.scaling.strategy == "deepspeed" and not self.scaling.deepspeed_config:
             self.scaling.deepspeed_config = {"zero_optimization": {"stage": 2}}
         return self

@@ -79,11 +79,38 @@ def test_lora_loads_into_pipeline_and_changes_output(demo_run, tiny_model_dir):
 
 
 def test_rerun_same_name_resumes_instead_of_retraining(demo_run):
-    """The same job again finds the cache and the finished run's latest checkpoint: no new steps."""
+    """The same job again finds the cache and the finished run's latest checkpoint: it says it is complete,
+    re-exports the LoRA (here also in kohya format) and trains nothing (no Ray Train run, no new MLflow run)."""
     from flux_ray import job
 
     spec, first = demo_run
-    again = job.run(spec)
-    assert again["steps"] == 30
+    from safetensors import safe_open
+
+    def tensors_and_steps(path):
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("flux_ray.training_steps")
+
+    lora_before, steps_before = tensors_and_steps(first["lora"])
+    again = job.run(spec.model_copy(update={"output": spec.output.model_copy(
+        update={"export_formats": ["diffusers", "kohya"]})}))
+    assert again["rerun"] == "complete" and "is complete" in again["rerun_message"]
+    assert again["steps"] == 30 and again["steps_trained_now"] == 0
+    assert again["mlflow"] == first["mlflow"]
+    lora_after, steps_after = tensors_and_steps(again["lora"])
+    assert steps_after == steps_before == "30"
+    assert lora_after.keys() == lora_before.keys() and all(torch.equal(lora_after[k], lora_before[k]) for k in lora_after)
+    import glob
+    assert glob.glob(f"{spec.run_uri}/lora/kohya/*.safetensors")
     assert again["cache"]["datasets"]["demo"]["encoded_this_run"] == 0
     assert again["cache"]["captions_encoded"] == 0
+
+
+def test_rerun_with_another_lora_shape_is_refused_before_ray_work(demo_run):
+    """Issue 20 case 1: a changed target preset used to resume the old checkpoint and die inside torch."""
+    from flux_ray import job
+    from flux_ray.spec import SpecError, load_spec
+
+    spec, _ = demo_run
+    other = load_spec(data=spec.model_dump(mode="json"), overrides=["lora.flux_lora_target=context"])
+    with pytest.raises(SpecError, match=r"lora.flux_lora_target: \"all\+ffs\" -> \"context\"[\s\S]*--restart"):
+        job.run(other)

@@ -165,3 +165,44 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
     m = load_spec(_write(tmp_path, data)).model
     assert (m.group_offload_type, m.group_offload_blocks_per_group, m.group_offload_use_stream) == ("leaf_level", 1, True)
     assert not m.enable_model_cpu_offload
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["datasets"][0].update(is_regularisation_data=True), "is_regularisation_data is not implemented"),
+    (lambda d: d["datasets"][0].update(crop=True, crop_aspect="closest"), "crop_aspect closest needs"),
+    (lambda d: d["datasets"][0].update(crop=True, crop_aspect="random"), "crop_aspect random needs"),
+    (lambda d: d["datasets"][0].update(crop_aspect="square"), "crop_aspect square acts only with crop: true"),
+    (lambda d: d["datasets"][0].update(maximum_image_size=2048, target_downsample_size=1024),
+     "maximum_image_size and target_downsample_size act only with crop: true"),
+    (lambda d: d["datasets"][0].update(crop=True, maximum_image_size=2048), "maximum_image_size needs target_downsample"),
+    (lambda d: d["model"].update(model_flavour="kontext"), "Kontext training needs reference"),
+    (lambda d: d.update(flow={"flow_schedule_auto_shift": True, "flow_schedule_shift": 3.0}),
+     "flow.flow_schedule_shift is ignored when flow.flow_schedule_auto_shift is true"),
+    (lambda d: d["lora"].update(lora_type="lycoris", lora_rank=4), "lora.lora_rank: LyCORIS takes its shape"),
+    (lambda d: d["lora"].update(lora_type="lycoris", lora_dropout=0.1, flux_lora_target="mmdit"),
+     "lora.lora_dropout, lora.flux_lora_target: LyCORIS"),
+    (lambda d: d["lora"].update(lora_type="lycoris", init_lora="x.safetensors"), "lora.init_lora: LyCORIS"),
+    (lambda d: d.update(eval={"eval_steps_interval": 10}), "eval.eval_steps_interval needs eval data"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path, demo_data_dir, mutate, expected):
+    """Issue 20 case 2 and 3: every option acts or is refused, with the reason and the alternative."""
+    data = _minimal(tmp_path, demo_data_dir)
+    data.update(train={}, lora={}, model={})
+    mutate(data)
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert expected in str(e.value)
+
+
+def test_refusals_leave_the_working_forms_alone(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    data["datasets"][0].update(crop=True, crop_aspect="square", maximum_image_size=2048, target_downsample_size=1024)
+    data["datasets"].append({"id": "ev", "instance_data_dir": demo_data_dir, "dataset_type": "eval"})
+    data.update(lora={"lora_type": "lycoris", "lora_rank": 16}, flow={"flow_schedule_shift": 3.0},
+                eval={"eval_steps_interval": 10})
+    spec = load_spec(_write(tmp_path, data))
+    again = JobSpec.model_validate(spec.model_dump(mode="json"))  # what a Ray worker does: every default dumped
+    assert again.lora.lora_type == "lycoris" and again.flow.flow_schedule_shift == 3.0
+    data["datasets"].pop()
+    data["eval"]["eval_split_fraction"] = 0.1
+    assert load_spec(_write(tmp_path, data)).eval.eval_steps_interval == 10

@@ -12,7 +12,7 @@ from flux_ray.core.step import FluxLossFn
 from flux_ray.core.tread import TokenRouter
 from flux_ray.data.loader import CacheReader
 from flux_ray.train.loop import LoopParts
-from flux_ray.train.optim import build_lr_scheduler, build_optimizer
+from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import DeepSpeedStepper, TorchStepper, init_deepspeed
 
@@ -53,6 +53,7 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     torch.manual_seed(spec.train.seed)
     transformer, adapter, lora_init = build_transformer(spec, device)
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
+    cast_trainable_params(spec.train, [p for p in transformer.parameters() if p.requires_grad])  # before wrap
     model = wrap(transformer)
     artifacts = None
     if spec.train.compile:

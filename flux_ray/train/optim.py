@@ -4,6 +4,14 @@ from __future__ import annotations
 import torch
 
 
+def cast_trainable_params(train_spec, params: list[torch.nn.Parameter]) -> None:
+    """``adamw_bf16`` keeps the trainable weights (and so AdamW's moments) in bf16. Call it before DDP or FSDP
+    wrap the model: DDP sizes its gradient buckets and FSDP2 its sharded parameters by the dtype they see."""
+    if train_spec.optimizer == "adamw_bf16":
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+
+
 def build_optimizer(train_spec, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     name = train_spec.optimizer
     betas = (train_spec.adam_beta1, train_spec.adam_beta2)
@@ -25,8 +33,7 @@ def build_optimizer(train_spec, params: list[torch.nn.Parameter], device: torch.
         cls = {"optimi-lion": optimi.Lion, "optimi-stableadamw": optimi.StableAdamW}[name]
         return cls(params, lr=lr, betas=betas, weight_decay=wd)
     if name == "adamw_bf16":
-        for p in params:
-            p.data = p.data.to(torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in params), "cast_trainable_params runs before wrapping"
     fused = device.type == "cuda" and name == "adamw"
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, fused=fused or None)
 

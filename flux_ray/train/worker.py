@@ -30,7 +30,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     parts = build_loop_parts(spec, device, ctx.get_world_rank(), ctx.get_world_size(),
                              wrap=lambda m: _wrap(spec, m, device))
-    ckpt = ray.train.get_checkpoint() if spec.train.resume_from_checkpoint else None
+    # Ray's checkpoint is this run's own: a restart after a worker failure, or the run resumed by name (the driver
+    # checked its identity, and refuses resume_from_checkpoint: null over old checkpoints). Always take it.
+    ckpt = ray.train.get_checkpoint()
     explicit = spec.train.resume_from_checkpoint not in (None, "latest")
     if ckpt is not None:
         with ckpt.as_directory() as d:

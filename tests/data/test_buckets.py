@@ -34,9 +34,9 @@ def test_bucket_table(size, area1024, area512, pixel1024, pixel512):
 
 def test_square_crop_aspect_and_dataset_bucket():
     assert bucket_for(1920, 1080, 1000, "pixel_area", crop_aspect="square") == (1024, 1024)
-    ds = DatasetSpec(id="d", instance_data_dir="x", resolution=512, crop_aspect="square")
-    assert dataset_bucket(1920, 1080, ds) == (704, 384)  # crop_aspect only applies with crop: true
-    assert dataset_bucket(1920, 1080, ds.model_copy(update={"crop": True})) == (512, 512)
+    ds = DatasetSpec(id="d", instance_data_dir="x", resolution=512, crop_aspect="square", crop=True)
+    assert dataset_bucket(1920, 1080, ds) == (512, 512)
+    assert dataset_bucket(1920, 1080, ds.model_copy(update={"crop_aspect": "preserve"})) == (704, 384)
 
 
 @pytest.mark.parametrize("style", ["center", "random", "corner"])

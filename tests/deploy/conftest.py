@@ -14,8 +14,6 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
 CLUSTER_DIR = REPO_ROOT / "cluster"
-# The KubeRay CRDs live beside the checkout (CI provides ../shared/kuberay); they are data, not ours.
-KUBERAY_DIR = REPO_ROOT.parent / "shared" / "kuberay"
 
 
 def load_yaml_docs(path: Path) -> list[dict]:

@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -55,6 +56,42 @@ def test_strategies_train_the_same_lora(dist_env, ddp_run, strategy):
     assert other["eval_loss"] == pytest.approx(ddp_run["eval_loss"], abs=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_adamw_bf16_trains_under_ddp_and_fsdp(dist_env, ddp_run, strategy):
+    """adamw_bf16 casts the LoRA to bf16 before DDP builds its buckets / FSDP2 its sharded parameters: two gloo
+    workers train, the checkpointed LoRA is bf16, and the losses follow the fp32 DDP run within bf16 error."""
+    _check_adamw_bf16(dist_env, ddp_run, strategy, use_gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_adamw_bf16_trains_under_nccl(dist_env, ddp_run, strategy):
+    _check_adamw_bf16(dist_env, ddp_run, strategy, use_gpu=True)
+
+
+def _check_adamw_bf16(dist_env, ddp_run, strategy: str, use_gpu: bool) -> None:
+    import glob as g
+
+    from safetensors.torch import load_file
+
+    spec_for, job = dist_env
+    steps = 4
+    spec = spec_for(f"bf16-{strategy}-{'gpu' if use_gpu else 'cpu'}", strategy, optimizer="adamw_bf16",
+                    max_train_steps=steps)
+    spec.scaling.use_gpu = use_gpu
+    run = job.run(spec, do_cache=False)
+    assert run["steps"] == steps
+    base = dict(_history(ddp_run))
+    hist = _history(run)
+    assert [s for s, _ in hist] == list(range(1, steps + 1))
+    for step, value in hist:
+        assert value == pytest.approx(base[step], abs=3e-2), step
+    (ckpt,) = g.glob(f"{run['run_uri']}/checkpoint_*/lora_peft.safetensors")
+    lora = load_file(ckpt)
+    assert lora and {str(t.dtype) for t in lora.values()} == {"torch.bfloat16"}
+
+
 def _train_workers() -> list[psutil.Process]:
     """This session's Train workers: descendants of this process (its local Ray's raylet spawned them),
     so a parallel test process's cluster is never touched."""
@@ -82,7 +119,7 @@ def test_killed_worker_recovers_from_last_checkpoint(dist_env, ddp_run):
     """SIGKILL one of two workers mid-run: Ray Train restarts the group from the last checkpoint and the
     rest of the loss curve equals the uninterrupted run's (randomness is keyed by step and rank)."""
     spec_for, job = dist_env
-    spec = spec_for("killed")
+    spec = spec_for("killed", resume_from_checkpoint=None)  # null: no earlier run to resume; Ray's restart still must
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(job.run(spec, do_cache=False)))
     thread.start()

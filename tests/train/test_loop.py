@@ -56,10 +56,29 @@ def test_same_lora_same_eval_loss(cached):
     assert not held & {s.sample_id for s in parts.train_samples}
 
 
+def same_bucket(samples, n: int = 2):
+    by_bucket: dict = {}
+    for s in samples:
+        by_bucket.setdefault(s.bucket, []).append(s)
+    return max(by_bucket.values(), key=len)[:n]
+
+
+def fixed_batch_loss(parts, batch, seed: int = 7) -> torch.Tensor:
+    """The training loss of one batch with fixed noise, sigmas and guidance (a deterministic function of the LoRA)."""
+    return parts.loss_fn(batch, torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("opt", ["adamw", "adamw_bf16", "optimi-lion", "optimi-stableadamw"])
-def test_cpu_optimizers_train(cached, opt):
-    reports = run_steps(cached([f"train.optimizer={opt}", "train.learning_rate=1e-3"]), 3)
-    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in reports)
+def test_cpu_optimizers_lower_the_loss(cached, opt):
+    """Each optimizer's steps on one batch lower that batch's loss (a no-op or wrong-sign optimizer fails)."""
+    parts = build_loop_parts(cached([f"train.optimizer={opt}", "train.learning_rate=1e-3"]), CPU, 0, 1)
+    batch = parts.reader.batch(same_bucket(parts.train_samples))
+    before = fixed_batch_loss(parts, batch).item()
+    for _ in range(5):
+        parts.stepper.micro_step(fixed_batch_loss(parts, batch), 0, 1)
+        parts.stepper.finish_step()
+    after = fixed_batch_loss(parts, batch).item()
+    assert after < before - 1e-3, (before, after)
 
 
 @pytest.mark.parametrize("opt", ["bnb-adamw8bit", "bnb-lion8bit", "bnb-lion8bit-paged"])
@@ -84,11 +103,61 @@ def test_lr_schedulers(cached, sched, expect):
         assert lrs[1] == pytest.approx(1e-3) and lrs[-1] < lrs[1]
 
 
-def test_gradient_accumulation_and_checkpointing_interval(cached):
-    plain = run_steps(cached(["train.train_batch_size=1", "train.gradient_accumulation_steps=2"]), 2)
-    ckpt = run_steps(cached(["train.train_batch_size=1", "train.gradient_accumulation_steps=2",
-                             "train.gradient_checkpointing=true", "train.gradient_checkpointing_interval=2"]), 2)
-    assert [r["train_loss"] for r in ckpt] == pytest.approx([r["train_loss"] for r in plain], abs=1e-5)
+def _predict_loss(parts, idx: list[int], inputs) -> torch.Tensor:
+    """A deterministic per-batch mean loss of samples ``idx`` of fixed random inputs (no noise draws)."""
+    from flux_ray.core.step import FluxBatch
+
+    lat, emb, pooled, noisy, sig, g = (t[idx] for t in inputs)
+    pred = parts.loss_fn.predict(FluxBatch(lat, emb, pooled, None), noisy, sig, g)
+    return pred.float().pow(2).mean()
+
+
+def _grads_after(parts, micro_batches: list[list[int]], inputs) -> torch.Tensor:
+    for micro, idx in enumerate(micro_batches):
+        parts.stepper.micro_step(_predict_loss(parts, idx, inputs), micro, len(micro_batches))
+    grads = torch.cat([p.grad.flatten() for p in parts.params if p.grad is not None])
+    parts.stepper.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_gradient_accumulation_matches_the_larger_batch(cached):
+    """2 micro-batches of 1 accumulate the gradient of one batch of 2; one micro-batch alone differs."""
+    parts = build_loop_parts(cached(["train.mixed_precision='no'"]), CPU, 0, 1)
+    for p in parts.params:  # a LoRA B of zeros gives A no gradient: start from a non-trivial adapter
+        p.data.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 32, 32, generator=gen),
+              torch.randn(2, 32, generator=gen), torch.randn(2, 16, 64, generator=gen), torch.tensor([0.3, 0.8]),
+              torch.tensor([1.0, 1.0]))
+    accumulated = _grads_after(parts, [[0], [1]], inputs)
+    batched = _grads_after(parts, [[0, 1]], inputs)
+    first_only = _grads_after(parts, [[0]], inputs)
+    assert batched.abs().max() > 0
+    torch.testing.assert_close(accumulated, batched, atol=1e-6, rtol=1e-4)
+    assert (accumulated - first_only).abs().max() > 1e-2 * batched.abs().max()
+
+
+@pytest.mark.parametrize("interval", [0, 1, 2, 5])
+def test_gradient_checkpointing_interval_recomputes_every_nth_block(cached, interval):
+    """Counted, not assumed: a checkpointed block's attention runs twice per step (forward, then recomputed in
+    backward), every other block's once; the loss is the same either way."""
+    from flux_ray.core.checkpointing import transformer_blocks
+
+    opts = [f"train.gradient_checkpointing={'true' if interval else 'false'}",
+            f"train.gradient_checkpointing_interval={interval or 1}"]
+    parts = build_loop_parts(cached(opts), CPU, 0, 1)
+    blocks = transformer_blocks(parts.model)
+    calls = [0] * len(blocks)
+    for i, blk in enumerate(blocks):
+        blk.attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batch = parts.reader.batch(parts.train_samples[:1])
+    loss = fixed_batch_loss(parts, batch)
+    loss.backward()
+    recomputed = [i for i, n in enumerate(calls) if n == 2]
+    assert set(calls) <= {1, 2}
+    assert recomputed == ([i for i in range(len(blocks)) if i % interval == 0] if interval else [])
+    plain = build_loop_parts(cached(), CPU, 0, 1)
+    assert loss.item() == pytest.approx(fixed_batch_loss(plain, batch).item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("flow", [
@@ -101,6 +170,43 @@ def test_flow_options_train(cached, flow):
     other = run_steps(cached(flow), 2)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in other)
     assert other[0]["train_loss"] != pytest.approx(first[0]["train_loss"], abs=1e-7), "the option had no effect"
+
+
+@pytest.mark.parametrize("base, changed", [
+    (["flow.loss_type=huber"], ["flow.loss_type=huber", "flow.huber_c=0.5"]),
+    ([], ["flow.flow_sigmoid_scale=3.0"]),
+])
+def test_more_options_change_the_first_loss(cached, base, changed):
+    first = run_steps(cached(base), 1)[0]["train_loss"]
+    other = run_steps(cached(changed), 1)[0]["train_loss"]
+    assert torch.isfinite(torch.tensor(other)) and other != pytest.approx(first, abs=1e-7), "the option had no effect"
+
+
+def test_base_dtype_is_the_frozen_weights_dtype(cached):
+    """(The tiny model's weights are bf16-exact and autocast runs bf16 matmuls, so the loss cannot show it.)"""
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        parts = build_loop_parts(cached([f"model.base_model_default_dtype={name}", "train.mixed_precision=bf16"]),
+                                 CPU, 0, 1)
+        assert {p.dtype for p in parts.model.parameters() if not p.requires_grad} == {dtype}
+        assert {p.dtype for p in parts.params} == {torch.float32}
+
+
+@pytest.mark.parametrize("option", ["train.adam_beta1=0.5", "train.adam_beta2=0.9", "train.adam_weight_decay=0.5",
+                                    "train.max_grad_norm=1e-6"])
+def test_optimizer_options_change_the_update(cached, option):
+    """Two steps (Adam's first step is sign-like and ignores the betas) from the same start: the LoRA differs."""
+    def lora_after(opts):
+        parts = build_loop_parts(cached(opts + ["train.learning_rate=1e-3"]), CPU, 0, 1)
+        parts.spec.train.max_train_steps, parts.spec.train.log_every = 2, 1
+        train_loop(parts, lambda m, c: None)
+        return torch.cat([v.flatten().float() for v in parts.state_io.gather()[0].values()])
+
+    if "default" not in _DEFAULT_OPTIMIZER_LORA:  # computed once for the four options
+        _DEFAULT_OPTIMIZER_LORA["default"] = lora_after([])
+    assert (lora_after([option]) - _DEFAULT_OPTIMIZER_LORA["default"]).abs().max() > 1e-7
+
+
+_DEFAULT_OPTIMIZER_LORA: dict[str, torch.Tensor] = {}
 
 
 def test_loftq_refuses_cpu_clearly(cached):
@@ -159,19 +265,51 @@ def test_init_lora_continues_from_a_file(cached, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lycoris_lokr_trains_and_saves_in_its_format(cached):
-    spec = cached(["lora.lora_type=lycoris", "output.export_formats=[diffusers]"])
+LYCORIS = ["lora.lora_type=lycoris", "output.export_formats=[diffusers]", "lora.lora_rank=16", "lora.lora_alpha=null",
+           "lora.flux_lora_target=all"]  # jobs/demo.yaml's standard-LoRA shape back to defaults (refused otherwise)
+
+
+def test_lycoris_lokr_saved_loads_through_lycoris_into_the_pipeline(cached, tiny_model_dir):
+    """Train a LoKr, export it in LyCORIS's format, load it with LyCORIS's own loader into a diffusers pipeline's
+    transformer: the images change."""
+    from diffusers import FluxPipeline
+    from lycoris import create_lycoris_from_weights
+
+    from flux_ray.train.driver import export_final_lora
+    from flux_ray.train.checkpoint import LORA_FILE
+    from safetensors.torch import save_file
+
+    spec = cached(LYCORIS + ["train.learning_rate=1e-2"])
     parts = build_loop_parts(spec, CPU, 0, 1)
     sd = parts.state_io.gather()[0]
-    assert sd and all(k.startswith("lycoris_") for k in sd)
-    assert any("lokr" in k for k in sd)
+    assert sd and all(k.startswith("lycoris_") for k in sd) and any("lokr" in k for k in sd)
     reports = []
-    spec.train.max_train_steps, spec.train.log_every = 2, 1
+    spec.train.max_train_steps, spec.train.log_every = 3, 1
     train_loop(parts, lambda m, c: reports.append(m))
-    assert len(reports) == 2
+    assert len(reports) == 3
+    ckpt = spec.run_uri + "/ckpt"
+    import os
+    os.makedirs(ckpt, exist_ok=True)
+    save_file(parts.state_io.gather()[0], f"{ckpt}/{LORA_FILE}")
+    path = export_final_lora(spec, ckpt, reports[-1])
+    pipe = FluxPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipe("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    before = render()
+    net, _ = create_lycoris_from_weights(1.0, path, pipe.transformer)
+    assert len(net.loras) == len([k for k in sd if k.endswith(".lokr_w1")])
+    net.merge_to()
+    after = render()
+    assert (after - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("flavour", ["dev", "krea", "kontext"])
+# krea trains exactly as dev (the flavour only picks the hub id and export metadata: tests/test_spec.py and
+# tests/core/test_lora_export.py); kontext is refused until reference images are implemented (tests/test_spec.py).
+@pytest.mark.parametrize("flavour", ["dev"])
 def test_guidance_flavours_train(cached, flavour):
     parts = build_loop_parts(cached([f"model.model_flavour={flavour}"]), CPU, 0, 1)
     assert parts.loss_fn.guidance_embeds and not parts.loss_fn.fast_schedule

@@ -14,7 +14,6 @@ from flux_ray.tune.trial import DIVERGED, tune_metrics
 SPACE = {"train.learning_rate": {"type": "loguniform", "lower": 1e-5, "upper": 1e-3},
          "lora.lora_rank": {"type": "choice", "values": [4, 8]},
          "flow.flow_schedule_shift": {"type": "uniform", "lower": 1.0, "upper": 3.0},
-         "flow.flow_schedule_auto_shift": {"type": "choice", "values": [True, False]},
          "train.seed": {"type": "grid", "values": [1, 2, 3]}}
 
 
@@ -22,6 +21,7 @@ SPACE = {"train.learning_rate": {"type": "loguniform", "lower": 1e-5, "upper": 1
 def make_spec(tiny_model_dir, demo_data_dir, tmp_path, demo_spec):
     def make(param_space=None, **tune_options):
         return demo_spec(tiny_model_dir, demo_data_dir, tmp_path, eval={"eval_steps_interval": 2},
+                         flow={"flow_schedule_auto_shift": False},
                          tune={"param_space": SPACE if param_space is None else param_space, **tune_options})
     return make
 
@@ -56,6 +56,7 @@ def test_bad_dimensions_fail_with_the_key(make_spec, param_space, message):
 
 def test_metric_scheduler_and_searcher_are_checked(make_spec, demo_spec, tiny_model_dir, demo_data_dir, tmp_path):
     no_eval = demo_spec(tiny_model_dir, demo_data_dir, tmp_path, eval={"eval_steps_interval": None},
+                        flow={"flow_schedule_auto_shift": False},
                         tune={"param_space": SPACE})
     with pytest.raises(SpecError, match="eval.eval_steps_interval"):
         space.check_space(no_eval)

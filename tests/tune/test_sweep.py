@@ -20,7 +20,6 @@ ABSURD_LR = 30.0
 TUNE = {"param_space": {"train.learning_rate": {"type": "grid", "values": [1e-3, 2e-3, ABSURD_LR]},
                         "train.adam_weight_decay": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2},
                         "lora.lora_rank": {"type": "choice", "values": [4, 8]},
-                        "flow.flow_schedule_shift": {"type": "uniform", "lower": 1.0, "upper": 3.0},
                         "flow.flow_schedule_auto_shift": {"type": "choice", "values": [True, False]}},
         "num_samples": 1, "grace_period": 2, "reduction_factor": 2, "scheduler": "asha", "max_concurrent_trials": 2}
 
