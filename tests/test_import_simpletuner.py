@@ -106,7 +106,7 @@ SAMPLES = {
     "validation_guidance_real": (1.5, 1.5),
     "validation_negative_prompt": ("blurry", "blurry"),
     "validation_seed": (1, 1),
-    "eval_steps_interval": (50, 50),
+    "eval_steps_interval": (50, 50, {}, EITHER),  # refused without eval data
     "eval_timesteps": (10, 10),
     "cache_dir": ("cache", w("cache")),
     "vae_batch_size": (8, 8),
@@ -136,8 +136,8 @@ SAMPLES = {
     "resolution_type": ("pixel", "pixel"),
     "resolution": (1.05, 1025, {"resolution_type": "area"}),  # megapixels -> the edge of the same area
     "minimum_image_size": (0.5, 707, {"resolution_type": "area"}),
-    "maximum_image_size": (2048, 2048),
-    "target_downsample_size": (1536, 1536),
+    "maximum_image_size": (2048, 2048, {}, EITHER),  # refused without crop
+    "target_downsample_size": (1536, 1536, {}, EITHER),
     "crop": (True, True),
     "crop_style": ("random", "random"),
     "crop_aspect": ("closest", "preserve"),
@@ -263,12 +263,14 @@ def test_refusal_messages_blame_the_key_they_name(tmp_path):
     datasets = [{**BASE_DATASET, "repeats": 2}, {**BASE_DATASET, "id": "reg", "is_regularisation_data": True}]
     result = import_simpletuner(*write_files(tmp_path, BASE_CONFIG, datasets))
     [reg] = [e for e in result.entries if e.key == "is_regularisation_data"]
-    text = "invalid job spec (dict):\n  datasets.1.is_regularisation_data: not supported yet (no parent-teacher loss)"
-    assert [e for e, _ in _blame_text(text, result.entries)] == [reg]
+    assert reg.status == "unsupported" and "refuses" in reg.note  # the spec's own refusal, pinned on its key
+    [rep] = [e for e in result.entries if e.key == "repeats" and e.status == "mapped"]
+    text = f"invalid job spec (dict):\n  {'.'.join(map(str, rep.path))}: not supported yet"
+    assert [e for e, _ in _blame_text(text, result.entries)] == [rep]
     assert _blame_text("train.max_train_steps: too many", result.entries)[0][0].key == "max_train_steps"
-    model_level = {"loc": ("datasets", 1), "msg": "Value error, is_regularisation_data is not supported yet"}
-    assert _blame(model_level, result.entries)[0] is reg
-    assert _blame({"loc": ("datasets", 1), "msg": "Value error, something else"}, result.entries) is None
+    model_level = {"loc": rep.path[:2], "msg": "Value error, repeats is not supported yet"}
+    assert _blame(model_level, result.entries)[0] is rep
+    assert _blame({"loc": rep.path[:2], "msg": "Value error, something else"}, result.entries) is None
 
 
 def test_aws_dataset_keeps_credentials_out(tmp_path):
