@@ -435,6 +435,11 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _check_job(self) -> JobSpec:
+        if self.train.mixed_precision == "no" and self.model.base_model_default_dtype == "bf16" \
+                and self.model.base_model_precision == "no_change":
+            raise ValueError("train.mixed_precision 'no' runs the step in fp32, but model.base_model_default_dtype is "
+                             "bf16 (the first matmul would mix dtypes): set train.mixed_precision bf16, or "
+                             "model.base_model_default_dtype fp32")
         ids = [d.id for d in self.datasets]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:

@@ -72,7 +72,7 @@ SAMPLES = {
     "lr_scheduler": ("linear", "polynomial"),
     "lr_warmup_steps": (10, 10),
     "max_grad_norm": (2, 2.0),
-    "mixed_precision": ("no", "no"),
+    "mixed_precision": ("no", "no", {"base_model_default_dtype": "fp32"}),
     "gradient_checkpointing": ("false", False),
     "gradient_checkpointing_interval": (2, 2),
     "seed": ("7", 7),

@@ -74,6 +74,8 @@ def test_set_overrides_any_key_by_dotted_path(tmp_path, demo_data_dir):
                                                            "end_layer_idx": 2}]}),
      "start_layer_idx (5) comes after end_layer_idx (2)"),
     (lambda d: d["train"].update(attention_backend="cudnn"), "train: train.attention_backend cudnn needs train.compile"),
+    (lambda d: d["train"].update(mixed_precision="no"), "train.mixed_precision 'no' runs the step in fp32, but "
+                                                        "model.base_model_default_dtype is bf16"),
 ])
 def test_bad_spec_names_key_and_problem(tmp_path, demo_data_dir, mutate, expected):
     data = _minimal(tmp_path, demo_data_dir)
