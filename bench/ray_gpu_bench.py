@@ -77,7 +77,7 @@ def base_spec(a, model_dir: str, images: Path, res: int, name: str, caption: str
         "train": {"max_train_steps": a.steps, "train_batch_size": a.bs, "log_every": a.log_every,
                   "checkpointing_steps": 10**6, "compile": bool(a.compile), "attention_backend": a.attn,
                   "mixed_precision": "no" if a.cpu else "bf16", "gradient_checkpointing": bool(a.ckpt),
-                  "resume_from_checkpoint": None, "learning_rate": 1e-4},
+                  "resume_from_checkpoint": None, "learning_rate": 1e-4, "optimizer": a.optimizer},
         "eval": {"eval_split_fraction": 0.0},
         "scaling": {"num_workers": 1, "use_gpu": not a.cpu},
         "output": {"uri": str(Path(a.work) / "out")},
@@ -123,6 +123,14 @@ def collector(path: Path):
     return Collect()
 
 
+def _lora_dtypes(checkpoint_uri: str | None) -> list[str]:
+    """The dtypes of the trained LoRA as checkpointed (adamw_bf16 keeps it in bf16 under DDP and FSDP)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint_uri or "") / "lora_peft.safetensors"
+    return sorted({str(t.dtype) for t in load_file(str(path)).values()}) if path.exists() else []
+
+
 def phase_train(a, model_dir: str) -> list[dict]:
     import ray
 
@@ -141,7 +149,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
             start_ray(a)
         spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", "textfile"))
         spec.train.compile_cache = bool(a.compile_cache)
-        spec.scaling.num_workers = g
+        spec.scaling.num_workers, spec.scaling.strategy = g, a.strategy
         if a.cpu:
             spec.scaling.resources_per_worker = {"CPU": 1}
         run_cache(spec)  # cached once, found by key on the next G
@@ -159,6 +167,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
         sps = statistics.median(m["samples_per_s"] for m in steady)
         step_s = statistics.median(m["step_time_s"] for m in steady)
         row = dict(phase="train", gpus=g, res=a.train_res, bs_per_gpu=a.bs, steps=outcome.steps,
+                   strategy=a.strategy, optimizer=a.optimizer, lora_dtypes=_lora_dtypes(outcome.checkpoint_uri),
                    fresh_node=bool(a.fresh_node_caches), compile_cache=bool(a.compile_cache),
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
                    first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
@@ -212,6 +221,8 @@ def main() -> None:
     ap.add_argument("--compile", type=int, default=1)
     ap.add_argument("--ckpt", type=int, default=0)
     ap.add_argument("--attn", default="cudnn")
+    ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--fresh-node-caches", type=int, default=0,
                     help="1: restart Ray before each --gpus run with empty local inductor/Triton caches (a fresh node)")
