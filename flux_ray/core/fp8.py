@@ -46,7 +46,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     torchao's own scale and saturated cast (``tensor_to_scale``, ``to_fp8_saturated``): scale = 448 / amax."""
     scale = tensor_to_scale(x, E4M3, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=-1)
-    return to_fp8_saturated(x.float() * scale, E4M3), scale.reciprocal()
+    # contiguous: _scaled_mm wants a row-major first operand; an elementwise op keeps a strided input's layout
+    return to_fp8_saturated(x.float() * scale, E4M3).contiguous(), scale.reciprocal()
 
 
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
@@ -84,8 +85,9 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
 class Fp8Linear(torch.nn.Module):
     """A frozen Linear computed in FP8: its weight held as two e4m3 copies (forward, input gradient).
 
-    They are frozen Parameters rather than buffers: DDP broadcasts buffers every forward (a parameter only
-    once, at wrap, as it does the rest of the frozen base)."""
+    They are frozen Parameters rather than buffers (DDP broadcasts buffers every forward, a parameter once, at
+    wrap, as it does the rest of the frozen base), holding the e4m3 bits as uint8: collectives have no fp8
+    type (gloo: "Invalid scalar type" in DDP's first broadcast) and ``module.to(dtype)`` leaves integers alone."""
 
     def __init__(self, linear: torch.nn.Linear, emulate: bool = False):
         super().__init__()
@@ -94,20 +96,20 @@ class Fp8Linear(torch.nn.Module):
         wq, w_inv = quantize_rows(w)
         wtq, wt_inv = quantize_rows(w.t())
         frozen = lambda t: torch.nn.Parameter(t.contiguous(), requires_grad=False)  # noqa: E731
-        self.weight_fp8, self.weight_scale = frozen(wq), frozen(w_inv.reshape(1, -1))
-        self.weight_t_fp8, self.weight_t_scale = frozen(wtq), frozen(wt_inv.reshape(1, -1))
+        self.weight_fp8, self.weight_scale = frozen(wq.view(torch.uint8)), frozen(w_inv.reshape(1, -1))
+        self.weight_t_fp8, self.weight_t_scale = frozen(wtq.view(torch.uint8)), frozen(wt_inv.reshape(1, -1))
         self.bias = None if linear.bias is None else frozen(linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        out = _Fp8FrozenMatmul.apply(x, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                     self.weight_t_scale, self.bias, self.emulate)
+        out = _Fp8FrozenMatmul.apply(x, self.weight_fp8.view(E4M3), self.weight_scale,
+                                     self.weight_t_fp8.view(E4M3), self.weight_t_scale, self.bias, self.emulate)
         return out if out.dtype == dtype else out.to(dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The forward weight as the GEMM sees it, in fp32 (tests; merges)."""
-        return self.weight_fp8.float() * self.weight_scale.t()
+        return self.weight_fp8.view(E4M3).float() * self.weight_scale.t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise, emulate={self.emulate}"

@@ -60,7 +60,9 @@ def test_block_linears_become_fp8_the_rest_stays():
     assert type(blk.norm.linear) is torch.nn.Linear  # AdaLN: one row a sample, left in bf16
     assert type(model.proj_out.base_layer) is torch.nn.Linear  # outside the blocks: bf16
     fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
-    assert fp8 and all(m.weight_fp8.dtype == m.weight_t_fp8.dtype == torch.float8_e4m3fn for m in fp8)
+    assert fp8 and all(m.weight_fp8.dtype == m.weight_t_fp8.dtype == torch.uint8 for m in fp8)  # e4m3 bits
+    model.to(torch.float32)  # what moves floating-point weights leaves the FP8 bits alone
+    assert all(m.weight_fp8.dtype == torch.uint8 for m in fp8)
     assert all(not p.requires_grad for m in fp8 for p in m.parameters())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)  # LoRA A/B untouched
 
@@ -73,7 +75,7 @@ def test_fp8_linear_matches_bf16_and_saves_no_activation():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8(x)
-    assert {t.dtype for t in saved} <= {torch.float8_e4m3fn, torch.float32}  # the W^T copy and its scales
+    assert {t.dtype for t in saved} <= {torch.float8_e4m3fn, torch.float32}  # the W^T copy (a view) and its scales
     assert not any(t.shape[0] == 3 * 5 or t.shape[:1] == (3,) for t in saved)  # nothing activation-sized
     ref = lin(x)
     g = torch.randn_like(ref)
@@ -82,6 +84,24 @@ def test_fp8_linear_matches_bf16_and_saves_no_activation():
     assert 0 < (y - ref).abs().max() < 0.06 * ref.abs().max()
     assert 0 < (grad - ref_grad).abs().max() < 0.06 * ref_grad.abs().max()
     assert grad.dtype == x.dtype and y.dtype == torch.bfloat16
+
+
+def test_scaled_mm_path_equals_the_emulation():
+    """The GPU path (``_scaled_mm``: row-major activations, column-major weight copies, rowwise scales),
+    run by torch's CPU kernel where it has one, computes what the emulation computes."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 20, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 20, 48, dtype=torch.bfloat16)
+    outs = []
+    for emulate in (True, False):
+        try:
+            y = Fp8Linear(lin, emulate=emulate)(x)
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"no CPU _scaled_mm in this torch: {e}")
+        outs.append((y, *torch.autograd.grad(y, x, g)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 def test_input_gradients_flow_to_the_lowest_lora_and_the_base_stays_frozen():
@@ -157,6 +177,37 @@ def test_lora_trained_on_fp8_base_reaches_bf16_eval_loss_within_1pct():
     assert fp8_end < 0.95 * fp8_start
     assert fp8_start != bf16_start  # the FP8 base computes differently
     assert abs(fp8_end - bf16_end) <= 0.01 * bf16_end, (fp8_end, bf16_end)
+
+
+def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different bases on each rank: DDP's broadcast at wrap must make them rank 0's
+    lora_a = torch.nn.Linear(32, 32)
+    model = torch.nn.Sequential(lora_a, Fp8Linear(torch.nn.Linear(32, 16).requires_grad_(False), emulate=True))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(10 + rank))
+    ddp(x).square().sum().backward()
+    torch.save({"bits": model[1].weight_fp8.detach(), "grad": lora_a.weight.grad}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_broadcasts_the_fp8_base_and_all_reduces_the_adapter(tmp_path):
+    """Two gloo ranks: the FP8 weights survive DDP's broadcast (an fp8 dtype would not: "Invalid scalar
+    type"), and the trainable layer below the FP8 one gets the same averaged gradient on both."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["bits"], r1["bits"])
+    assert r0["grad"].abs().sum() > 0 and torch.equal(r0["grad"], r1["grad"])
 
 
 def test_refused_without_fp8_tensor_cores():
