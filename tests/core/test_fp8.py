@@ -15,13 +15,14 @@ from flux_ray.core.lora import add_lora  # noqa: E402
 from flux_ray.core.model import build_transformer_from_config  # noqa: E402
 from flux_ray.core.step import FluxBatch, FluxLossFn  # noqa: E402
 from flux_ray.core.tiny import FLUX_SCHEDULER, TINY_TRANSFORMER  # noqa: E402
-from flux_ray.spec import FlowSpec, LoraSpec, SpecError, load_spec  # noqa: E402
+from flux_ray.core.tread import TokenRouter  # noqa: E402
+from flux_ray.spec import FlowSpec, LoraSpec, SpecError, TreadConfig, TreadRoute, load_spec  # noqa: E402
 
 CONFIG = dict(TINY_TRANSFORMER, num_layers=2, num_single_layers=2)
 CPU = torch.device("cpu")
 
 
-def lora_model(fp8: bool, *, ckpt: int = 0, compile_backend=None, b_init: float = 0.0):
+def lora_model(fp8: bool, *, ckpt: int = 0, compile_backend=None, b_init: float = 0.0, tread: float = 0.0):
     """Tiny bf16 base with an fp32 LoRA on all+ffs; the base's block Linears in emulated FP8 when ``fp8``."""
     model = build_transformer_from_config(CONFIG, "cpu", torch.bfloat16, seed=0)
     params = add_lora(model, LoraSpec(lora_rank=4, flux_lora_target="all+ffs"))
@@ -32,12 +33,16 @@ def lora_model(fp8: bool, *, ckpt: int = 0, compile_backend=None, b_init: float 
                 p.copy_(b_init * torch.randn(p.shape, generator=g))
     if fp8:
         assert convert_base_to_fp8(model, CPU, emulate=True) > 0
+    router = None
+    if tread:  # hooks before checkpointing and compile, as train/build.py orders them
+        router = TokenRouter.from_spec(model, TreadConfig(routes=[TreadRoute(
+            selection_ratio=tread, start_layer_idx=1, end_layer_idx=-2)]))
     if ckpt:
         apply_gradient_checkpointing(model, ckpt)
     if compile_backend is not None:
         compile_blocks(model, backend=compile_backend)
     fn = FluxLossFn(model, FlowSpec(), scheduler_config=dict(FLUX_SCHEDULER), fast_schedule=False,
-                    autocast_dtype=torch.bfloat16)
+                    autocast_dtype=torch.bfloat16, tread=router)
     return model, params, fn
 
 
@@ -121,14 +126,24 @@ def test_input_gradients_flow_to_the_lowest_lora_and_the_base_stays_frozen():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
-def fp8_step(**kwargs):
-    _, params, fn = lora_model(fp8=True, b_init=0.1, **kwargs)
+def fp8_step(fp8: bool = True, **kwargs):
+    _, params, fn = lora_model(fp8=fp8, b_init=0.1, **kwargs)
     return loss_and_grads(fn, params)
 
 
 def test_checkpointing_gives_the_same_step():
     plain, ckpt = fp8_step(), fp8_step(ckpt=1)
     torch.testing.assert_close(plain, ckpt, rtol=0, atol=0)
+
+
+def test_tread_routes_tokens_through_fp8_blocks():
+    """TREAD (half the image tokens skip blocks 1..-2) with every block checkpointed: the FP8 blocks see the
+    shorter sequences, and the step stays the bf16 base's step up to FP8 error."""
+    (loss, grads), (ref_loss, ref_grads) = fp8_step(tread=0.5, ckpt=1), fp8_step(tread=0.5, fp8=False)
+    assert all(g.abs().sum() > 0 for g in grads)
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in grads]),
+                                                torch.cat([g.flatten() for g in ref_grads]), dim=0)
+    assert cos > 0.99 and abs(loss - ref_loss) < 0.02 * ref_loss
 
 
 def test_compiled_blocks_one_graph_each_and_same_step():
@@ -239,4 +254,9 @@ def test_spec_refuses_what_fp8_cannot_run(tmp_path, demo_data_dir, model, scalin
     data["scaling"] = {"use_gpu": True}
     data["model"], data["lora"] = {"base_compute_dtype": "fp8"}, {}
     path.write_text(yaml.safe_dump(data))
-    assert load_spec(str(path)).model.base_compute_dtype == "fp8"
+    spec = load_spec(str(path))
+    assert spec.model.base_compute_dtype == "fp8"
+    from flux_ray.train.build import build_transformer
+
+    with pytest.raises(ValueError, match="this worker runs on cpu"):  # the worker's check, before the load
+        build_transformer(spec, CPU)
