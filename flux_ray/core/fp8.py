@@ -5,7 +5,7 @@ whose weight is quantised once, at build time, into two e4m3 copies: W (out x in
 for the forward GEMM, and W^T (in x out) scaled per input column for the input-gradient GEMM. Together
 they take the bytes of the bf16 weight they replace. Per step, each token's activation row (forward) and
 gradient row (backward) is scaled by its amax and cast to e4m3 (torchao's rowwise recipe: e4m3 for the
-gradient too, as the rowwise ``_scaled_mm`` wants), and the GEMM is torch's ``_scaled_mm`` through
+gradient too, power-of-2 scales), and the GEMM is torch's ``_scaled_mm`` through
 torchao's ``addmm_float8_unwrapped_inference``. Compiled (``train.compile``), dynamo traces this autograd
 Function into the block's graph, so inductor fuses each amax / scale / cast into the neighbouring kernels.
 
@@ -44,8 +44,10 @@ def check_fp8_supported(device: torch.device) -> None:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of a 2-D tensor to e4m3 with its own scale: (x_e4m3, inverse scale (rows, 1), fp32).
 
-    torchao's own scale and saturated cast (``tensor_to_scale``, ``to_fp8_saturated``): scale = 448 / amax."""
-    scale = tensor_to_scale(x, E4M3, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=-1)
+    torchao's own scale and saturated cast (``tensor_to_scale``, ``to_fp8_saturated``): scale = 448 / amax,
+    rounded down to a power of 2 as torchao's rowwise recipe does (scaling and unscaling are then exact)."""
+    scale = tensor_to_scale(x, E4M3, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=-1,
+                            round_scales_to_power_of_2=True)
     # contiguous: _scaled_mm wants a row-major first operand; an elementwise op keeps a strided input's layout
     return to_fp8_saturated(x.float() * scale, E4M3).contiguous(), scale.reciprocal()
 
