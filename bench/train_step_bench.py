@@ -23,12 +23,16 @@ torch.profiler over 2 steps, against the unprofiled step time), tread (0 off; r:
 selection_ratio r over blocks 2..-2, SimpleTuner's Flux example; the tiny model's two blocks: 0..-1; MFU
 still counts the unrouted model's FLOPs, so it reads as an effective rate), offload (none | block<n>: the
 frozen base group-offloaded to the CPU, n blocks a group | leaf: each layer; an s suffix prefetches on a
-CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1).
+CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1), fp8 (1: the frozen
+base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/build.py applies it; emulated on
+a CPU). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
+every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
 usage: python bench/train_step_bench.py suite --stock bench/_stock/stock_flux_lora_step.py --budget-s 540 \\
            ours:res=512,bs=1,ckpt=0,compile=1 stock:res=512,bs=1,ckpt=1
        python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2   # CPU smoke test
        python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2,ckpt=1,offload=block1
+       python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2,fp8=1
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import warnings
 
 DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0, tread="0", offload="none")
+                profile=0, tread="0", offload="none", fp8=0)
 STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
@@ -110,6 +114,8 @@ def build(v: dict):
     transformer = build_transformer_from_config(config, device, torch.bfloat16)
     model_spec = ModelSpec(base_model_precision=QUANT[v["quant"]], **offload_options(v["offload"]))
     lora_spec = LoraSpec(lora_rank=v["rank"], flux_lora_target=v["targets"])
+    if v["fp8"] and (model_spec.enable_group_offload or model_spec.base_model_precision != "no_change"):
+        raise ValueError("fp8=1 needs quant=none and offload=none (as the spec requires)")
     if model_spec.enable_group_offload:  # as train/build.py: offload the base, then the adapter on the device
         from flux_ray.core.offload import apply_group_offload, keep_unowned_on_device
 
@@ -119,6 +125,10 @@ def build(v: dict):
     else:
         transformer = quantize_base(transformer, model_spec, device)
         params = add_lora(transformer, lora_spec)
+    if v["fp8"]:  # after the adapter, as train/build.py does
+        from flux_ray.core.fp8 import convert_base_to_fp8
+
+        convert_base_to_fp8(transformer, device, emulate=device.type == "cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     router = None
@@ -185,7 +195,7 @@ def run_variant(v: dict) -> dict:
     batches = host_batches(v, 4, config)
     device = torch.device(v["device"])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step_no = [0]
+    step_no, losses = [0], []
 
     try:  # the trainer's own optimizer-step code (train/stepper.py), where this tree has it
         from flux_ray.train.stepper import TorchStepper
@@ -208,7 +218,8 @@ def run_variant(v: dict) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
         step_no[0] += 1
-        return loss.detach()
+        losses.append(loss.detach())  # read at the end: no sync per step
+        return losses[-1]
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -276,7 +287,7 @@ def run_variant(v: dict) -> dict:
                 build_s=round(build_s, 1), first_step_s=round(first_s, 1), warmup_s=round(warm_s, 1),
                 host_syncs_per_step=host_syncs, gpu_ms_per_step=gpu_ms, rope_ms=None if rope_ms is None else round(rope_ms, 3),
                 ckpt_blocks=checkpointed_blocks(int(v["ckpt"])), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
-                loss=round(float(loss), 4), gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
+                loss=round(float(loss), 4), losses=[round(float(x), 5) for x in losses], gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
 
 
 def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
@@ -298,6 +309,8 @@ def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
             continue
         name = e.key.lower()
         kind = kernel_kind(name)
+        if kind == "gemm" and ("e4m3" in name or "f8" in name):  # the FP8 GEMMs apart from the bf16 ones
+            kind = "gemm_fp8"
         out[kind] = out.get(kind, 0.0) + us / 1000 / n
         if kind == "attention" and us > top_attention[0]:
             top_attention = (us, e.key[:60])
@@ -424,13 +437,13 @@ def print_table(rows: list[dict]) -> None:
              and s["bs"] == r["bs"] and s["quant"] == r["quant"] and s["compile"] == compiled]
         return min(c, key=lambda s: s["s_per_step"]) if c else None
 
-    hdr = (f"{'who':5} {'res':>4} {'bs':>2} {'quant':5} {'ckpt':>4} {'cmp':>3} {'attn':6} {'lora':4} {'opt':7} "
+    hdr = (f"{'who':5} {'res':>4} {'bs':>2} {'quant':5} {'fp8':>3} {'ckpt':>4} {'cmp':>3} {'attn':6} {'lora':4} {'opt':7} "
            f"{'s/step':>7} {'pipe':>7} {'smp/s':>6} {'MFU':>5} {'peakGiB':>7} {'1st s':>6} {'x eager':>7} {'x comp':>6}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {str(r['ckpt']):>4} {r['compile']:>3} "
-                  f"{r['attn']:6} ERROR {r['error'][:90]}")
+            print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {r.get('fp8', 0):>3} {str(r['ckpt']):>4} "
+                  f"{r['compile']:>3} {r['attn']:6} ERROR {r['error'][:90]}")
             continue
         ours = r["who"] == "ours"
         ratios = []
@@ -438,13 +451,29 @@ def print_table(rows: list[dict]) -> None:
             s = stock_ref(r, compiled) if ours else None
             ratios.append(f"{s['s_per_step'] / r['s_per_step']:.2f}" if s else "-")
         first = r.get("first_step_s", r.get("warmup_s", 0))
-        print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {str(r['ckpt']):>4} {r['compile']:>3} "
-              f"{r['attn']:6} {r.get('lora_dtype', 'fp32'):4} {r.get('opt', 'adamw'):7} {r['s_per_step']:7.4f} "
+        print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {r.get('fp8', 0):>3} {str(r['ckpt']):>4} "
+              f"{r['compile']:>3} {r['attn']:6} {r.get('lora_dtype', 'fp32'):4} {r.get('opt', 'adamw'):7} {r['s_per_step']:7.4f} "
               f"{r.get('s_per_step_pipelined', float('nan')):7.4f} {r['samples_per_s']:6.2f} {r['mfu_vs_800T']:5.3f} "
               f"{r['peak_gib'] or 0:7.2f} {first:6.1f} {ratios[0]:>7} {ratios[1]:>6}")
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "?")
     print(f"card: {gpu}; x eager / x comp: stock s/step (same res, bs, quant; eager / compiled; best stock row) "
           f"over ours; ckpt: ours every n-th block (0 none), stock 0/1; 1st s: first step incl. compile (stock: warmup)")
+    print_loss_tracking(rows)
+
+
+def print_loss_tracking(rows: list[dict]) -> None:
+    """Each fp8=1 job against its fp8=0 twin (same spec otherwise): relative loss difference per step."""
+    ours = [r for r in rows if r.get("who") == "ours" and "error" not in r and r.get("losses")]
+    same = lambda a, b: all(a[k] == b[k] for k in DEFAULTS if k != "fp8")  # noqa: E731
+    for r in (r for r in ours if r.get("fp8")):
+        ref = next((b for b in ours if not b.get("fp8") and same(r, b)), None)
+        if ref is None:
+            continue
+        n = min(len(r["losses"]), len(ref["losses"]))
+        rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"][:n], ref["losses"][:n])]
+        print(f"fp8 vs bf16 loss, res={r['res']} bs={r['bs']}, {n} steps: mean |rel diff| {sum(rel) / n:.4f}, "
+              f"max {max(rel):.4f}; peak GiB {r['peak_gib']} vs {ref['peak_gib']}; "
+              f"s/step {r['s_per_step']} vs {ref['s_per_step']} ({ref['s_per_step'] / r['s_per_step']:.2f}x)")
 
 
 if __name__ == "__main__":

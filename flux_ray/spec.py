@@ -60,6 +60,10 @@ class ModelSpec(_Section):
     base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb",
                                   "int8-torchao", "fp8-torchao"] = "no_change"
     quantize_via: Literal["accelerator", "cpu"] = "accelerator"
+    base_compute_dtype: Literal["bf16", "fp8"] = "bf16"
+    """GEMM precision of the frozen base's block Linears. fp8: e4m3 forward and input-gradient GEMMs with
+    rowwise scales, the weights quantised once (core/fp8.py); needs FP8 tensor cores (sm_89+: H100, H200,
+    L40S). Not a base_model_precision: that sets how weights are stored (fp8-torchao: fp8 storage, bf16 GEMMs)."""
     base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
     enable_group_offload: bool = False
     """Keep the frozen base on the CPU; each group is copied to the GPU for its forward and backward
@@ -87,6 +91,10 @@ class ModelSpec(_Section):
             raise ValueError("model.enable_model_cpu_offload is not supported for training (the transformer runs "
                              "forward and backward every step, so moving it whole saves no GPU memory); "
                              "use model.enable_group_offload")
+        if self.base_compute_dtype == "fp8" and (self.base_model_precision != "no_change" or self.enable_group_offload):
+            raise ValueError("model.base_compute_dtype fp8 quantises the bf16 base itself: it needs "
+                             f"model.base_model_precision no_change (got {self.base_model_precision!r}) and no "
+                             "model.enable_group_offload")
         if not self.enable_group_offload:
             return self
         if self.base_model_precision != "no_change":
@@ -479,6 +487,23 @@ class JobSpec(_Section):
                              "add a dataset with dataset_type: eval, or remove eval.eval_steps_interval")
         if self.scaling.strategy == "deepspeed" and not self.scaling.deepspeed_config:
             self.scaling.deepspeed_config = {"zero_optimization": {"stage": 2}}
+        return self
+
+    @model_validator(mode="after")
+    def _check_fp8_compute(self) -> JobSpec:
+        """FP8 compute (core/fp8.py) runs on FP8 tensor cores, with DDP, on PEFT LoRA layers."""
+        if self.model.base_compute_dtype != "fp8":
+            return self
+        key = "model.base_compute_dtype fp8"
+        if not self.scaling.use_gpu:
+            raise ValueError(f"{key} needs GPUs with FP8 tensor cores (compute capability 8.9+); "
+                             "scaling.use_gpu is false (use model.base_compute_dtype: bf16 on a CPU)")
+        if self.scaling.strategy != "ddp":
+            raise ValueError(f"{key} cannot be used with scaling.strategy {self.scaling.strategy} (the base is "
+                             "replicated, its FP8 weights are frozen parameters; use ddp)")
+        if self.lora.lora_type != "standard":
+            raise ValueError(f"{key} needs lora.lora_type standard (LyCORIS calls each Linear's own forward, "
+                             "captured before the base is converted)")
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,14 @@ def build_transformer(spec, device: torch.device):
     (model, adapter, its initial state when the init rewrote base weights)."""
     from flux_ray.core.quantize import quantize_base
 
+    fp8 = spec.model.base_compute_dtype == "fp8"
+    if fp8:  # before the load: refuse a device without FP8 tensor cores early
+        try:
+            from flux_ray.core.fp8 import check_fp8_supported, convert_base_to_fp8
+        except ImportError as e:
+            raise ValueError("model.base_compute_dtype fp8 needs the torchao package "
+                             "(pip install 'flux_ray[torchao]')") from e
+        check_fp8_supported(device)
     transformer = M.load_transformer(spec.model, dtype=base_dtype(spec, device))
     if spec.model.assistant_lora_path:  # schnell's frozen assistant LoRA: fused into the base before training
         from flux_ray.core.lora_export import merge_lora
@@ -41,6 +49,8 @@ def build_transformer(spec, device: torch.device):
         transformer = quantize_base(transformer, spec.model, device)
         adapter = attach_adapter(transformer, spec.lora)
     init_sd = adapter.state_dict() if L.moves_base_weights(spec.lora) else None
+    if fp8:  # after the adapter: PEFT holds each frozen Linear as base_layer, and its init may rewrite them
+        convert_base_to_fp8(transformer, device)
     if spec.train.gradient_checkpointing:
         from flux_ray.core.checkpointing import apply_gradient_checkpointing
 
