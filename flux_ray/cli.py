@@ -97,8 +97,13 @@ def _dispatch(args) -> int:
         print(spec_to_yaml(spec), end="")
         return 0
     from flux_ray import job
+    from flux_ray.job_home import ray_job_submission_id
+    from flux_ray.placement import check_placement
 
     job.init_ray(args.num_cpus)
+    check_placement(spec)  # before any work: local paths other nodes cannot see, a head-only MLflow store
+    if ray_job_submission_id():
+        print(f"outputs:     run {spec.run_uri}  cache {spec.cache.uri}", flush=True)
     if args.cmd == "cache":
         summary = job.cache(spec).to_dict()
         print(json.dumps(summary, indent=1))
