@@ -352,6 +352,8 @@ class ScalingSpec(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     deepspeed_config: dict[str, Any] | None = None
     max_failures: int = Field(0, ge=-1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the training workers (Ray Train's ScalingConfig); STRICT_SPREAD: one worker per node."""
 
 
 class TrackingSpec(_Section):
