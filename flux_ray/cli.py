@@ -53,6 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def fetch_remote_source(args):
+    """`flux-ray export s3://.../run`: copy the run's LoRA (or its newest checkpoint) and run_summary.json to a
+    temp dir, recover the spec from the run's MLflow server, and default --out to ./<run>-<format>."""
+    import tempfile
+    from pathlib import Path
+
+    from flux_ray import storage
+
+    src = args.source.rstrip("/")
+    name = src.rsplit("/", 1)[-1]
+    local = Path(tempfile.mkdtemp(prefix="flux_ray_export_")) / name
+    files = storage.list_files(src)
+    if not files:
+        raise FileNotFoundError(f"{src}: no such object or prefix")
+    wanted = [f for f in files if f.rel_path == "run_summary.json" or f.rel_path.startswith("lora/")]
+    if len(files) > 1 and not any(f.rel_path.startswith("lora/") for f in files):  # still training
+        newest = max({f.rel_path.split("/")[0] for f in files if f.rel_path.startswith("checkpoint_")}, default=None)
+        wanted += [f for f in files if newest and f.rel_path.startswith(newest + "/")]
+    for f in wanted if len(files) > 1 else files:
+        target = local / f.rel_path if len(files) > 1 else local.parent / f.rel_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(f.uri))
+    summary = local / "run_summary.json"
+    tracking = json.loads(summary.read_text()).get("mlflow", {}) if summary.is_file() else {}
+    if not args.spec_path and tracking.get("tracking_uri", "").startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking["tracking_uri"])
+        args.spec_path = client.download_artifacts(tracking["run_id"], "job_spec.yaml", str(local.parent))
+    args.source = str(local if len(files) > 1 else local.parent / files[0].rel_path)
+    if not args.out:
+        args.out = str(Path.cwd() / f"{name}-{'merged' if args.merge else args.format}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -86,8 +121,9 @@ def _dispatch(args) -> int:
         return 0
     if args.cmd == "export":
         from flux_ray.core.lora_export import export_cli
+        from flux_ray.storage import is_s3
 
-        return export_cli(args)
+        return export_cli(fetch_remote_source(args) if is_s3(args.source) else args)
     if args.cmd in ("submit", "status", "logs", "stop"):
         from flux_ray.jobs_client import run_job_command
 

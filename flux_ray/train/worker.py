@@ -43,8 +43,9 @@ def train_loop_per_worker(config: dict) -> None:
     profiler = StepProfiler.from_env(parts.rank, device)
     parts.after_step = profiler.after_step if profiler else None
     if parts.position.step:
-        log.info("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
-                 parts.position.epoch, parts.position.batch_index)
+        # warning: Ray's workers show WARNING and above in the job's logs, and a resume should be seen there
+        log.warning("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
+                    parts.position.epoch, parts.position.batch_index)
     train_loop(parts, _report)
 
 

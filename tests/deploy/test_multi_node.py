@@ -58,7 +58,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None
 
 def start_worker_node(cluster, name: str) -> subprocess.Popen:
     """`ray start --address` in a private mount namespace: tmpfs over /tmp (its Ray session dir, its node cache)."""
-    resources = json.dumps({name: 1})
+    resources = json.dumps({name: 1, "trial_slot": 1})
     inner = (f"mount -t tmpfs tmpfs /tmp && exec {BIN}/ray start --address {cluster['gcs']} --node-ip-address 127.0.0.1 "
              f"--num-cpus {CPUS_PER_NODE} --resources '{resources}' --dashboard-agent-listen-port {_free_port()} "
              "--disable-usage-stats --block")
@@ -110,7 +110,7 @@ def cluster(s3_server, tmp_path_factory):
              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     procs["head"] = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--num-cpus", str(CPUS_PER_NODE), "--resources", json.dumps({"node_a": 1}), "--include-dashboard", "true",
+         "--num-cpus", str(CPUS_PER_NODE), "--resources", json.dumps({"node_a": 1, "trial_slot": 1}), "--include-dashboard", "true",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port",
          str(_free_port()), "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -219,17 +219,20 @@ def test_s3_everywhere_on_two_nodes_submitted_from_a_client_without_files(cluste
     assert any(f.uri.endswith(".png") for f in artifacts)  # validation images, stored by the server in S3
     nodes = json.loads(_probe(cluster, """
         import json, ray
-        from ray.util.state import list_actors
+        from ray.util.state import list_actors, list_tasks
         ray.init()
         ids = {n["NodeID"]: [k for k in n["Resources"] if k.startswith("node_")][0] for n in ray.nodes() if n["Alive"]}
         by_class = {}
         for a in list_actors(detail=True, limit=10000):
             by_class.setdefault(a.class_name, set()).add(ids.get(a.node_id, "?"))
+        for t in list_tasks(detail=True, limit=10000):
+            if "decode_row" in t.name:
+                by_class.setdefault("decode_row tasks", set()).add(ids.get(t.node_id, "?"))
         print(json.dumps({k: sorted(v) for k, v in by_class.items()}))
     """).strip().splitlines()[-1])
     assert nodes.get("RayTrainWorker") == ["node_a", "node_b"], nodes
-    encoders = sorted({n for cls, v in nodes.items() if "VaeEncoder" in cls for n in v})
-    assert encoders == ["node_a", "node_b"], nodes
+    cache_work = sorted({n for cls, v in nodes.items() if "Encoder" in cls or "decode_row" in cls for n in v} - {"?"})
+    assert cache_work == ["node_a", "node_b"], nodes  # decode tasks and encoder actors ran on both nodes
     copies = _probe(cluster, """
         import os, ray
         def copies():
@@ -240,3 +243,102 @@ def test_s3_everywhere_on_two_nodes_submitted_from_a_client_without_files(cluste
               len(ray.get(ray.remote(resources={"node_b": 0.01})(copies).remote())))
     """).split()
     assert copies == ["1", "1"]  # one model copy per node, whatever the number of actors and workers there
+
+
+def test_export_a_run_in_s3_from_a_client_without_files(cluster, s3_inputs, tmp_path):
+    """`flux-ray export s3://.../run` (the run of the test above): LoRA and spec come from S3 and the MLflow server."""
+    from safetensors.torch import load_file
+
+    from flux_ray import storage
+
+    run = f"{s3_inputs}/runs/s3-run"
+    if not storage.exists(f"{run}/run_summary.json", cluster["s3"].storage):
+        pytest.skip("needs the S3 run of test_s3_everywhere_on_two_nodes_submitted_from_a_client_without_files")
+    proc = subprocess.run([str(BIN / "flux-ray"), "export", run, "--format", "comfyui"], cwd=tmp_path,
+                          env=cluster["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    files = list((tmp_path / "s3-run-comfyui").rglob("*.safetensors"))
+    assert files and load_file(str(files[0]))
+    assert any(k.startswith("diffusion_model.") or k.startswith("lora_unet_") for k in load_file(str(files[0])))
+
+
+def test_a_two_trial_sweep_runs_its_trials_on_both_nodes_from_one_cache(cluster, s3_inputs, tmp_path):
+    """Each node has one `trial_slot`; each trial's worker needs one, so 2 concurrent trials use both nodes.
+    The cache is the one the S3 run above wrote (same model URI, data and resolution): nothing is encoded."""
+    from flux_ray import storage
+
+    data = _spec(cluster, s3_inputs, "s3-sweep")
+    data["eval"].update(validation_step_interval=None, eval_steps_interval=2, eval_split_fraction=0.15)
+    data["scaling"] = {"num_workers": 1, "resources_per_worker": {"CPU": 1, "trial_slot": 1}}
+    data["tune"] = {"param_space": {"train.learning_rate": {"type": "grid", "values": [1.0e-3, 3.0e-3]}},
+                    "num_samples": 1, "metric": "eval_loss", "mode": "min", "scheduler": "fifo",
+                    "max_concurrent_trials": 2}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", "job.yaml", "--address", cluster["address"], "--command",
+                           "tune", "--submission-id", "flux-ray-sweep"], cwd=tmp_path, env=cluster["env"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = storage.read_json(f"{s3_inputs}/runs/s3-sweep/sweep_summary.json", cluster["s3"].storage)
+    assert not summary["interrupted"] and len(summary["trials"]) == 2
+    nodes = _probe(cluster, f"""
+        import ray
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_actors
+        job_id = JobSubmissionClient({cluster["address"]!r}).get_job_info("flux-ray-sweep").job_id
+        ray.init()
+        ids = {{n["NodeID"]: [k for k in n["Resources"] if k.startswith("node_")][0] for n in ray.nodes() if n["Alive"]}}
+        print(sorted(ids.get(a.node_id, "?") for a in list_actors(filters=[("job_id", "=", job_id)], detail=True,
+                                                                  limit=10000) if a.class_name == "RayTrainWorker"))
+    """).strip().splitlines()[-1]
+    assert nodes == "['node_a', 'node_b']", nodes
+    import re
+
+    assert re.search(r"cache demo: \d+ usable, 0 encoded now", proc.stdout), proc.stdout[-3000:]  # one cache, read
+
+
+def _raylet_of(proc: subprocess.Popen) -> int:
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if child.name() == "raylet":
+            return child.pid
+    raise LookupError(f"no raylet under pid {proc.pid}")
+
+
+def test_a_node_dies_mid_training_and_the_run_resumes_from_s3(cluster, s3_inputs, tmp_path):
+    """SIGKILL of the second node's raylet (the node dies, not one worker); with scaling.max_failures 1 and a
+    replacement node, Train restarts both workers and they resume from the newest checkpoint in S3."""
+    from flux_ray import storage
+
+    steps = 12
+    data = _spec(cluster, s3_inputs, "s3-resume")
+    data["train"].update(max_train_steps=steps, checkpointing_steps=2)
+    data["eval"]["validation_step_interval"] = None
+    data["scaling"]["max_failures"] = 1
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", "job.yaml", "--address", cluster["address"], "--no-wait",
+                           "--submission-id", "flux-ray-node-death"], cwd=tmp_path, env=cluster["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run, st = f"{s3_inputs}/runs/s3-resume", cluster["s3"].storage
+    deadline = time.time() + 400
+    while not any(f.rel_path.endswith("trainer_state.json") for f in storage.list_files(run, st)):
+        assert time.time() < deadline, "no checkpoint in S3"
+        time.sleep(0.5)
+    os.kill(_raylet_of(cluster["procs"]["node_b"]), signal.SIGKILL)
+    cluster["procs"]["node_b2"] = start_worker_node(cluster, "node_b")  # the replacement, same custom resource
+    out = _probe(cluster, f"""
+        import json, time
+        from ray.job_submission import JobSubmissionClient
+        client, deadline = JobSubmissionClient({cluster["address"]!r}), time.time() + 500
+        while (status := str(client.get_job_status("flux-ray-node-death").value)) not in ("SUCCEEDED", "FAILED"):
+            assert time.time() < deadline, client.get_job_logs("flux-ray-node-death")[-4000:]
+            time.sleep(1)
+        print(json.dumps([status, client.get_job_logs("flux-ray-node-death")]))
+    """, timeout=600)
+    status, logs = json.loads(out.strip().splitlines()[-1])
+    assert status == "SUCCEEDED", logs[-4000:]
+    summary = storage.read_json(f"{run}/run_summary.json", st)
+    assert summary["steps"] == steps
+    resumed = [int(x) for x in __import__("re").findall(r"rank \d resumes at step (\d+)", logs)]
+    assert resumed and min(resumed) >= 2, logs[-4000:]  # restarted from a checkpoint, not from step 0
