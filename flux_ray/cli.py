@@ -66,6 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def fetch_remote_source(args):
+    """`flux-ray export s3://.../run`: copy the run's LoRA (or its newest checkpoint) and run_summary.json to a
+    temp dir, recover the spec from the run's MLflow server, and default --out to ./<run>-<format>."""
+    import tempfile
+    from pathlib import Path
+
+    from flux_ray import storage
+
+    src = args.source.rstrip("/")
+    name = src.rsplit("/", 1)[-1]
+    local = Path(tempfile.mkdtemp(prefix="flux_ray_export_")) / name
+    files = storage.list_files(src)
+    if not files:
+        raise FileNotFoundError(f"{src}: no such object or prefix")
+    wanted = [f for f in files if f.rel_path == "run_summary.json" or f.rel_path.startswith("lora/")]
+    if len(files) > 1 and not any(f.rel_path.startswith("lora/") for f in files):  # still training
+        newest = max({f.rel_path.split("/")[0] for f in files if f.rel_path.startswith("checkpoint_")}, default=None)
+        wanted += [f for f in files if newest and f.rel_path.startswith(newest + "/")]
+    for f in wanted if len(files) > 1 else files:
+        target = local / f.rel_path if len(files) > 1 else local.parent / f.rel_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(f.uri))
+    summary = local / "run_summary.json"
+    tracking = json.loads(summary.read_text()).get("mlflow", {}) if summary.is_file() else {}
+    if not args.spec_path and tracking.get("tracking_uri", "").startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking["tracking_uri"])
+        args.spec_path = client.download_artifacts(tracking["run_id"], "job_spec.yaml", str(local.parent))
+    args.source = str(local if len(files) > 1 else local.parent / files[0].rel_path)
+    if not args.out:
+        args.out = str(Path.cwd() / f"{name}-{'merged' if args.merge else args.format}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -99,8 +134,9 @@ def _dispatch(args) -> int:
         return 0
     if args.cmd == "export":
         from flux_ray.core.lora_export import export_cli
+        from flux_ray.storage import is_s3
 
-        return export_cli(args)
+        return export_cli(fetch_remote_source(args) if is_s3(args.source) else args)
     if args.cmd == "import-simpletuner":
         from flux_ray.simpletuner import import_cli
 
@@ -114,12 +150,17 @@ def _dispatch(args) -> int:
         print(spec_to_yaml(spec), end="")
         return 0
     from flux_ray import job
+    from flux_ray.job_home import ray_job_submission_id
+    from flux_ray.placement import check_placement
 
     if args.cmd in ("train", "run") and args.restart is None:
         from flux_ray.train.run_identity import plan_run
 
         plan_run(spec)  # a refused rerun fails here, before Ray starts (job.run plans again, with --restart)
     job.init_ray(args.num_cpus)
+    check_placement(spec)  # before any work: local paths other nodes cannot see, a head-only MLflow store
+    if ray_job_submission_id():
+        print(f"outputs:     run {spec.run_uri}  cache {spec.cache.uri}", flush=True)
     if args.cmd == "cache":
         summary = job.cache(spec).to_dict()
         print(json.dumps(summary, indent=1))

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from flux_ray.job_home import DEFAULT_HOME, HOME_ENV
+from flux_ray.placement import tracking_store_problem
 from flux_ray.spec import load_spec
 
 # Environment variables forwarded to the job by name; values never printed.
@@ -74,6 +76,29 @@ def runtime_env(spec, working_dir: str, pip: list[str], image_uri: str | None) -
     return renv
 
 
+def relative_outputs(spec_path: str, overrides: list[str]) -> list[str]:
+    """Output keys the spec gives as relative paths (read before load_spec makes them absolute)."""
+    from flux_ray.job_home import is_relative_local
+    from flux_ray.spec import parse_override
+
+    import yaml
+
+    data = yaml.safe_load(Path(spec_path).read_text()) or {}
+    values = {"output.uri": (data.get("output") or {}).get("uri", "./flux_ray_runs/output"),
+              "cache.uri": (data.get("cache") or {}).get("uri", "./flux_ray_runs/cache")}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if ".".join(keys) in values:
+            values[".".join(keys)] = value
+    return [k for k, v in values.items() if isinstance(v, str) and is_relative_local(v)]
+
+
+def output_lines(logs: str) -> list[str]:
+    """The lines a job prints about where its outputs are (`flux-ray run|train` on the cluster)."""
+    return [line for line in logs.splitlines(keepends=True)
+            if line.startswith(("outputs:", "LoRA:", "cache:", "MLflow:", "summary:"))]
+
+
 def describe_env(renv: dict) -> dict:
     """The runtime env as printed: env var values masked."""
     return {**renv, "env_vars": {k: "***" for k in renv.get("env_vars", {})}}
@@ -81,6 +106,9 @@ def describe_env(renv: dict) -> dict:
 
 def submit(args) -> int:
     spec = load_spec(args.spec, args.overrides)  # fails here, before anything reaches the cluster
+    problem = tracking_store_problem(spec)
+    if problem:
+        raise ValueError(problem)
     spec_rel = os.path.relpath(Path(args.spec).resolve(), Path(args.working_dir).resolve())
     if spec_rel.startswith(".."):
         raise ValueError(f"the spec {args.spec} must lie inside --working-dir {args.working_dir} to be uploaded")
@@ -91,6 +119,10 @@ def submit(args) -> int:
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=renv, submission_id=args.submission_id,
                                metadata={"flux_ray.job_name": spec.name})
     print(f"submitted {job_id}: {entrypoint}\nruntime env: {describe_env(renv)}")
+    relative = relative_outputs(args.spec, args.overrides)
+    if relative:
+        print(f"relative {', '.join(relative)} resolve on the cluster under ${HOME_ENV} (default {DEFAULT_HOME} "
+              "on the node running the job), not in the job's working directory, which Ray deletes")
     if args.no_wait:
         return 0
     status = wait(client, job_id)
@@ -120,6 +152,7 @@ def run_job_command(args) -> int:
     if args.cmd == "status":
         info = client.get_job_info(args.job_id)
         print(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
+        print("".join(output_lines(client.get_job_logs(args.job_id))), end="")
     elif args.cmd == "logs":
         if args.follow:
             wait(client, args.job_id)

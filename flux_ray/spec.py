@@ -216,6 +216,17 @@ class StorageSpec(_Section):
     """Where s3:// URIs of the cache and output go (AWS, MinIO, R2, moto)."""
     aws_endpoint_url: str | None = None
     aws_region_name: str | None = None
+    shared_paths: list[str] = Field(default_factory=list)
+    """Absolute directories that every node of the cluster mounts at the same path (NFS, EFS, a PVC).
+    On a multi-node cluster a local path in the spec must lie under one of them (flux_ray/placement.py)."""
+
+    @field_validator("shared_paths")
+    @classmethod
+    def _absolute(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if not p.startswith("/")]
+        if bad:
+            raise ValueError(f"storage.shared_paths must be absolute directories; got {bad}")
+        return [p.rstrip("/") or "/" for p in v]
 
 
 class CacheSpec(_Section):
@@ -379,6 +390,8 @@ class ScalingSpec(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     deepspeed_config: dict[str, Any] | None = None
     max_failures: int = Field(0, ge=-1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the training workers (Ray Train's ScalingConfig); STRICT_SPREAD: one worker per node."""
 
 
 class TrackingSpec(_Section):
@@ -678,8 +691,22 @@ def _abs(path: str | None) -> str | None:
 
 
 def absolutize(spec: JobSpec) -> JobSpec:
-    """Local relative paths -> absolute, so Ray workers (other working dirs) see the same files."""
+    """Local relative paths -> absolute, so Ray workers (other working dirs) see the same files.
+
+    Inside a Ray job, relative outputs and generated inputs resolve against $FLUX_RAY_HOME instead of
+    the job's working directory, which Ray deletes (flux_ray/job_home.py)."""
+    from flux_ray.job_home import output_base, resolve_generated, resolve_output
+
+    base = output_base()
+    spec.cache.uri = resolve_output(spec.cache.uri, base)
+    spec.output.uri = resolve_output(spec.output.uri, base)
     m = spec.model
+    if m.make_tiny_if_missing and m.pretrained_model_name_or_path \
+            and m.pretrained_model_name_or_path.startswith("."):
+        m.pretrained_model_name_or_path = resolve_generated(m.pretrained_model_name_or_path, base)
+    for d in spec.datasets:
+        if d.type == "local" and d.make_demo_if_missing:
+            d.instance_data_dir = resolve_generated(d.instance_data_dir, base)
     for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
                 "pretrained_vae_model_name_or_path", "assistant_lora_path", "group_offload_to_disk_path"):
         setattr(m, key, _abs(getattr(m, key)))

@@ -108,6 +108,8 @@ EFFECT_TESTS: dict[str, str] = {
     "train.attention_backend": f"{SPEC}::test_bad_spec_names_key_and_problem",
     "train.compile": "tests/core/test_step_equivalence.py::test_compiled_blocks_match_plain_step_fp32",
     "model.base_compute_dtype": "tests/core/test_fp8.py::test_lora_trained_on_fp8_base_reaches_bf16_eval_loss_within_1pct",
+    "storage.shared_paths": "tests/test_placement.py::test_shared_paths_admit_local_paths_on_multi_node",
+    "scaling.placement_strategy": "tests/deploy/test_multi_node.py::test_s3_everywhere_on_two_nodes_submitted_from_a_client_without_files",
     "train.compile_cache": "tests/train/test_compile_cache.py::test_a_fresh_process_loads_the_artifacts_and_a_new_shape_still_compiles",
     "train.tread_config.routes.selection_ratio": "tests/core/test_tread.py",
     "train.tread_config.routes.start_layer_idx": "tests/core/test_tread.py::test_bad_route_indices_name_the_route",

@@ -155,7 +155,9 @@ def _stage_rates(stages: dict) -> dict:
 
 
 def _ray_resources(spec) -> dict:
-    return {"num_gpus": spec.cache.gpus_per_actor} if spec.scaling.use_gpu else {"num_cpus": 1}
+    """An encoder actor's share; SPREAD puts a pool's actors on different nodes of a multi-node cluster."""
+    share = {"num_gpus": spec.cache.gpus_per_actor} if spec.scaling.use_gpu else {"num_cpus": 1}
+    return {**share, "scheduling_strategy": "SPREAD"}
 
 
 def list_dataset(ds_spec, st) -> tuple[list, dict]:
@@ -196,7 +198,8 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
         pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": ds_spec, "storage_spec": st, "seed": spec.train.seed},
                         compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
         pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size * spec.cache.vae_bucket_window,
-                                fn_constructor_kwargs={"model_spec": spec.model, "latent_dtype": spec.cache.latent_dtype,
+                                fn_constructor_kwargs={"model_spec": spec.model, "storage": spec.storage,
+                                                       "latent_dtype": spec.cache.latent_dtype,
                                                        "batch_size": spec.cache.vae_batch_size,
                                                        "use_gpu": spec.scaling.use_gpu,
                                                        "channels_last": spec.cache.vae_channels_last,
@@ -268,7 +271,8 @@ def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
         pipe = ray.data.from_items(todo).map_batches(
             TextEncoder, batch_size=spec.cache.text_batch_size,
             compute=ActorPoolStrategy(size=spec.cache.num_text_actors),
-            fn_constructor_kwargs={"model_spec": spec.model, "embed_dtype": spec.cache.text_embed_dtype,
+            fn_constructor_kwargs={"model_spec": spec.model, "storage": spec.storage,
+                                   "embed_dtype": spec.cache.text_embed_dtype,
                                    "use_gpu": spec.scaling.use_gpu,
                                    "compile_backend": spec.cache.text_compile_backend(spec.scaling.use_gpu, len(todo))},
             **_ray_resources(spec))
@@ -293,10 +297,11 @@ def run_cache(spec) -> CacheSummary:
 
     from flux_ray.core.model import ensure_base_model, load_vae_config
     from flux_ray.data.demo import write_demo_data
+    from flux_ray.node_cache import localize_model
 
     t0 = time.time()
     ensure_base_model(spec.model)
-    vae_config = load_vae_config(spec.model)
+    vae_config = load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
     summary = CacheSummary(cache_uri=spec.cache.uri)
     listings = {}
     for ds_spec in spec.enabled_datasets():

@@ -43,8 +43,11 @@ class VaeEncoder:
     """
 
     def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False, channels_last: bool = False,
-                 compile_backend: str | None = None, batch_size: int | None = None):
+                 compile_backend: str | None = None, batch_size: int | None = None, storage=None):
         from flux_ray.core.model import load_vae
+        from flux_ray.node_cache import localize_model
+
+        model_spec = localize_model(model_spec, storage)  # an s3:// model: fetched once per node
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -122,8 +125,11 @@ class TextEncoder:
     """CLIP pooled + T5 sequence embeddings (and the T5 mask) for unique captions."""
 
     def __init__(self, model_spec, embed_dtype: str = "bf16", use_gpu: bool = False,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, storage=None):
         from flux_ray.core.model import load_text_encoders
+        from flux_ray.node_cache import localize_model
+
+        model_spec = localize_model(model_spec, storage)  # an s3:// model: fetched once per node
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32

@@ -60,8 +60,12 @@ def build_transformer(spec, device: torch.device):
 
 def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
                      wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
+    from flux_ray.node_cache import localize
+
     torch.manual_seed(spec.train.seed)
-    transformer, adapter, lora_init = build_transformer(spec, device)
+    # s3:// model, LoRA and prompt inputs are read from this node's copy; cache keys name the spec's URIs.
+    local = localize(spec)
+    transformer, adapter, lora_init = build_transformer(local, device)
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     cast_trainable_params(spec.train, [p for p in transformer.parameters() if p.requires_grad])  # before wrap
     model = wrap(transformer)
@@ -83,10 +87,10 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     else:
         stepper = TorchStepper(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
     autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
-    loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(spec.model),
+    loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(local.model),
                          fast_schedule=spec.fast_schedule, masked_attention=spec.train.flux_attention_masked_training,
                          autocast_dtype=autocast, attention_backend=spec.train.attention_backend, tread=tread)
-    reader = CacheReader(spec, M.load_vae_config(spec.model))
+    reader = CacheReader(spec, M.load_vae_config(local.model))
     train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
     if not train_samples:
         raise ValueError("the cache holds no usable training images")
@@ -96,7 +100,7 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     if (rank == 0 or sharded) and spec.eval.validation_step_interval and (spec.eval.validation_prompt or spec.eval.user_prompt_library):
         from flux_ray.core.validation import Validator
 
-        validate = Validator(spec, transformer, device, write=rank == 0)
+        validate = Validator(local, transformer, device, write=rank == 0)
     return LoopParts(spec=spec, model=model, params=params, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,

@@ -31,7 +31,7 @@ def scaling_config(spec: JobSpec):
     if resources is None and not spec.scaling.use_gpu:
         resources = {"CPU": 1}
     return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=resources, placement_strategy=spec.scaling.placement_strategy)
 
 
 def run_config(spec: JobSpec, callbacks: list | None = None):

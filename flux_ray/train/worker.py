@@ -46,8 +46,9 @@ def train_loop_per_worker(config: dict) -> None:
     hooks = [h for h in (parts.after_step, profiler.after_step if profiler else None) if h]
     parts.after_step = (lambda step: [h(step) for h in hooks]) if hooks else None
     if parts.position.step:
-        log.info("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
-                 parts.position.epoch, parts.position.batch_index)
+        # warning: Ray's workers show WARNING and above in the job's logs, and a resume should be seen there
+        log.warning("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
+                    parts.position.epoch, parts.position.batch_index)
     train_loop(parts, _report)
 
 

@@ -82,8 +82,10 @@ def _vae_config(vae_path, base_path, revision) -> dict:
     from flux_ray.core.model import load_vae_config
     from flux_ray.spec import ModelSpec
 
-    return load_vae_config(ModelSpec(pretrained_model_name_or_path=base_path, revision=revision,
-                                     pretrained_vae_model_name_or_path=vae_path))
+    from flux_ray.node_cache import localize_model
+
+    return load_vae_config(localize_model(ModelSpec(pretrained_model_name_or_path=base_path, revision=revision,
+                                                    pretrained_vae_model_name_or_path=vae_path)))
 
 
 def manifest_state(spec: JobSpec, cache_summary) -> dict:

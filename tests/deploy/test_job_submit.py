@@ -30,7 +30,7 @@ def head(tmp_path_factory):
     port, dash = _free_port(), _free_port()
     # The head uses the machine's default token (~/.ray/auth_token, generated if missing): a process
     # that already ran ray.init() keeps the token it loaded, so a per-test token would not match.
-    env = dict(os.environ, NUM_CPUS="6", RAY_PORT=str(port), DASHBOARD_PORT=str(dash), FLUX_RAY_STATE_DIR=str(state),
+    env = dict(os.environ, NUM_CPUS="6", FLUX_RAY_HOME=str(state / "flux_ray_home"), RAY_PORT=str(port), DASHBOARD_PORT=str(dash), FLUX_RAY_STATE_DIR=str(state),
                DASHBOARD_AGENT_PORT=str(_free_port()),
                RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -39,7 +39,8 @@ def head(tmp_path_factory):
                    capture_output=True)
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     client_env = {"RAY_AUTH_MODE": "token", "PATH": env["PATH"]}
-    info = {"address": f"http://127.0.0.1:{dash}", "env": dict(env, **client_env), "token": token}
+    info = {"address": f"http://127.0.0.1:{dash}", "env": dict(env, **client_env), "token": token,
+            "home": Path(env["FLUX_RAY_HOME"])}
     try:
         _wait_for_job_agent(info)
         yield info
@@ -86,7 +87,7 @@ def _client(head):
 def _check_run(out: Path, name: str = "demo") -> dict:
     from mlflow import MlflowClient
 
-    summary = json.loads((out / "output" / name / "run_summary.json").read_text())
+    summary = json.loads((out / name / "run_summary.json").read_text())
     assert Path(summary["lora"]).exists() and summary["steps"] == 4
     run = MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
@@ -94,13 +95,19 @@ def _check_run(out: Path, name: str = "demo") -> dict:
 
 
 def test_ray_job_submit_runs_the_demo(head, tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache):
-    sets = " ".join(f"--set {s}" for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache))
+    """jobs/demo.yaml's relative output.uri (README: `ray job submit ... -- flux-ray run jobs/demo.yaml`) lands
+    under the head's $FLUX_RAY_HOME, not in the job's unpacked working dir that Ray deletes (#26)."""
+    sets = [s for s in _sets(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache)
+            if not s.startswith("output.uri=")]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO), "--",
-           *f"flux-ray run jobs/demo.yaml {sets}".split()]
+           "flux-ray", "run", "jobs/demo.yaml", *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    _check_run(tmp_path)
+    out = head["home"] / "flux_ray_runs" / "output"
+    summary = _check_run(out)
+    assert summary["run_uri"] == str(out / "demo") and "runtime_resources" not in json.dumps(summary)
+    assert f"outputs:     run {out / 'demo'}" in proc.stdout
 
 
 def test_flux_ray_submit_waits_and_reports(head, tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache):
@@ -160,6 +167,7 @@ def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data
     status = subprocess.run([str(BIN / "flux-ray"), "status", "flux-ray-stop-test", "--address", head["address"]],
                             env=head["env"], capture_output=True, text=True, timeout=60)
     assert "RUNNING" in status.stdout
+    assert f"outputs:     run {run_dir}" in status.stdout  # where the job writes, from its logs
     stop = subprocess.run([str(BIN / "flux-ray"), "stop", "flux-ray-stop-test", "--address", head["address"]],
                           env=head["env"], capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0
@@ -178,3 +186,17 @@ def test_stop_a_running_job_keeps_its_checkpoint(head, tiny_model_dir, demo_data
     from safetensors.torch import load_file
 
     assert load_file(str(Path(complete[-1]) / "lora_peft.safetensors"))
+
+
+def test_remote_output_without_a_tracking_server_is_refused_at_submit(head, tmp_path):
+    """The default MLflow store would be a sqlite file on the head: refused on the client, no job created."""
+    client = _client(head)
+    before = len(client.list_jobs())
+    spec = tmp_path / "job.yaml"
+    spec.write_text((REPO / "jobs" / "demo.yaml").read_text())
+    proc = subprocess.run([str(BIN / "flux-ray"), "submit", str(spec), "--address", head["address"],
+                           "--working-dir", str(tmp_path), "--set", "output.uri=s3://bucket/runs"],
+                          env=head["env"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "tracking.mlflow_tracking_uri: not set while output.uri is s3://bucket/runs" in proc.stderr
+    assert len(client.list_jobs()) == before
