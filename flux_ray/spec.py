@@ -202,10 +202,11 @@ class CacheSpec(_Section):
     commit_every: int = Field(512, ge=1)
     """Images per committed chunk: a killed job loses at most one chunk of work."""
     min_rows_per_file: int = Field(256, ge=1)
-    reader_memory_gib: float = Field(2.0, gt=0)
-    """Host memory bound per training worker for cache rows (training reads, data/loader.py): the epoch is
-    served in windows of rows that fit it (two windows, the one served and the one loading, plus the ready
-    batches), each row fetched once per epoch. Larger windows shuffle more widely; any size trains."""
+    reader_memory_gib: float = Field(1.5, gt=0)
+    """Host memory per training worker for cache data (data/loader.py): the epoch is served in windows of rows
+    that fit it (the window served, the one loading, the reads in flight and the ready batches), each row fetched
+    once per epoch. The process adds its own ~0.5 GiB (Python, torch). Larger windows shuffle more widely; any
+    size trains (a window holds at least one caption's images)."""
     decode_concurrency: int | None = Field(None, ge=1)
     """Most decode+crop tasks at once; default: the cluster's CPU count less the CPUs encoders hold."""
     vae_channels_last: bool = False

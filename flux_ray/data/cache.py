@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from flux_ray import storage
 from flux_ray.data import sources
-from flux_ray.data.cache_layout import (BLOB_COLUMNS, ROWS_PER_ROW_GROUP, CachePaths, check_format, dataset_key,
-                                       empty_manifest, rows_file, sample_id, text_key, vae_identity)
+from flux_ray.data.cache_layout import (BLOB_COLUMNS, ROWS_PER_ROW_GROUP, SHARD_TARGET_BYTES, CachePaths,
+                                       check_format, dataset_key, empty_manifest, rows_file, sample_id, text_key,
+                                       vae_identity)
 
 log = logging.getLogger("flux_ray.cache")
 EMPTY_CAPTION = ""
@@ -68,19 +69,25 @@ def _committed_column(uri: str, manifest: dict, st, column: str) -> set:
 
 
 def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
-    """Ray Data stage: write one batch as a Parquet shard under ``<uri>/shards/<run>/`` and emit only its
-    manifest entry, so the driver commits shards while the encoders keep running.
+    """Ray Data stage: write one batch as Parquet shards under ``<uri>/shards/<run>/`` and emit only their
+    manifest entries, so the driver commits shards while the encoders keep running.
 
-    Format 2 (cache_layout): one row per row group, no statistics (blobs), and the small columns again in
-    the shard's ``.rows.parquet`` side file (written first: a listed shard always has one)."""
-    rel = f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
-    fs, path = storage.resolve(storage.join(uri, rel), storage_spec)
-    if fs.type_name == "local":
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    small = table.drop_columns([c for c in table.column_names if c in BLOB_COLUMNS])
-    pq.write_table(small, rows_file(path), filesystem=fs)
-    pq.write_table(table, path, filesystem=fs, row_group_size=ROWS_PER_ROW_GROUP, write_statistics=False)
-    return {"file": [rel], "rows": [table.num_rows], "bytes": [fs.get_file_info(path).size]}
+    Format 2 (cache_layout): shards of at most SHARD_TARGET_BYTES, one row per row group, no statistics
+    (blobs), and each shard's small columns again in its ``.rows.parquet`` side file (written first: a
+    listed shard always has one)."""
+    rows = max(1, min(table.num_rows, SHARD_TARGET_BYTES * table.num_rows // max(1, table.nbytes)))
+    out: dict = {"file": [], "rows": [], "bytes": []}
+    for start in range(0, table.num_rows, rows):
+        part = table.slice(start, rows)
+        rel = f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
+        fs, path = storage.resolve(storage.join(uri, rel), storage_spec)
+        if fs.type_name == "local":
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        small = part.drop_columns([c for c in part.column_names if c in BLOB_COLUMNS])
+        pq.write_table(small, rows_file(path), filesystem=fs)
+        pq.write_table(part, path, filesystem=fs, row_group_size=ROWS_PER_ROW_GROUP, write_statistics=False)
+        out["file"].append(rel), out["rows"].append(part.num_rows), out["bytes"].append(fs.get_file_info(path).size)
+    return out
 
 
 @dataclass

@@ -29,6 +29,10 @@ import torch
 CACHE_FORMAT_VERSION = 2
 ROWS_PER_ROW_GROUP = 1
 """Range-read granularity: a latent row is 256 KiB (512 px) to 1 MiB (1024 px), a T5 row 4 MiB."""
+SHARD_TARGET_BYTES = 16 * 2**20
+"""A shard holds at most this many bytes (and at least one row): cache.min_rows_per_file rows of 4 MiB T5
+embeddings would make 1 GiB objects, and a range read costs more on stores that serve a range by reading the
+object (moto: 7 ms for a row of a 16 MiB object, 140 ms of a 64 MiB one; bench/RESULTS.md, ingest)."""
 ROWS_SUFFIX = ".rows.parquet"
 LATENT_BLOBS = ("latent_mean", "latent_std")
 TEXT_BLOBS = ("prompt_embeds", "pooled", "text_mask")

@@ -26,14 +26,14 @@ from flux_ray import storage
 from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import (LATENT_BLOBS, TEXT_BLOBS, CachePaths, bytes_to_tensor, check_format,
+from flux_ray.data.cache_layout import (LATENT_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths, bytes_to_tensor, check_format,
                                        dataset_key, nbytes, rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
 EMPTY_CAPTION_ID = caption_id("")
 READ_THREADS = 4
-ROWS_PER_READ = 32  # rows of one shard per read_row_groups call: bounds the Arrow copy held while decoding
+ROWS_PER_READ = 64  # rows of one shard per read_row_groups call (a shard is <= SHARD_TARGET_BYTES anyway)
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,13 @@ class CacheReader:
 
     # ------------------------------------------------------------------ plans
     def window_bytes(self, batch_size: int, prefetch_batches: int) -> int:
-        """Bytes of unique rows per window: two windows (served + loading) and the ready batches fit the bound."""
+        """Bytes of unique rows per window: two windows (served + loading), the reads in flight (Arrow copy and
+        tensors of a shard per read thread) and the ready batches fit the bound."""
         text = max((t.nbytes for t in self.text_rows.values()), default=0)
         lat = max((s.nbytes for ds in self.samples.values() for s in ds), default=0)
         batch_fp32 = batch_size * 2 * (text + lat)  # fp32 batches are twice the bf16 rows
-        return max(1, (self.memory_bytes - (prefetch_batches + 2) * batch_fp32 - text) // 2)
+        in_flight = READ_THREADS * 2 * SHARD_TARGET_BYTES
+        return max(1, (self.memory_bytes - (prefetch_batches + 2) * batch_fp32 - in_flight - text) // 2)
 
     def plan(self, samples: list[Sample], batch_size: int, world_size: int, seed: int, epoch: int,
              prefetch_batches: int) -> list[list[list[list[Sample]]]]:

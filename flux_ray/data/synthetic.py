@@ -25,6 +25,10 @@ def _sid(i: int) -> str:
     return hashlib.sha256(f"synthetic-{i}".encode()).hexdigest()[:24]
 
 
+def _entries(written: dict) -> list[dict]:
+    return [dict(zip(written, values)) for values in zip(*written.values())]
+
+
 def write_synthetic_cache(spec, n_images: int, buckets: list[tuple[int, int]], n_captions: int,
                           rows_per_file: int = 256, pooled_dim: int = 768, embed_dim: int = 4096) -> dict:
     """Cache ``n_images`` of the spec's first dataset (round-robin over ``buckets`` in pixels) and
@@ -51,7 +55,7 @@ def write_synthetic_cache(spec, n_images: int, buckets: list[tuple[int, int]], n
                           "skip_reason": [""] * len(rows), "bucket_w": bw, "bucket_h": bh,
                           "latent_mean": pa.array(means, pa.binary()), "latent_std": pa.array(stds, pa.binary()),
                           "latent_h": np.array(lh, np.int32), "latent_w": np.array(lw, np.int32)})
-        entries.append({k: v[0] for k, v in write_shard(table, luri, st, "run-synthetic").items()})
+        entries += _entries(write_shard(table, luri, st, "run-synthetic"))
     captions = [f"caption {c}" for c in range(n_captions)]
     index = pa.table({"sample_id": [_sid(i) for i in range(n_images)],
                       "rel_path": [f"img{i:06d}.png" for i in range(n_images)],
@@ -76,7 +80,7 @@ def write_synthetic_cache(spec, n_images: int, buckets: list[tuple[int, int]], n
             "text_mask": pa.array([np.ones(seq, np.int8).tobytes() for _ in chunk], pa.binary()),
             "seq_len": np.full(n, seq, np.int32), "embed_dim": np.full(n, embed_dim, np.int32),
             "pooled_dim": np.full(n, pooled_dim, np.int32)})
-        tentries.append({k: v[0] for k, v in write_shard(table, turi, st, "run-synthetic").items()})
+        tentries += _entries(write_shard(table, turi, st, "run-synthetic"))
         del table
     _commit(turi, st, tmanifest, tentries)
     return {"latent_bytes": sum(e["bytes"] for e in entries), "text_bytes": sum(e["bytes"] for e in tentries),
