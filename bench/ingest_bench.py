@@ -23,7 +23,6 @@ import argparse
 import multiprocessing as mp
 import os
 import random
-import resource
 import shutil
 import socket
 import subprocess
@@ -155,7 +154,13 @@ def run_worker(args, kind: str, rank: int, world: int, consumer_ms: float, out) 
     out.put({"rank": rank, "samples": n_samples, "wall": wall, "init_s": init_s, "batches": done, "total": total,
              "bytes": reader.counter.bytes - index_bytes, "index_bytes": index_bytes,
              "wait_ms": 1000 * sum(waits[1:]) / max(1, len(waits) - 1), "first_wait_s": waits[0] if waits else 0,
-             "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+             "rss_gib": peak_rss_gib()})
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
 def run_config(args, kind: str, world: int, consumer_ms: float) -> list[dict]:
@@ -210,7 +215,7 @@ def main() -> None:
     try:
         t = time.perf_counter()
         sizes = write_synthetic_cache(make_spec(args.uri, args.endpoint, args.seq, args.memory_gib), args.images,
-                                      BUCKETS_512, args.captions, embed_dim=args.embed_dim)
+                                      BUCKETS_512, args.captions, embed_dim=args.embed_dim, random_bytes=True)
         cache_bytes = sizes["latent_bytes"] + sizes["text_bytes"]
         print(f"cache: {args.images} images, {args.captions} captions, latents {sizes['latent_bytes'] / 2**30:.2f} "
               f"GiB, text {sizes['text_bytes'] / 2**30:.2f} GiB, written in {time.perf_counter() - t:.0f} s", flush=True)

@@ -25,14 +25,24 @@ def _sid(i: int) -> str:
     return hashlib.sha256(f"synthetic-{i}".encode()).hexdigest()[:24]
 
 
+def _embedding(gen, rng, shape, dtype, random_bytes: bool) -> bytes:
+    if random_bytes:
+        return rng.bytes(int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size())
+    return tensor_to_bytes(torch.randn(*shape, generator=gen), dtype)
+
+
 def _entries(written: dict) -> list[dict]:
     return [dict(zip(written, values)) for values in zip(*written.values())]
 
 
 def write_synthetic_cache(spec, n_images: int, buckets: list[tuple[int, int]], n_captions: int,
-                          rows_per_file: int = 256, pooled_dim: int = 768, embed_dim: int = 4096) -> dict:
+                          rows_per_file: int = 256, pooled_dim: int = 768, embed_dim: int = 4096,
+                          random_bytes: bool = False) -> dict:
     """Cache ``n_images`` of the spec's first dataset (round-robin over ``buckets`` in pixels) and
-    ``n_captions`` captions (+ the empty one; image i has caption i % n_captions). Returns byte counts."""
+    ``n_captions`` captions (+ the empty one; image i has caption i % n_captions). Returns byte counts.
+
+    ``random_bytes``: T5 rows are random bytes, not random normals (as incompressible, 10x faster to make;
+    the values may be NaN, which a bench does not mind and a test comparing tensors would)."""
     st, ds = spec.storage, spec.enabled_datasets()[0]
     lat_dtype, txt_dtype = DTYPES[spec.cache.latent_dtype], DTYPES[spec.cache.text_embed_dtype]
     gen = torch.Generator().manual_seed(0)
@@ -66,6 +76,7 @@ def write_synthetic_cache(spec, n_images: int, buckets: list[tuple[int, int]], n
     turi = paths.text(tkey)
     seq = spec.model.t5_max_length
     tmanifest = empty_manifest("text", tkey, {"dtype": spec.cache.text_embed_dtype, "t5_max_length": seq})
+    rng = np.random.default_rng(0)
     all_caps = sorted({caption_id(c): c for c in ["", *captions]}.items())
     tentries = []
     for start in range(0, len(all_caps), rows_per_file):
@@ -73,7 +84,7 @@ def write_synthetic_cache(spec, n_images: int, buckets: list[tuple[int, int]], n
         n = len(chunk)
         table = pa.table({
             "caption_id": [c for c, _ in chunk], "caption": [t for _, t in chunk],
-            "prompt_embeds": pa.array([tensor_to_bytes(torch.randn(seq, embed_dim, generator=gen), txt_dtype)
+            "prompt_embeds": pa.array([_embedding(gen, rng, (seq, embed_dim), txt_dtype, random_bytes)
                                        for _ in chunk], pa.binary()),
             "pooled": pa.array([tensor_to_bytes(torch.randn(pooled_dim, generator=gen), txt_dtype) for _ in chunk],
                                pa.binary()),
