@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flux_ray import storage  # noqa: E402
-from flux_ray.data.cache_layout import bytes_to_tensor, rows_file  # noqa: E402
+from flux_ray.data.cache_layout import bytes_to_tensor  # noqa: E402
 from flux_ray.data.loader import EMPTY_CAPTION_ID, CacheReader, Sample  # noqa: E402
 from flux_ray.data.prefetch import PREFETCH_BATCHES, BatchStream  # noqa: E402
 from flux_ray.data.synthetic import VAE_CONFIG, write_synthetic_cache  # noqa: E402

@@ -26,8 +26,8 @@ from flux_ray import storage
 from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import (LATENT_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths, bytes_to_tensor, check_format,
-                                       dataset_key, nbytes, rows_file, text_key)
+from flux_ray.data.cache_layout import (LATENT_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths, bytes_to_tensor,
+                                       check_format, dataset_key, nbytes, rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
@@ -275,7 +275,8 @@ def _rank_windows(stream: list[Sample], batch_size: int, rng: random.Random, win
     windows: list[list[Sample]] = []
     cost, seen = 0, set()
     for s in stream:
-        add = (0 if s.sample_id in seen else s.nbytes) + (0 if s.caption_id in seen else text_bytes.get(s.caption_id, 0))
+        add = (0 if s.sample_id in seen else s.nbytes) + \
+            (0 if s.caption_id in seen else text_bytes.get(s.caption_id, 0))
         if window_bytes is not None and windows and cost + add > window_bytes and windows[-1]:
             windows.append([])
             cost, seen = 0, set()

@@ -16,7 +16,7 @@ import torch
 from flux_ray import storage
 from flux_ray.data import cache_read
 from flux_ray.data.cache_read import CacheReadError
-from flux_ray.data.loader import CacheReader, Sample, batch_plan, epoch_windows, rank_batches
+from flux_ray.data.loader import CacheReader, batch_plan, epoch_windows, rank_batches
 from flux_ray.data.prefetch import BatchStream
 from flux_ray.data.synthetic import VAE_CONFIG, write_synthetic_cache
 from flux_ray.spec import load_spec
