@@ -247,6 +247,12 @@ class CacheSpec(_Section):
     commit_every: int = Field(512, ge=1)
     """Images per committed chunk: a killed job loses at most one chunk of work."""
     min_rows_per_file: int = Field(256, ge=1)
+    reader_memory_gib: float = Field(1.0, gt=0)
+    """Host memory per training worker for cache data (data/loader.py): the epoch is served in windows of rows
+    that fit it (the window served, the one loading, the reads in flight and the ready batches), each row fetched
+    once per epoch. The process adds its own ~0.5 GiB (Python, torch): 1.0 kept a worker's peak RSS at 1.6 GiB
+    (bench/RESULTS.md, "Training ingest"). Larger windows shuffle more widely; any size trains (a window holds at
+    least one caption's images)."""
     decode_concurrency: int | None = Field(None, ge=1)
     """Most decode+crop tasks at once; default: the cluster's CPU count less the CPUs encoders hold."""
     vae_channels_last: bool = False

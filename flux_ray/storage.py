@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from flux_ray.spec import StorageSpec
 
 DEFAULT_REGION = "us-east-1"
+S3_MAX_ATTEMPTS = 6
+"""AWS SDK standard retries (throttling, 5xx, connection errors) for every S3 request pyarrow makes."""
 
 
 class FileEntry(NamedTuple):
@@ -53,7 +55,8 @@ def s3_settings(storage: StorageSpec | None = None, endpoint_url: str | None = N
 
 @functools.lru_cache(maxsize=16)
 def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {"region": region, "allow_bucket_creation": True}
+    kwargs: dict[str, Any] = {"region": region, "allow_bucket_creation": True,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = urlparse(endpoint).scheme or "https"

@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 
 from flux_ray import storage
 from flux_ray.data import sources
-from flux_ray.data.cache_layout import CachePaths, dataset_key, empty_manifest, sample_id, text_key, vae_identity
+from flux_ray.data.cache_layout import (BLOB_COLUMNS, ROWS_PER_ROW_GROUP, SHARD_TARGET_BYTES, CachePaths,
+                                       check_format, dataset_key, empty_manifest, rows_file, sample_id, text_key,
+                                       vae_identity)
 
 log = logging.getLogger("flux_ray.cache")
 EMPTY_CAPTION = ""
@@ -46,27 +48,46 @@ class CacheSummary:
 
 def _read_manifest(uri: str, st, kind: str, key: str, meta: dict) -> dict:
     path = storage.join(uri, "manifest.json")
-    return storage.read_json(path, st) if storage.exists(path, st) else empty_manifest(kind, key, meta)
+    if not storage.exists(path, st):
+        return empty_manifest(kind, key, meta)
+    manifest = storage.read_json(path, st)
+    check_format(manifest, path)
+    return manifest
+
+
+def read_shard_rows(shard_uri: str, st, columns: list[str] | None = None) -> pa.Table:
+    """A shard's small columns (its ``.rows.parquet`` side file): one request, whatever the shard's size."""
+    fs, path = storage.resolve(rows_file(shard_uri), st)
+    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 def _committed_column(uri: str, manifest: dict, st, column: str) -> set:
-    fs, _ = storage.resolve(uri, st)
     seen: set = set()
     for shard in manifest["shards"]:
-        _, path = storage.resolve(storage.join(uri, shard["file"]), st)
-        seen.update(pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist())
+        seen.update(read_shard_rows(storage.join(uri, shard["file"]), st, [column]).column(column).to_pylist())
     return seen
 
 
 def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
-    """Ray Data stage: write one batch as a Parquet shard under ``<uri>/shards/<run>/`` and emit only its
-    manifest entry, so the driver commits shards while the encoders keep running."""
-    rel = f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
-    fs, path = storage.resolve(storage.join(uri, rel), storage_spec)
-    if fs.type_name == "local":
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-    return {"file": [rel], "rows": [table.num_rows], "bytes": [fs.get_file_info(path).size]}
+    """Ray Data stage: write one batch as Parquet shards under ``<uri>/shards/<run>/`` and emit only their
+    manifest entries, so the driver commits shards while the encoders keep running.
+
+    Format 2 (cache_layout): shards of at most SHARD_TARGET_BYTES, one row per row group, no statistics
+    (blobs), and each shard's small columns again in its ``.rows.parquet`` side file (written first: a
+    listed shard always has one)."""
+    rows = max(1, min(table.num_rows, SHARD_TARGET_BYTES * table.num_rows // max(1, table.nbytes)))
+    out: dict = {"file": [], "rows": [], "bytes": []}
+    for start in range(0, table.num_rows, rows):
+        part = table.slice(start, rows)
+        rel = f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
+        fs, path = storage.resolve(storage.join(uri, rel), storage_spec)
+        if fs.type_name == "local":
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        small = part.drop_columns([c for c in part.column_names if c in BLOB_COLUMNS])
+        pq.write_table(small, rows_file(path), filesystem=fs)
+        pq.write_table(part, path, filesystem=fs, row_group_size=ROWS_PER_ROW_GROUP, write_statistics=False)
+        out["file"].append(rel), out["rows"].append(part.num_rows), out["bytes"].append(fs.get_file_info(path).size)
+    return out
 
 
 @dataclass
@@ -235,8 +256,8 @@ def _dataset_stats(uri: str, st, manifest: dict, seen: int, encoded_now: int, se
     skipped, buckets = Counter(), Counter()
     skipped_files: dict[str, str] = {}
     for shard in manifest["shards"]:
-        t = pq.read_table(storage.resolve(storage.join(uri, shard["file"]), st)[1], filesystem=fs,
-                          columns=["sample_id", "rel_path", "skip_reason", "bucket_w", "bucket_h"]).to_pylist()
+        t = read_shard_rows(storage.join(uri, shard["file"]), st,
+                            ["sample_id", "rel_path", "skip_reason", "bucket_w", "bucket_h"]).to_pylist()
         for r in t:
             if r["sample_id"] not in index_ids:
                 continue

@@ -7,6 +7,12 @@ Layout under ``cache.uri``::
     latents/<dataset_key>/index-v<N>.parquet  sample_id -> caption_id (rewritten each run)
     text/<text_key>/manifest.json
     text/<text_key>/shards/part-*.parquet    caption_id -> T5 + CLIP embeddings
+    <shard>.parquet.rows.parquet             the shard's small columns (ids, buckets, sizes), one GET
+
+Format 2: every shard is written with one row per Parquet row group, so a reader fetches exactly the
+rows it needs with range reads (``ParquetFile.read_row_groups``, coalesced by pyarrow's pre_buffer), and
+its small columns also go to a side file so indexing a shard costs one request, not one per row.
+Format 1 caches (whole-shard reads) are refused by the reader (:func:`check_format`).
 
 Readers only open files a manifest lists, and a manifest is written (atomically) after its files,
 so a killed job never exposes a half-written shard.
@@ -17,7 +23,21 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-CACHE_FORMAT_VERSION = 1
+import numpy as np
+import torch
+
+CACHE_FORMAT_VERSION = 2
+ROWS_PER_ROW_GROUP = 1
+"""Range-read granularity: a latent row is 256 KiB (512 px) to 1 MiB (1024 px), a T5 row 4 MiB."""
+SHARD_TARGET_BYTES = 16 * 2**20
+"""A shard holds at most this many bytes (and at least one row): cache.min_rows_per_file rows of 4 MiB T5
+embeddings would make 1 GiB objects, and a range read costs more on stores that serve a range by reading the
+object (moto: 7 ms for a row of a 16 MiB object, 140 ms of a 64 MiB one; bench/RESULTS.md, ingest)."""
+ROWS_SUFFIX = ".rows.parquet"
+LATENT_BLOBS = ("latent_mean", "latent_std")
+TEXT_BLOBS = ("prompt_embeds", "pooled", "text_mask")
+BLOB_COLUMNS = LATENT_BLOBS + TEXT_BLOBS
+TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
 PREPROCESS_KEYS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
                    "target_downsample_size", "crop", "crop_style", "crop_aspect")
 SOURCE_KEYS = ("type", "instance_data_dir", "aws_bucket_name", "aws_data_prefix", "aws_endpoint_url")
@@ -66,3 +86,34 @@ class CachePaths:
 def empty_manifest(kind: str, key: str, meta: dict) -> dict:
     return {"format": CACHE_FORMAT_VERSION, "kind": kind, "key": key, "version": 0, "shards": [], "index": None,
             **meta}
+
+
+def rows_file(shard_path: str) -> str:
+    """The side file holding a shard's non-blob columns."""
+    return shard_path + ROWS_SUFFIX
+
+
+def check_format(manifest: dict, manifest_uri: str) -> None:
+    """Refuse a cache written in another on-disk format: it would be misread."""
+    found = manifest.get("format")
+    if found != CACHE_FORMAT_VERSION:
+        raise ValueError(f"{manifest_uri}: cache format {found}, this flux_ray reads format {CACHE_FORMAT_VERSION} "
+                         "(row-group-per-row shards with .rows.parquet side files); run `flux-ray cache` to write a "
+                         "new cache (the keys differ, so nothing old is overwritten) and delete the old folder")
+
+
+def tensor_to_bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """Raw little-endian bytes of ``t`` cast to dtype (bf16 stored via its 16-bit pattern)."""
+    t = t.detach().to("cpu", dtype).contiguous()
+    return t.view(TORCH_TO_NP_VIEW[dtype]).numpy().tobytes()
+
+
+def bytes_to_tensor(data, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_bytes` (a copy: the tensor owns its memory)."""
+    view = TORCH_TO_NP_VIEW[dtype]
+    arr = np.frombuffer(data, dtype=torch.empty(0, dtype=view).numpy().dtype).reshape(shape)
+    return torch.from_numpy(arr.copy()).view(dtype)
+
+
+def nbytes(dtype: torch.dtype, *shape: int) -> int:
+    return int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()

@@ -13,21 +13,8 @@ import numpy as np
 import torch
 
 from flux_ray.core.model import DTYPES
+from flux_ray.data.cache_layout import TORCH_TO_NP_VIEW, bytes_to_tensor, tensor_to_bytes  # noqa: F401 - the format
 from flux_ray.data.decode import DecodeAndCrop, decode_row, hash_int  # noqa: F401 - the pipeline's three stages
-
-TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
-
-
-def tensor_to_bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:
-    """Raw little-endian bytes of ``t`` cast to dtype (bf16 stored via its 16-bit pattern)."""
-    t = t.detach().to("cpu", dtype).contiguous()
-    return t.view(TORCH_TO_NP_VIEW[dtype]).numpy().tobytes()
-
-
-def bytes_to_tensor(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
-    view = TORCH_TO_NP_VIEW[dtype]
-    arr = np.frombuffer(data, dtype=torch.empty(0, dtype=view).numpy().dtype).reshape(shape)
-    return torch.from_numpy(arr.copy()).view(dtype)
 
 
 def pick_device(use_gpu: bool) -> torch.device:

@@ -1,28 +1,39 @@
-"""Worker-side cache reader: committed Parquet -> same-bucket batches, by a global batch plan.
+"""Worker-side cache reader: committed Parquet -> same-bucket batches, by a window-local batch plan.
 
 The plan (which samples form which same-bucket batch, in which order) depends only on the cache
-index, the seed and the epoch, so every rank derives the same plan and takes every world_size-th
-batch: all ranks run the same number of steps per epoch and no rank waits at an epoch end.
+index, the seed, the epoch, the world size and the memory bound, so every rank derives the same plan
+and all ranks run the same number of steps per epoch.
+
+Why windows: a T5 embedding is 4 MiB and a latent row 0.25-1 MiB, so a globally shuffled plan over a
+cache larger than host memory fetches most rows many times. Here an epoch's samples are ordered by
+caption (shuffled per epoch), cut into one contiguous part per rank and each part into *windows* whose
+unique rows fit half of ``cache.reader_memory_gib``; batches are made and shuffled inside a window. A
+rank reads a window's rows once (row-group range reads, data/cache_read.py), serves its batches while
+the next window loads (data/prefetch.py), then drops it: each latent and text byte is fetched about
+once per epoch per node, and host memory stays bounded whatever the dataset size.
 """
 from __future__ import annotations
 
 import hashlib
 import random
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 import torch
 
 from flux_ray import storage
 from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import CachePaths, dataset_key, text_key
-from flux_ray.data.encoders import bytes_to_tensor
+from flux_ray.data.cache_layout import (LATENT_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths, bytes_to_tensor,
+                                       check_format, dataset_key, nbytes, rows_file, text_key)
+from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
 EMPTY_CAPTION_ID = caption_id("")
+READ_THREADS = 4
+ROWS_PER_READ = 64  # rows of one shard per read_row_groups call (a shard is <= SHARD_TARGET_BYTES anyway)
 
 
 @dataclass(frozen=True)
@@ -36,54 +47,81 @@ class Sample:
     repeats: int = 0
     is_regularisation: bool = False
     order_key: str = ""   # hash of dataset + relative path: stable across re-encodes (plans, eval split, seeds)
+    nbytes: int = 0       # stored latent bytes (mean + std)
+    latent_hw: tuple[int, int] = (0, 0)
 
 
-def _read(uri: str, st, columns=None):
-    fs, path = storage.resolve(uri, st)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+@dataclass(frozen=True)
+class TextRow:
+    shard: str
+    row: int
+    seq_len: int
+    embed_dim: int
+    pooled_dim: int
+    nbytes: int
+
+
+@dataclass
+class WindowData:
+    """Decoded rows of one window, in the cache dtype: sample_id -> (mean, std), caption_id -> (T5, CLIP, mask)."""
+    latents: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
 
 
 class CacheReader:
-    """Index of one job's cache and an LRU of decoded shards."""
+    """Index of one job's cache (from the shards' side files); reads the rows a window or batch needs."""
 
-    def __init__(self, spec, vae_config: dict, max_open_shards: int = 16):
+    def __init__(self, spec, vae_config: dict):
         self.spec, self.st = spec, spec.storage
         paths = CachePaths(spec.cache.uri)
         self.latent_dtype = DTYPES[spec.cache.latent_dtype]
         self.text_dtype = DTYPES[spec.cache.text_embed_dtype]
+        self.memory_bytes = int(spec.cache.reader_memory_gib * 2**30)
+        self.counter = ByteCounter()
+        self.footers: dict = {}  # shard uri -> Parquet footer, read once
         self.samples: dict[str, list[Sample]] = {}
         self.latent_norm: dict[str, tuple[float, float]] = {}
         for ds in spec.enabled_datasets():
             uri = paths.latents(dataset_key(ds, spec.model, vae_config, spec.cache.latent_dtype))
-            mpath = storage.join(uri, "manifest.json")
-            if not storage.exists(mpath, self.st):
-                raise FileNotFoundError(f"dataset {ds.id!r} has no cache at {uri}: run `flux-ray cache` first")
-            manifest = storage.read_json(mpath, self.st)
+            manifest = self._manifest(uri, f"dataset {ds.id!r}")
             self.latent_norm[ds.id] = (manifest["shift_factor"], manifest["scaling_factor"])
             self.samples[ds.id] = self._index_dataset(ds, uri, manifest)
         turi = paths.text(text_key(spec.model, spec.cache.text_embed_dtype))
-        self.text_manifest = storage.read_json(storage.join(turi, "manifest.json"), self.st)
-        self.text_rows: dict[str, tuple[str, int]] = {}
+        self.text_manifest = self._manifest(turi, "the captions")
+        self.text_rows: dict[str, TextRow] = {}
         for shard in self.text_manifest["shards"]:
             suri = storage.join(turi, shard["file"])
-            for i, cid in enumerate(_read(suri, self.st, ["caption_id"]).column("caption_id").to_pylist()):
-                self.text_rows[cid] = (suri, i)
-        self._shards: OrderedDict[str, dict] = OrderedDict()
-        self._max_open = max_open_shards
+            side = read_table(rows_file(suri), self.st, ["caption_id", "seq_len", "embed_dim", "pooled_dim"])
+            for i, r in enumerate(side.to_pylist()):
+                size = nbytes(self.text_dtype, r["seq_len"], r["embed_dim"]) + nbytes(self.text_dtype, r["pooled_dim"])
+                self.text_rows[r["caption_id"]] = TextRow(suri, i, r["seq_len"], r["embed_dim"], r["pooled_dim"],
+                                                          size + r["seq_len"])
+
+    def _manifest(self, uri: str, what: str) -> dict:
+        mpath = storage.join(uri, "manifest.json")
+        if not storage.exists(mpath, self.st):
+            raise FileNotFoundError(f"{what} has no cache at {uri}: run `flux-ray cache` first")
+        manifest = storage.read_json(mpath, self.st)
+        check_format(manifest, mpath)
+        return manifest
 
     def _index_dataset(self, ds, uri: str, manifest: dict) -> list[Sample]:
-        index = _read(storage.join(uri, manifest["index"]), self.st, ["sample_id", "caption_id", "rel_path"]).to_pylist()
+        index = read_table(storage.join(uri, manifest["index"]), self.st,
+                           ["sample_id", "caption_id", "rel_path"]).to_pylist()
         captions = {r["sample_id"]: r["caption_id"] for r in index}
         keys = {r["sample_id"]: hashlib.sha256(f"{ds.id}\0{r['rel_path']}".encode()).hexdigest()[:24] for r in index}
         out = []
         for shard in manifest["shards"]:
             suri = storage.join(uri, shard["file"])
-            cols = _read(suri, self.st, ["sample_id", "skip_reason", "bucket_w", "bucket_h"]).to_pylist()
+            cols = read_table(rows_file(suri), self.st, ["sample_id", "skip_reason", "bucket_w", "bucket_h",
+                                                          "latent_h", "latent_w"]).to_pylist()
             for i, r in enumerate(cols):
                 if r["skip_reason"] or r["sample_id"] not in captions:
                     continue
+                hw = (int(r["latent_h"]), int(r["latent_w"]))
                 out.append(Sample(r["sample_id"], ds.id, (r["bucket_w"], r["bucket_h"]), captions[r["sample_id"]],
-                                  suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]]))
+                                  suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]],
+                                  2 * nbytes(self.latent_dtype, 16, *hw), hw))
         return sorted(out, key=lambda s: s.order_key)
 
     def split(self, eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
@@ -96,69 +134,186 @@ class CacheReader:
             train = [s for s in train if s.sample_id not in held]
         return train, evals
 
-    def _table(self, uri: str) -> dict:
-        if uri in self._shards:
-            self._shards.move_to_end(uri)
-            return self._shards[uri]
-        tbl = _read(uri, self.st).to_pydict()
-        self._shards[uri] = tbl
-        while len(self._shards) > self._max_open:
-            self._shards.popitem(last=False)
-        return tbl
+    # ------------------------------------------------------------------ plans
+    def window_bytes(self, batch_size: int, prefetch_batches: int) -> int:
+        """Bytes of unique rows per window: two windows (served + loading), the reads in flight (Arrow copy and
+        tensors of a shard per read thread) and the ready batches fit the bound."""
+        text = max((t.nbytes for t in self.text_rows.values()), default=0)
+        lat = max((s.nbytes for ds in self.samples.values() for s in ds), default=0)
+        batch_fp32 = batch_size * 2 * (text + lat)  # fp32 batches are twice the bf16 rows
+        in_flight = READ_THREADS * 2 * SHARD_TARGET_BYTES
+        return max(1, (self.memory_bytes - (prefetch_batches + 2) * batch_fp32 - in_flight - text) // 2)
 
-    def text(self, cid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        uri, i = self.text_rows[cid]
-        t = self._table(uri)
-        seq, dim, pdim = t["seq_len"][i], t["embed_dim"][i], t["pooled_dim"][i]
-        emb = bytes_to_tensor(t["prompt_embeds"][i], self.text_dtype, (seq, dim))
-        pooled = bytes_to_tensor(t["pooled"][i], self.text_dtype, (pdim,))
-        mask = torch.frombuffer(bytearray(t["text_mask"][i]), dtype=torch.int8).clone()
-        return emb, pooled, mask
+    def plan(self, samples: list[Sample], batch_size: int, world_size: int, seed: int, epoch: int,
+             prefetch_batches: int) -> list[list[list[list[Sample]]]]:
+        """:func:`epoch_windows` under this reader's memory bound."""
+        return epoch_windows(samples, batch_size, world_size, seed, epoch,
+                             self.window_bytes(batch_size, prefetch_batches),
+                             {c: t.nbytes for c, t in self.text_rows.items()})
 
-    def latents(self, s: Sample, generator: torch.Generator | None) -> torch.Tensor:
-        """A fresh sample mean + std * eps from the stored distribution, normalised for the transformer."""
-        t = self._table(s.shard)
-        shape = (16, t["latent_h"][s.row], t["latent_w"][s.row])
-        mean = bytes_to_tensor(t["latent_mean"][s.row], self.latent_dtype, shape).float()
-        std = bytes_to_tensor(t["latent_std"][s.row], self.latent_dtype, shape).float()
-        raw = mean if generator is None else mean + std * torch.randn(shape, generator=generator)
-        return normalize_latents(raw, *self.latent_norm[s.dataset_id])
+    # ------------------------------------------------------------------ reads
+    def load(self, samples, caption_ids, reuse: WindowData | None = None) -> WindowData:
+        """Read the latents of ``samples`` and the embeddings of ``caption_ids`` (what ``reuse`` holds is kept)."""
+        reuse = reuse or WindowData()
+        out = WindowData({s.sample_id: reuse.latents[s.sample_id] for s in samples if s.sample_id in reuse.latents},
+                         {c: reuse.text[c] for c in caption_ids if c in reuse.text})
+        lat_jobs: dict[str, dict[int, Sample]] = defaultdict(dict)
+        for s in samples:
+            if s.sample_id not in out.latents:
+                lat_jobs[s.shard][s.row] = s
+        text_jobs: dict[str, dict[int, str]] = defaultdict(dict)
+        for c in caption_ids:
+            if c not in out.text:
+                t = self.text_rows[c]
+                text_jobs[t.shard][t.row] = c
+        jobs = [(self._read_latents, uri, dict(chunk)) for uri, rows in lat_jobs.items() for chunk in _chunks(rows)]
+        jobs += [(self._read_text, uri, dict(chunk)) for uri, rows in text_jobs.items() for chunk in _chunks(rows)]
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flux_ray-read") as pool:
+            for kind, got in pool.map(lambda j: j[0](j[1], j[2]), jobs):
+                getattr(out, kind).update(got)
+        return out
 
-    def batch(self, samples: list[Sample], generator: torch.Generator | None = None,
+    def _read_latents(self, uri: str, rows: dict[int, Sample]) -> tuple[str, dict]:
+        order = sorted(rows)
+        t = read_rows(uri, self.st, order, list(LATENT_BLOBS), self.counter, self.footers)
+        mean, std = t.column("latent_mean"), t.column("latent_std")
+        got = {}
+        for i, r in enumerate(order):
+            shape = (16, *rows[r].latent_hw)
+            got[rows[r].sample_id] = (bytes_to_tensor(mean[i].as_buffer(), self.latent_dtype, shape),
+                                      bytes_to_tensor(std[i].as_buffer(), self.latent_dtype, shape))
+        return "latents", got
+
+    def _read_text(self, uri: str, rows: dict[int, str]) -> tuple[str, dict]:
+        order = sorted(rows)
+        t = read_rows(uri, self.st, order, list(TEXT_BLOBS), self.counter, self.footers)
+        emb, pooled, mask = t.column("prompt_embeds"), t.column("pooled"), t.column("text_mask")
+        got = {}
+        for i, r in enumerate(order):
+            tr = self.text_rows[rows[r]]
+            got[rows[r]] = (bytes_to_tensor(emb[i].as_buffer(), self.text_dtype, (tr.seq_len, tr.embed_dim)),
+                            bytes_to_tensor(pooled[i].as_buffer(), self.text_dtype, (tr.pooled_dim,)),
+                            torch.frombuffer(bytearray(mask[i].as_py()), dtype=torch.int8))
+        return "text", got
+
+    # ------------------------------------------------------------------ batches
+    def build(self, data: WindowData, samples: list[Sample], generator: torch.Generator | None = None,
               caption_dropout: dict[str, float] | None = None, rng: random.Random | None = None) -> FluxBatch:
+        """A host batch from loaded rows. Latents are a fresh sample mean + std * eps of the stored distribution,
+        normalised for the transformer; a dropped caption becomes the empty caption's embeddings."""
         lat, emb, pooled, mask = [], [], [], []
         for s in samples:
-            lat.append(self.latents(s, generator))
+            mean, std = data.latents[s.sample_id]
+            mean = mean.float()
+            raw = mean if generator is None else mean + std.float() * torch.randn(mean.shape, generator=generator)
+            lat.append(normalize_latents(raw, *self.latent_norm[s.dataset_id]))
             cid = s.caption_id
             p = (caption_dropout or {}).get(s.dataset_id, 0.0)
             if p and rng is not None and rng.random() < p:
                 cid = EMPTY_CAPTION_ID
-            e, pl, m = self.text(cid)
+            e, pl, m = data.text[cid]
             emb.append(e.float()), pooled.append(pl.float()), mask.append(m)
         return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask))
 
+    def batch(self, samples: list[Sample], generator: torch.Generator | None = None,
+              caption_dropout: dict[str, float] | None = None, rng: random.Random | None = None) -> FluxBatch:
+        """Read and build one batch directly (eval; the training loop streams windows instead)."""
+        cids = {s.caption_id for s in samples} | ({EMPTY_CAPTION_ID} if caption_dropout else set())
+        return self.build(self.load(samples, sorted(cids)), samples, generator, caption_dropout, rng)
 
-def batch_plan(samples: list[Sample], batch_size: int, world_size: int, seed: int, epoch: int) -> list[list[Sample]]:
-    """Global same-bucket batches for an epoch, a multiple of world_size long.
 
-    Each sample appears 1 + repeats times; a bucket's last partial batch is filled by wrapping
-    around that bucket; the batch list is padded by wrapping to a multiple of world_size.
+def _chunks(rows: dict) -> list[list]:
+    items = sorted(rows.items())
+    return [items[i:i + ROWS_PER_READ] for i in range(0, len(items), ROWS_PER_READ)]
+
+
+def window_needs(window: list[list[Sample]], with_empty_caption: bool) -> tuple[list[Sample], list[str]]:
+    """The unique samples and caption ids a window's batches read."""
+    samples = list({s.sample_id: s for b in window for s in b}.values())
+    cids = {s.caption_id for s in samples} | ({EMPTY_CAPTION_ID} if with_empty_caption else set())
+    return samples, sorted(cids)
+
+
+def epoch_windows(samples: list[Sample], batch_size: int, world_size: int, seed: int, epoch: int,
+                  window_bytes: int | None = None, text_bytes: dict[str, int] | None = None
+                  ) -> list[list[list[list[Sample]]]]:
+    """Per rank, its windows of same-bucket batches for an epoch; every rank gets the same number of batches.
+
+    Each sample appears 1 + repeats times. Samples are ordered by caption (the captions shuffled per
+    epoch), cut into ``world_size`` contiguous parts of equal count, and each part into windows whose unique
+    latent + caption bytes stay under ``window_bytes`` (None: one window). Inside a window each bucket's
+    samples are shuffled into batches; a bucket's partial batch carries into the next window, and the last
+    is filled by wrapping around that bucket; a window's batches are shuffled. Shorter ranks are padded with
+    their own last window's batches (a rank without samples wraps the other ranks' batches).
     """
     rng = random.Random(seed * 1_000_003 + epoch)
-    by_bucket: dict[tuple[int, int], list[Sample]] = {}
+    by_caption: dict[str, list[Sample]] = {}
     for s in sorted(samples, key=lambda s: (s.order_key, s.sample_id)):
-        by_bucket.setdefault(s.bucket, []).extend([s] * (1 + s.repeats))
-    batches = []
-    for bucket in sorted(by_bucket):
-        items = by_bucket[bucket]
-        rng.shuffle(items)
-        n = -(-len(items) // batch_size) * batch_size
-        items = [items[i % len(items)] for i in range(n)]
-        batches.extend(items[i:i + batch_size] for i in range(0, n, batch_size))
-    rng.shuffle(batches)
-    pad = -len(batches) % world_size
-    batches += [batches[i % len(batches)] for i in range(pad)] if batches else []
-    return batches
+        by_caption.setdefault(s.caption_id, []).extend([s] * (1 + s.repeats))
+    order = sorted(by_caption)
+    rng.shuffle(order)
+    stream = [s for c in order for s in by_caption[c]]
+    if not stream:
+        return [[] for _ in range(world_size)]
+    bounds = [len(stream) * r // world_size for r in range(world_size + 1)]
+    ranks = [_rank_windows(stream[bounds[r]:bounds[r + 1]], batch_size, rng, window_bytes, text_bytes or {})
+             for r in range(world_size)]
+    longest = max(sum(len(w) for w in wins) for wins in ranks)
+    everything = [b for wins in ranks for w in wins for b in w]
+    for wins in ranks:
+        n = sum(len(w) for w in wins)
+        if n < longest:
+            if not wins:
+                wins.append([])
+            source = wins[-1][:] or everything
+            wins[-1].extend(source[i % len(source)] for i in range(longest - n))
+    return ranks
+
+
+def _rank_windows(stream: list[Sample], batch_size: int, rng: random.Random, window_bytes: int | None,
+                  text_bytes: dict[str, int]) -> list[list[list[Sample]]]:
+    windows: list[list[Sample]] = []
+    cost, seen = 0, set()
+    for s in stream:
+        add = (0 if s.sample_id in seen else s.nbytes) + \
+            (0 if s.caption_id in seen else text_bytes.get(s.caption_id, 0))
+        if window_bytes is not None and windows and cost + add > window_bytes and windows[-1]:
+            windows.append([])
+            cost, seen = 0, set()
+            add = s.nbytes + text_bytes.get(s.caption_id, 0)
+        if not windows:
+            windows.append([])
+        windows[-1].append(s)
+        cost += add
+        seen.update((s.sample_id, s.caption_id))
+    out, carry = [], {}
+    for k, items in enumerate(windows):
+        by_bucket: dict[tuple[int, int], list[Sample]] = {}
+        for s in items:
+            by_bucket.setdefault(s.bucket, []).append(s)
+        batches = []
+        for bucket in sorted(set(by_bucket) | set(carry)):
+            mine = by_bucket.get(bucket, [])
+            rng.shuffle(mine)
+            mine = carry.pop(bucket, []) + mine
+            full = len(mine) // batch_size * batch_size
+            if k == len(windows) - 1 and full < len(mine):
+                full = -(-len(mine) // batch_size) * batch_size
+                mine = [mine[i % len(mine)] for i in range(full)]
+            elif full < len(mine):
+                carry[bucket] = mine[full:]
+            batches.extend(mine[i:i + batch_size] for i in range(0, full, batch_size))
+        rng.shuffle(batches)
+        out.append(batches)
+    return [w for w in out if w] or out[:0]
+
+
+def batch_plan(samples: list[Sample], batch_size: int, world_size: int, seed: int, epoch: int,
+               window_bytes: int | None = None, text_bytes: dict[str, int] | None = None) -> list[list[Sample]]:
+    """The global batch list of :func:`epoch_windows`: ``plan[rank::world_size]`` is a rank's batches in order."""
+    ranks = [[b for w in wins for b in w]
+             for wins in epoch_windows(samples, batch_size, world_size, seed, epoch, window_bytes, text_bytes)]
+    return [ranks[r][i] for i in range(len(ranks[0])) for r in range(world_size)] if ranks and ranks[0] else []
 
 
 def rank_batches(plan: list[list[Sample]], rank: int, world_size: int) -> list[list[Sample]]:

@@ -5,7 +5,6 @@ step k are the same whether the run was interrupted or not, so a resumed run con
 """
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from flux_ray.core.step import FluxLossFn
-from flux_ray.data.loader import CacheReader, Sample, batch_plan, rank_batches
+from flux_ray.data.loader import CacheReader, Sample
+from flux_ray.data.prefetch import PREFETCH_BATCHES, BatchStream
 from flux_ray.train.checkpoint import Position, save_checkpoint
 
 
@@ -84,36 +84,53 @@ def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> 
     last: dict = {}
     parts.model.train()
     while pos.step < tr.max_train_steps:
-        plan = rank_batches(batch_plan(parts.train_samples, tr.train_batch_size, parts.world_size, tr.seed, pos.epoch),
-                            parts.rank, parts.world_size)
-        usable = len(plan) // accum * accum
+        windows = parts.reader.plan(parts.train_samples, tr.train_batch_size, parts.world_size, tr.seed, pos.epoch,
+                                    PREFETCH_BATCHES)[parts.rank]
+        n_batches = sum(len(w) for w in windows)
+        usable = n_batches // accum * accum
         if usable == 0:
-            raise ValueError(f"an epoch has {len(plan)} batches per rank, fewer than "
+            raise ValueError(f"an epoch has {n_batches} batches per rank, fewer than "
                              f"train.gradient_accumulation_steps={accum}: add images or lower it")
-        while pos.batch_index < usable and pos.step < tr.max_train_steps:
-            step_loss = torch.zeros((), device=parts.device)
-            for micro in range(accum):
-                samples = plan[pos.batch_index + micro]
-                gen = step_generator(tr.seed, pos.step, parts.rank, micro)
-                rng = random.Random(gen.initial_seed())
-                with torch.profiler.record_function("flux_ray.batch"):
-                    batch = parts.reader.batch(samples, gen, dropout, rng).to(parts.device)
-                loss = parts.loss_fn(batch, gen)
-                parts.stepper.micro_step(loss, micro, accum)
-                step_loss += loss.detach() / accum
-                samples_since += len(samples)
-            parts.stepper.finish_step()
-            pos.step += 1
-            pos.batch_index += accum
-            losses.append(step_loss)
-            if parts.after_step:
-                parts.after_step(pos.step)
-            last = _maybe_report(parts, report, losses, t_last, samples_since)
-            if last:
-                losses, t_last, samples_since = [], time.perf_counter(), 0
+        first, step0 = pos.batch_index, pos.step  # a resume starts at a step boundary: first % accum == 0
+        stop = min(usable, first + (tr.max_train_steps - pos.step) * accum)
+
+        def keys(i: int, first=first, step0=step0) -> torch.Generator:
+            return step_generator(tr.seed, step0 + (i - first) // accum, parts.rank, (i - first) % accum)
+
+        stream = BatchStream(parts.reader, windows, first, stop, keys, dropout, parts.device)
+        try:
+            last, losses, t_last, samples_since = _run_epoch(parts, stream, usable, report, last, losses, t_last,
+                                                             samples_since)
+        finally:
+            stream.close()
         if pos.batch_index >= usable:
             pos.epoch, pos.batch_index = pos.epoch + 1, 0
     return last
+
+
+def _run_epoch(parts: LoopParts, stream: BatchStream, usable: int, report, last: dict, losses: list,
+               t_last: float, samples_since: int) -> tuple:
+    """Steps until the epoch's usable batches or max_train_steps run out; batches come ready from ``stream``."""
+    pos, tr, accum = parts.position, parts.spec.train, parts.spec.train.gradient_accumulation_steps
+    while pos.batch_index < usable and pos.step < tr.max_train_steps:
+        step_loss = torch.zeros((), device=parts.device)
+        for micro in range(accum):
+            with torch.profiler.record_function("flux_ray.batch"):  # the data wait (bench/ray_gpu_bench.py)
+                samples, batch, gen = stream.next()
+            loss = parts.loss_fn(batch, gen)
+            parts.stepper.micro_step(loss, micro, accum)
+            step_loss += loss.detach() / accum
+            samples_since += len(samples)
+        parts.stepper.finish_step()
+        pos.step += 1
+        pos.batch_index += accum
+        losses.append(step_loss)
+        if parts.after_step:
+            parts.after_step(pos.step)
+        metrics = _maybe_report(parts, report, losses, t_last, samples_since)
+        if metrics:
+            last, losses, t_last, samples_since = metrics, [], time.perf_counter(), 0
+    return last, losses, t_last, samples_since
 
 
 def _maybe_report(parts: LoopParts, report, losses: list, t_last: float, samples: int) -> dict:
