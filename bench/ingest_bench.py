@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--readers", nargs="+", default=["old", "new"])
     p.add_argument("--consumer-ms", type=float, default=100.0)
-    p.add_argument("--memory-gib", type=float, default=2.0, help="cache.reader_memory_gib")
+    p.add_argument("--memory-gib", type=float, default=1.0, help="cache.reader_memory_gib (the spec default)")
     p.add_argument("--old-max-s", type=float, default=0, help="cap an old-reader run (0: whole epoch)")
     args = p.parse_args()
     for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",

@@ -110,6 +110,7 @@ EFFECT_TESTS: dict[str, str] = {
     "model.base_compute_dtype": "tests/core/test_fp8.py::test_lora_trained_on_fp8_base_reaches_bf16_eval_loss_within_1pct",
     "storage.shared_paths": "tests/test_placement.py::test_shared_paths_admit_local_paths_on_multi_node",
     "scaling.placement_strategy": "tests/deploy/test_multi_node.py::test_s3_everywhere_on_two_nodes_submitted_from_a_client_without_files",
+    "cache.reader_memory_gib": "tests/train/test_loop.py::test_a_cache_larger_than_the_memory_bound_trains",
     "train.compile_cache": "tests/train/test_compile_cache.py::test_a_fresh_process_loads_the_artifacts_and_a_new_shape_still_compiles",
     "train.tread_config.routes.selection_ratio": "tests/core/test_tread.py",
     "train.tread_config.routes.start_layer_idx": "tests/core/test_tread.py::test_bad_route_indices_name_the_route",
