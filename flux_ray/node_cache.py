@@ -29,6 +29,11 @@ def node_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
+def local_path(uri: str, storage: StorageSpec | None = None) -> str:
+    """A path local-path APIs can open: the node-local copy of an s3:// file or folder, else ``uri`` itself."""
+    return fetch(uri, storage) if st.is_s3(uri) else uri
+
+
 def fetch(uri: str, storage: StorageSpec | None = None) -> str:
     """The node-local copy of a file or folder at `uri` (downloaded at most once per node)."""
     name = posixpath.basename(uri.rstrip("/")) or "root"

@@ -43,3 +43,24 @@ def test_a_single_file_uri_and_local_paths(s3_server, tmp_path, monkeypatch):
     assert Path(local).name == "prompts.json" and Path(local).read_text() == '{"a": "a red circle"}'
     spec = ModelSpec(pretrained_model_name_or_path="/models/flux")
     assert node_cache.localize_model(spec) is spec  # nothing remote: unchanged
+
+
+def test_an_s3_checkpoint_to_resume_from_is_read_from_the_node_copy(s3_server, tmp_path, monkeypatch):
+    """train.resume_from_checkpoint: s3://... (worker.py): the checkpoint folder is fetched, then loaded locally."""
+    import torch
+
+    from flux_ray.train.checkpoint import Position, checkpoint_position, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    local = save_checkpoint(tmp_path / "ckpt", lora_sd=model.state_dict(), optim_sd=opt.state_dict(),
+                            lr_scheduler=sched, position=Position(step=7, epoch=1, batch_index=3))
+    bucket = s3_server.create_bucket("nodecache")
+    uri = f"{bucket}/runs/r/checkpoint_000001"
+    storage.copy_dir(str(local), uri, s3_server.storage)
+    monkeypatch.setenv(node_cache.CACHE_ENV, str(tmp_path / "cache"))
+    copy = node_cache.local_path(uri, s3_server.storage)
+    assert copy.startswith(str(tmp_path / "cache"))
+    assert checkpoint_position(copy) == Position(step=7, epoch=1, batch_index=3)
+    assert node_cache.local_path(str(local)) == str(local)

@@ -37,9 +37,11 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             parts.position = load_checkpoint(d, state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
-    elif explicit:
-        parts.position = load_checkpoint(spec.train.resume_from_checkpoint, state_io=parts.state_io,
-                                         lr_scheduler=parts.lr_scheduler)
+    elif explicit:  # an s3:// checkpoint is fetched once per node, like the other s3:// inputs
+        from flux_ray.node_cache import local_path
+
+        parts.position = load_checkpoint(local_path(spec.train.resume_from_checkpoint, spec.storage),
+                                         state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
     from flux_ray.train.profile import StepProfiler
 
     profiler = StepProfiler.from_env(parts.rank, device)
