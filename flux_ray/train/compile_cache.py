@@ -13,13 +13,13 @@ to compiling. No Ray import.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from flux_ray import storage
+from flux_ray.data.cache_layout import digest
 
 log = logging.getLogger("flux_ray.compile_cache")
 
@@ -60,7 +60,7 @@ def artifact_key(spec, transformer_config: dict, device: torch.device) -> str:
     ident = {"torch": torch.__version__, "triton": triton_version, "device": _device_identity(device),
              "code": _code_digest(), "transformer": transformer_config,
              "spec": spec.model_dump(mode="json", include=SPEC_FIELDS)}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest(ident)
 
 
 class CompileArtifacts:

@@ -15,7 +15,6 @@ Driver side; no Ray import.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux_ray import storage
+from flux_ray.data.cache_layout import digest as cache_digest
 from flux_ray.spec import JobSpec, SpecError, flatten
 
 log = logging.getLogger("flux_ray.train")
@@ -62,7 +62,7 @@ def split_keys(spec: JobSpec) -> tuple[dict, dict]:
 
 
 def digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_digest(identity)  # the cache keys' hash: sha256 of the sorted JSON
 
 
 @dataclass

@@ -46,7 +46,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     profiler = StepProfiler.from_env(parts.rank, device)
     hooks = [h for h in (parts.after_step, profiler.after_step if profiler else None) if h]
-    parts.after_step = (lambda step: [h(step) for h in hooks]) if hooks else None
+
+    def after_step(step: int) -> None:
+        for hook in hooks:
+            hook(step)
+    parts.after_step = after_step if hooks else None
     if parts.position.step:
         # warning: Ray's workers show WARNING and above in the job's logs, and a resume should be seen there
         log.warning("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
