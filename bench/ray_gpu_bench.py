@@ -147,7 +147,8 @@ def phase_train(a, model_dir: str) -> list[dict]:
             local = Path(a.work) / f"node-{int(time.time())}-{i}"
             os.environ.update(TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"), TRITON_CACHE_DIR=str(local / "triton"))
             start_ray(a)
-        spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", "textfile"))
+        spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}",
+                                        a.train_captions))
         spec.train.compile_cache = bool(a.compile_cache)
         spec.scaling.num_workers, spec.scaling.strategy = g, a.strategy
         if a.cpu:
@@ -167,6 +168,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
         sps = statistics.median(m["samples_per_s"] for m in steady)
         step_s = statistics.median(m["step_time_s"] for m in steady)
         row = dict(phase="train", gpus=g, res=a.train_res, bs_per_gpu=a.bs, steps=outcome.steps,
+                   train_images=a.train_images, captions=a.train_captions,
                    strategy=a.strategy, optimizer=a.optimizer, lora_dtypes=_lora_dtypes(outcome.checkpoint_uri),
                    fresh_node=bool(a.fresh_node_caches), compile_cache=bool(a.compile_cache),
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
@@ -212,6 +214,8 @@ def main() -> None:
     ap.add_argument("--commit-every", type=int, default=512)
     ap.add_argument("--train-images", type=int, default=128)
     ap.add_argument("--train-res", type=int, default=512)
+    ap.add_argument("--train-captions", default="textfile", choices=["textfile", "instanceprompt"],
+                    help="textfile: a unique caption per image; instanceprompt: one shared caption (no text encoding)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--bs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
