@@ -150,6 +150,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
         spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}",
                                         a.train_captions))
         spec.train.compile_cache = bool(a.compile_cache)
+        spec.train.dynamo_mode = a.dynamo_mode
         spec.scaling.num_workers, spec.scaling.strategy = g, a.strategy
         if a.cpu:
             spec.scaling.resources_per_worker = {"CPU": 1}
@@ -169,7 +170,8 @@ def phase_train(a, model_dir: str) -> list[dict]:
         step_s = statistics.median(m["step_time_s"] for m in steady)
         row = dict(phase="train", gpus=g, res=a.train_res, bs_per_gpu=a.bs, steps=outcome.steps,
                    train_images=a.train_images, captions=a.train_captions,
-                   strategy=a.strategy, optimizer=a.optimizer, lora_dtypes=_lora_dtypes(outcome.checkpoint_uri),
+                   strategy=a.strategy, optimizer=a.optimizer, dynamo_mode=a.dynamo_mode,
+                   lora_dtypes=_lora_dtypes(outcome.checkpoint_uri),
                    fresh_node=bool(a.fresh_node_caches), compile_cache=bool(a.compile_cache),
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
                    first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
@@ -225,6 +227,7 @@ def main() -> None:
     ap.add_argument("--compile", type=int, default=1)
     ap.add_argument("--ckpt", type=int, default=0)
     ap.add_argument("--attn", default="cudnn")
+    ap.add_argument("--dynamo-mode", default="default", help="train.dynamo_mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
     ap.add_argument("--num-cpus", type=int, default=None)

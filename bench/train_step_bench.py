@@ -46,8 +46,9 @@ import warnings
 
 DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0, tread="0", offload="none", fp8=0)
-STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload")
+                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default")
+STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
+           "dynamo_mode")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
          "nf4": "nf4-bnb", "fp8": "fp8-torchao", "int8t": "int8-torchao"}
@@ -143,7 +144,7 @@ def build(v: dict):
     if interval:
         apply_gradient_checkpointing(transformer, interval)
     if v["compile"]:
-        compile_blocks(transformer)
+        compile_blocks(transformer, mode=None if v["dynamo_mode"] == "default" else v["dynamo_mode"])
     train_spec = TrainSpec(optimizer="adamw_bf16" if v["lora_dtype"] == "bf16" else "adamw")
     params = [p for p in transformer.parameters() if p.requires_grad]
     if v["opt"] == "foreach":  # lever: torch's default multi-tensor AdamW instead of the project's fused one
@@ -157,7 +158,8 @@ def build(v: dict):
         opt = build_optimizer(train_spec, params, device)
     sched = build_lr_scheduler(train_spec, opt)
     loss_fn = FluxLossFn(transformer, FlowSpec(), scheduler_config=dict(FLUX_SCHEDULER), fast_schedule=False,
-                         autocast_dtype=torch.bfloat16, attention_backend=v["attn"], tread=router)
+                         autocast_dtype=torch.bfloat16, attention_backend=v["attn"], tread=router,
+                         cuda_graphs=bool(v["compile"]) and v["dynamo_mode"] in ("reduce-overhead", "max-autotune"))
     if not v["uncast"]:
         loss_fn._uncast_lora = []
     return transformer, params, opt, sched, loss_fn, train_spec

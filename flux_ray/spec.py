@@ -334,6 +334,11 @@ class TrainSpec(_Section):
     """auto: flash on CUDA (the default cuDNN choice crashed on H200), math on CPU. cudnn is the fastest
     measured (bench/RESULTS.md) but crashed in eager mode on an H200, so it needs compile: true."""
     compile: bool = False
+    dynamo_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    """With compile: ``torch.compile``'s mode for the blocks (accelerate's / SimpleTuner's ``dynamo_mode``).
+    reduce-overhead replays each compiled block as a CUDA graph: the bs1 step is host-bound and ran 2x faster
+    (H200, 512 px bs1 0.248 -> 0.126 s/step, the same losses; bench/RESULTS.md call 25). GPU, DDP, bf16 or fp8
+    base only; the validation pipeline then runs the blocks eagerly."""
     compile_cache: bool = True
     """With compile: share torch.compile's artifacts through ``<cache.uri>/compile/``: rank 0 uploads them after
     the first step, and a later run or trial with the same model, options and software on the same kind of device
@@ -344,8 +349,15 @@ class TrainSpec(_Section):
     log_every: int = Field(10, ge=1)
     """Report metrics every n steps (a Ray Train report costs up to one controller poll)."""
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """The blocks are compiled in a mode that replays CUDA graphs (torch's cudagraph trees)."""
+        return self.compile and self.dynamo_mode in ("reduce-overhead", "max-autotune")
+
     @model_validator(mode="after")
     def _check_attention(self) -> TrainSpec:
+        if self.dynamo_mode != "default" and not self.compile:
+            raise ValueError(f"train.dynamo_mode {self.dynamo_mode} needs train.compile: true")
         if self.attention_backend == "cudnn" and not self.compile:
             raise ValueError("train.attention_backend cudnn needs train.compile: true (eager cuDNN attention crashed "
                              "a Flux step on an H200, bench/RESULTS.md call 7); use flash or auto without compile")
@@ -523,6 +535,31 @@ class JobSpec(_Section):
         if self.lora.lora_type != "standard":
             raise ValueError(f"{key} needs lora.lora_type standard (LyCORIS calls each Linear's own forward, "
                              "captured before the base is converted)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_cuda_graphs(self) -> JobSpec:
+        """CUDA-graph modes replay each block's kernels with fixed addresses: refused where that was not measured
+        or cannot hold (weights moved or gathered per step, tensor-subclass weights, routed token counts)."""
+        if not self.train.uses_cuda_graphs:
+            return self
+        key = f"train.dynamo_mode {self.train.dynamo_mode}"
+        refusals = [
+            (not self.scaling.use_gpu, "scaling.use_gpu is false (CUDA graphs need GPUs; inductor would skip them "
+                                       "on a CPU without a word)"),
+            (self.scaling.strategy != "ddp", f"scaling.strategy is {self.scaling.strategy} (FSDP gathers and "
+                                             "DeepSpeed manages the weights per step outside the graphs; use ddp)"),
+            (self.model.base_model_precision != "no_change", f"model.base_model_precision is "
+                                                             f"{self.model.base_model_precision} (quantised weights "
+                                                             "are not measured under CUDA graphs)"),
+            (self.model.enable_group_offload, "model.enable_group_offload moves the weights between devices"),
+            (self.train.tread_config is not None, "train.tread_config routes a different token set each step "
+                                                  "(not measured under CUDA graphs)"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ValueError(f"{key} cannot be used here: {why}; use train.dynamo_mode default or "
+                                 "max-autotune-no-cudagraphs")
         return self
 
     @model_validator(mode="after")

@@ -159,6 +159,31 @@ def test_group_offload_refuses_what_it_cannot_run(tmp_path, demo_data_dir, model
     assert expected in str(e.value)
 
 
+@pytest.mark.parametrize("model, train, scaling, expected", [
+    ({}, {"dynamo_mode": "reduce-overhead"}, {}, "train.dynamo_mode reduce-overhead needs train.compile: true"),
+    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": False}, "scaling.use_gpu is false"),
+    ({}, {"compile": True, "dynamo_mode": "max-autotune"}, {"use_gpu": True, "strategy": "fsdp"},
+     "scaling.strategy is fsdp"),
+    ({"base_model_precision": "int8-quanto"}, {"compile": True, "dynamo_mode": "reduce-overhead"},
+     {"use_gpu": True}, "model.base_model_precision is int8-quanto"),
+    ({}, {"compile": True, "dynamo_mode": "reduce-overhead",
+          "tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]}},
+     {"use_gpu": True}, "train.tread_config routes"),
+])
+def test_cuda_graph_modes_refuse_what_was_not_measured(tmp_path, demo_data_dir, model, train, scaling, expected):
+    data = dict(_minimal(tmp_path, demo_data_dir), model=model, train=train, scaling=scaling)
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert expected in str(e.value)
+    data["train"]["dynamo_mode"] = "max-autotune-no-cudagraphs"  # no CUDA graphs: nothing to refuse but compile
+    data["train"]["compile"] = True
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.train.dynamo_mode == "max-autotune-no-cudagraphs" and not spec.train.uses_cuda_graphs
+    data["train"].update(dynamo_mode="reduce-overhead", tread_config=None)
+    data.update(model={}, scaling={"use_gpu": True})
+    assert load_spec(_write(tmp_path, data)).train.uses_cuda_graphs
+
+
 def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir):
     data = _minimal(tmp_path, demo_data_dir)
     data["model"] = dict(OFFLOAD, group_offload_type="leaf_level", group_offload_use_stream=True,

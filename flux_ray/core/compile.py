@@ -33,11 +33,12 @@ def _unaliased(forward):
     return wrapped
 
 
-def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> int:
-    """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU)."""
+def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+    """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU; ``mode``:
+    torch.compile's, e.g. reduce-overhead for CUDA graphs of each block)."""
     blocks, singles = transformer_blocks(transformer), set(transformer.single_transformer_blocks)
     for blk in blocks:
         if blk in singles and _has_subclass_weights(blk):
             blk.forward = _unaliased(blk.forward)
-        blk.compile(backend=backend)
+        blk.compile(backend=backend, mode=mode)
     return len(blocks)

@@ -62,7 +62,7 @@ class FluxLossFn:
 
     def __init__(self, transformer, flow_spec, *, scheduler_config: dict | None, fast_schedule: bool,
                  masked_attention: bool = False, autocast_dtype: torch.dtype | None = None,
-                 attention_backend: str = "auto", tread=None):
+                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False):
         self.transformer = transformer
         self.flow = flow_spec
         self.scheduler_config = scheduler_config or {}
@@ -71,6 +71,9 @@ class FluxLossFn:
         self.autocast_dtype = autocast_dtype
         self.attention_backend = attention_backend
         self.tread = tread  # a core.tread.TokenRouter: armed for the training forward only
+        # Blocks compiled as CUDA graphs (train.dynamo_mode reduce-overhead): each forward starts a new graph
+        # generation, so the last one's outputs (already consumed by its backward) may be overwritten.
+        self.cuda_graphs = cuda_graphs
         base = getattr(transformer, "module", transformer)
         self.guidance_embeds = bool(getattr(base.config, "guidance_embeds", False))
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -93,6 +96,8 @@ class FluxLossFn:
         if self.guidance_embeds:
             kwargs["guidance"] = to_device(guidance, device)
         img_ids, txt_ids = self._position_ids(h, w, batch.prompt_embeds.shape[1], device)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         ctx = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx, attention_context(self.attention_backend, device), _lora_input_cast_disabled(self._uncast_lora):
             return self.transformer(hidden_states=noisy_packed, encoder_hidden_states=batch.prompt_embeds,

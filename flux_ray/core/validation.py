@@ -1,6 +1,7 @@
 """Validation images from the live (LoRA-wrapped) transformer, written as one grid per step."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -80,8 +81,13 @@ class Validator:
         """Write step-N/<nickname>-WxH.png and step-N.png (grid) under the run's validation folder."""
         was_training = self.pipe.transformer.training
         self.pipe.transformer.eval()
+        # CUDA-graph blocks (train.dynamo_mode reduce-overhead) would record a graph per pipeline shape and
+        # hold its memory pool: the pipeline runs them eagerly instead.
+        stance = (torch.compiler.set_stance("force_eager") if self.spec.train.uses_cuda_graphs
+                  else contextlib.nullcontext())
         try:
-            images = self.render()
+            with stance:
+                images = self.render()
         finally:
             self.pipe.transformer.train(was_training)
         if not self.write:

@@ -77,7 +77,8 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
         if spec.train.compile_cache:
             artifacts = CompileArtifacts(spec, dict(transformer.config), device, rank)
             artifacts.load()
-        compile_blocks(getattr(model, "module", model))
+        compile_blocks(getattr(model, "module", model),
+                       mode=None if spec.train.dynamo_mode == "default" else spec.train.dynamo_mode)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP
     optimizer = build_optimizer(spec.train, params, device)
     lr_scheduler = build_lr_scheduler(spec.train, optimizer)
@@ -89,7 +90,8 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
     loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(local.model),
                          fast_schedule=spec.fast_schedule, masked_attention=spec.train.flux_attention_masked_training,
-                         autocast_dtype=autocast, attention_backend=spec.train.attention_backend, tread=tread)
+                         autocast_dtype=autocast, attention_backend=spec.train.attention_backend, tread=tread,
+                         cuda_graphs=spec.train.uses_cuda_graphs)
     reader = CacheReader(spec, M.load_vae_config(local.model))
     train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
     if not train_samples:

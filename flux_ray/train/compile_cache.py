@@ -28,7 +28,7 @@ SPEC_FIELDS = {
     "model": {"base_model_precision", "base_model_default_dtype", "model_flavour"},
     "lora": {"lora_type", "lora_rank", "lora_dropout", "flux_lora_target", "peft_lora_target_modules",
              "lycoris_config", "lora_init_type"},
-    "train": {"compile", "attention_backend", "gradient_checkpointing", "gradient_checkpointing_interval",
+    "train": {"compile", "dynamo_mode", "attention_backend", "gradient_checkpointing", "gradient_checkpointing_interval",
               "tread_config", "mixed_precision", "flux_attention_masked_training", "train_batch_size"},
 }
 _CODE_DIRS = ("core",)  # the modules whose code is traced into the blocks' graphs

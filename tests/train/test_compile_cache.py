@@ -87,7 +87,7 @@ def _spec(**train):
     from flux_ray.spec import load_spec
 
     return load_spec(data={"datasets": [{"id": "d", "type": "s3", "aws_bucket_name": "b"}],
-                           "train": {"compile": True, **train}}, check_paths=False)
+                           "train": {"compile": True, **train}, "scaling": {"use_gpu": True}}, check_paths=False)
 
 
 def test_options_that_change_the_graphs_change_the_key():
@@ -99,7 +99,8 @@ def test_options_that_change_the_graphs_change_the_key():
         return artifact_key(_spec(**train), {"num_layers": 1}, torch.device("cpu"))
 
     assert key() == key(learning_rate=3e-4, max_train_steps=7)  # the graphs do not see these
-    assert len({key(), key(attention_backend="flash"), key(gradient_checkpointing=True), key(train_batch_size=2)}) == 4
+    assert len({key(), key(attention_backend="flash"), key(gradient_checkpointing=True), key(train_batch_size=2),
+                key(dynamo_mode="reduce-overhead")}) == 5
 
 
 def test_a_broken_artifact_file_means_compiling_as_usual(tmp_path):
