@@ -172,6 +172,14 @@ class CaptionerSpec(_Section):
     """Where the captions go (Parquet: filename, caption, model_name); default
     ``<cache.uri>/captions/<dataset id>-<hash>.parquet``. Edit it to change a caption; delete a row to recaption."""
 
+    @field_validator("model_name")
+    @classmethod
+    def _not_s3(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            raise ValueError(f"an s3:// captioner is not fetched to the nodes (got {v!r}): use a hub id or a folder "
+                             "every node has (storage.shared_paths)")
+        return v
+
 
 class DatasetSpec(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux_ray import storage
-from flux_ray.data.auto_captions import read_manifest
+from flux_ray.data.auto_captions import manifest_uri, read_manifest
 from flux_ray.data.cache import list_dataset
 from flux_ray.data.captioner import Captioner, load_for_caption
 from flux_ray.data.sources import caption_from_filename, list_images
@@ -40,6 +40,11 @@ def test_captioner_callable_captions_each_loaded_image(tiny_captioner_dir, demo_
     assert list(out["rel_path"]) == [r.rel_path for r in refs] + [refs[0].rel_path]
     assert all(isinstance(c, str) and c.strip() for c in out["caption"][:3])
     assert out["caption"][3] == "" and out["error"][3].startswith("read_error")
+    # max_new_tokens bounds the caption; query_str is given with each image (BLIP continues it)
+    short = Captioner(CaptionerSpec(model_name=tiny_captioner_dir, query_str="", max_new_tokens=2))(batch)
+    assert all(len(s.split()) < len(c.split()) or len(s) < len(c) for s, c in zip(short["caption"][:3], out["caption"]))
+    asked = Captioner(CaptionerSpec(model_name=tiny_captioner_dir, query_str="q", max_new_tokens=6))(batch)
+    assert list(asked["caption"][:3]) != list(out["caption"][:3])
 
 
 def test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word(
@@ -79,11 +84,10 @@ def test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word(
     (folder / "new.png").write_bytes(open(os.path.join(demo_data_dir, _images(demo_data_dir, 5)[4]), "rb").read())
     third = list_dataset(spec, spec.datasets[0])
     assert third.auto_captioned == 1 and sorted(read_manifest(str(manifest), None)) == sorted(names[1:] + ["new.png"])
-    ds["captioner"] = {"model_name": tiny_captioner_dir, "query_str": "", "max_new_tokens": 5}
-    spec = _spec(tiny_model_dir, tmp_path, ds)
-    fourth = list_dataset(spec, spec.datasets[0])
-    assert fourth.caption_manifest.startswith(str(tmp_path / "cache" / "captions" / "photos-"))
-    assert fourth.auto_captioned == 4
+    default = spec.datasets[0].model_copy(update={"captioner": CaptionerSpec(model_name=tiny_captioner_dir)})
+    assert manifest_uri(default, spec.cache.uri).startswith(str(tmp_path / "cache" / "captions" / "photos-"))
+    other_model = default.model_copy(update={"captioner": CaptionerSpec(model_name="org/other")})
+    assert manifest_uri(other_model, spec.cache.uri) != manifest_uri(default, spec.cache.uri)
 
 
 def _zip_of(demo_data_dir, names, path, captions: bool):
