@@ -229,7 +229,8 @@ class DatasetSpec(_Section):
         if self.captioner != CaptionerSpec() and self.caption_strategy != "auto":
             raise ValueError(f"captioner is used only by caption_strategy auto (got {self.caption_strategy!r}): "
                              "set caption_strategy: auto, or remove captioner")
-        if self.trigger_word is not None and (not self.trigger_word.strip() or TRIGGER_PLACEHOLDER in self.trigger_word):
+        word = self.trigger_word
+        if word is not None and (not word.strip() or TRIGGER_PLACEHOLDER in word):
             raise ValueError(f"trigger_word must be a non-empty word or phrase without {TRIGGER_PLACEHOLDER!r} "
                              f"(got {self.trigger_word!r})")
         if self.archive_suffix and self.caption_strategy == "parquet":

@@ -152,7 +152,8 @@ def test_tar_dataset_on_s3_is_extracted_into_an_s3_cache(ray_session, s3_server,
 
 def test_a_zip_of_photos_without_captions_is_captioned_cached_and_trains(
         ray_session, tiny_model_dir, tiny_captioner_dir, demo_data_dir, tmp_path, demo_spec):
-    """Issue 22's input half end to end: zip of images, no captions -> auto captions + trigger word -> cache -> train."""
+    """Issue 22's input half end to end: a zip of images without captions -> auto captions + trigger word -> cache
+    -> training."""
     from flux_ray import job
     from flux_ray.core.model import load_vae_config
     from flux_ray.data.cache_layout import CachePaths, dataset_key
