@@ -44,6 +44,8 @@ def local_paths(spec) -> list[tuple[str, str, bool]]:
             out.append((f"datasets.{i}.instance_data_dir", d.instance_data_dir, True))
         if d.parquet:
             out.append((f"datasets.{i}.parquet.path", d.parquet.path, True))
+        if d.caption_strategy == "auto":  # the captioner actors load it on their nodes
+            out.append((f"datasets.{i}.captioner.model_name", d.captioner.model_name, True))
     out += [("cache.uri", spec.cache.uri, False), ("output.uri", spec.output.uri, False),
             ("lora.init_lora", spec.lora.init_lora, True), ("eval.user_prompt_library", spec.eval.user_prompt_library, True)]
     if spec.train.resume_from_checkpoint not in (None, "latest"):

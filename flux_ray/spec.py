@@ -147,6 +147,40 @@ class ParquetManifest(_Section):
     caption_column: str = "caption"
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+"""A dataset whose instance_data_dir (local) or aws_data_prefix (s3) ends so is an archive of images."""
+TRIGGER_PLACEHOLDER = "[trigger]"
+
+
+class CaptionerSpec(_Section):
+    """``caption_strategy: auto``: a vision-language model captions the images that have no ``.txt`` caption
+    (data/auto_captions.py). Names follow SimpleTuner's captioning toolkit (toolkit/captioning/caption_with_*.py)."""
+    model_name: str = "florence-community/Florence-2-large"
+    """Hub id or local folder of a transformers image-text-to-text model (Florence-2, BLIP, GIT, Qwen2-VL ...),
+    loaded with AutoProcessor and AutoModelForImageTextToText."""
+    query_str: str = "<MORE_DETAILED_CAPTION>"
+    """The text given with each image: Florence-2's task token, a question for chat models, "" for none (BLIP)."""
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Weights and compute dtype on a GPU; a CPU always runs fp32."""
+    batch_size: int = Field(8, ge=1)
+    """Images per generate() call on an actor."""
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(1.0, gt=0, le=1)
+    """GPU share each captioner actor asks Ray for (``scaling.use_gpu``); on CPU each actor holds one CPU."""
+    output_parquet: str | None = None
+    """Where the captions go (Parquet: filename, caption, model_name); default
+    ``<cache.uri>/captions/<dataset id>-<hash>.parquet``. Edit it to change a caption; delete a row to recaption."""
+
+    @field_validator("model_name")
+    @classmethod
+    def _not_s3(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            raise ValueError(f"an s3:// captioner is not fetched to the nodes (got {v!r}): use a hub id or a folder "
+                             "every node has (storage.shared_paths)")
+        return v
+
+
 class DatasetSpec(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: Literal["local", "s3"] = "local"
@@ -158,10 +192,16 @@ class DatasetSpec(_Section):
     disabled: bool = False
     make_demo_if_missing: bool = False
     """Write the generated demo images at a missing local instance_data_dir."""
-    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] = "textfile"
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet", "auto"] = "textfile"
+    """auto: a ``<stem>.txt`` beside the image if there is one, else a caption by ``captioner`` (computed once,
+    kept in ``captioner.output_parquet``)."""
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
     parquet: ParquetManifest | None = None
+    captioner: CaptionerSpec = Field(default_factory=CaptionerSpec)
+    trigger_word: str | None = None
+    """The word that calls up the trained concept (the hosted trainers' name): replaces ``[trigger]`` in each
+    caption, or is put first (``"<word>, caption"``) in a caption that lacks it; likewise in validation prompts."""
     caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
     resolution: int = Field(1024, ge=64)
     resolution_type: Literal["pixel", "pixel_area"] = "pixel_area"
@@ -186,7 +226,23 @@ class DatasetSpec(_Section):
             raise ValueError("caption_strategy instanceprompt needs instance_prompt")
         if self.caption_strategy == "parquet" and self.parquet is None:
             raise ValueError("caption_strategy parquet needs a parquet: {path, filename_column, caption_column}")
+        if self.captioner != CaptionerSpec() and self.caption_strategy != "auto":
+            raise ValueError(f"captioner is used only by caption_strategy auto (got {self.caption_strategy!r}): "
+                             "set caption_strategy: auto, or remove captioner")
+        word = self.trigger_word
+        if word is not None and (not word.strip() or TRIGGER_PLACEHOLDER in word):
+            raise ValueError(f"trigger_word must be a non-empty word or phrase without {TRIGGER_PLACEHOLDER!r} "
+                             f"(got {self.trigger_word!r})")
+        if self.archive_suffix and self.caption_strategy == "parquet":
+            raise ValueError("an archive dataset cannot use caption_strategy parquet (its manifest names files of a "
+                             "folder): use textfile (.txt files in the archive) or auto")
         return self
+
+    @property
+    def archive_suffix(self) -> str | None:
+        """The archive suffix of instance_data_dir (local) or aws_data_prefix (s3), or None for a folder."""
+        where = (self.instance_data_dir or "") if self.type == "local" else self.aws_data_prefix
+        return next((x for x in ARCHIVE_SUFFIXES if where.lower().endswith(x)), None)
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> DatasetSpec:
@@ -584,6 +640,25 @@ class JobSpec(_Section):
                              "(it rewrites base weights that are already offloaded)")
         return self
 
+    @model_validator(mode="after")
+    def _check_trigger_words(self) -> JobSpec:
+        words = self.trigger_words
+        if len(words) > 1 and any(TRIGGER_PLACEHOLDER in p for p in [self.eval.validation_prompt or ""]):
+            raise ValueError(f"eval.validation_prompt has {TRIGGER_PLACEHOLDER} but the image datasets have several "
+                             f"trigger_word values {words}: write the word into the prompt")
+        return self
+
+    @property
+    def trigger_words(self) -> list[str]:
+        """The distinct trigger words of the enabled image datasets, in dataset order."""
+        return list(dict.fromkeys(d.trigger_word for d in self.enabled_datasets("image") if d.trigger_word))
+
+    @property
+    def validation_trigger_word(self) -> str | None:
+        """The trigger word put into validation prompts: the image datasets' one, when they agree."""
+        words = self.trigger_words
+        return words[0] if len(words) == 1 else None
+
     @property
     def run_uri(self) -> str:
         return self.output.uri.rstrip("/") + "/" + self.name
@@ -682,6 +757,10 @@ def check_local_inputs(spec: JobSpec, source: str = "") -> None:
             continue
         where = f"datasets.{i}.instance_data_dir"
         p = Path(d.instance_data_dir)
+        if d.archive_suffix:
+            if not p.is_file():
+                raise SpecError(f"invalid job spec {source}:\n  {where}: archive {str(p)!r} does not exist")
+            continue
         if not p.is_dir():
             raise SpecError(f"invalid job spec {source}:\n  {where}: directory {str(p)!r} does not exist")
         if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file()):
@@ -757,6 +836,9 @@ def absolutize(spec: JobSpec) -> JobSpec:
         d.instance_data_dir = _abs(d.instance_data_dir) if d.type == "local" else d.instance_data_dir
         if d.parquet:
             d.parquet.path = _abs(d.parquet.path)
+        if d.captioner.output_parquet:
+            d.captioner.output_parquet = _abs(d.captioner.output_parquet)
+        d.captioner.model_name = _abs(d.captioner.model_name)
     spec.cache.uri = _abs(spec.cache.uri)
     spec.output.uri = _abs(spec.output.uri)
     spec.lora.init_lora = _abs(spec.lora.init_lora)

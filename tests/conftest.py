@@ -95,6 +95,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory) -> str:
+    """The tiny random BLIP captioner (caption_strategy: auto), written once per session."""
+    from flux_ray.core.tiny_captioner import write_tiny_captioner
+
+    return str(write_tiny_captioner(tmp_path_factory.mktemp("models") / "tiny-captioner"))
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> str:
     from flux_ray.data.demo import write_demo_data
 

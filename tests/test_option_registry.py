@@ -16,6 +16,7 @@ LOOP, SPEC, REFUSED = "tests/train/test_loop.py", "tests/test_spec.py", \
     "tests/test_spec.py::test_options_that_would_be_ignored_are_refused"
 CACHE, DECODE, BUCKETS = "tests/data/test_cache.py", "tests/data/test_decode.py", "tests/data/test_buckets.py"
 SOURCES, FLOW, VALID = "tests/data/test_sources.py", "tests/core/test_flow.py", "tests/core/test_validation.py"
+AUTO = "tests/data/test_auto_captions.py"
 
 EFFECT_TESTS: dict[str, str] = {
     "model.model_flavour": f"{SPEC}::test_schnell_defaults",
@@ -52,6 +53,12 @@ EFFECT_TESTS: dict[str, str] = {
     "datasets.instance_prompt": f"{SOURCES}::test_filename_and_instanceprompt",
     "datasets.prepend_instance_prompt": f"{SOURCES}::test_textfile_with_fallback_and_prepend",
     "datasets.parquet.path": f"{SOURCES}::test_parquet_manifest_by_rel_path_or_base_name",
+    "datasets.trigger_word": f"{SOURCES}::test_trigger_word_goes_into_every_caption_once",
+    "datasets.captioner.model_name": f"{AUTO}::test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word",
+    "datasets.captioner.query_str": f"{AUTO}::test_captioner_callable_captions_each_loaded_image",
+    "datasets.captioner.max_new_tokens": f"{AUTO}::test_captioner_callable_captions_each_loaded_image",
+    "datasets.captioner.output_parquet":
+        f"{AUTO}::test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word",
     "datasets.parquet.filename_column": f"{SOURCES}::test_parquet_manifest_by_rel_path_or_base_name",
     "datasets.parquet.caption_column": f"{SOURCES}::test_parquet_manifest_by_rel_path_or_base_name",
     "datasets.caption_dropout_probability": f"{LOOP}::test_flow_options_train",
@@ -169,6 +176,11 @@ NO_EFFECT: dict[str, str] = {
     "cache.gpus_per_actor": "Ray resource request of encoder actors (GPU only)",
     "cache.decode_concurrency": "throughput: concurrent decode tasks",
     "cache.vae_channels_last": "GPU only memory format (bench/cache_bench.py)",
+    "datasets.captioner.batch_size": "throughput: images per generate() call",
+    "datasets.captioner.num_actors": "throughput: Ray Data actor pool size of the captioner",
+    "datasets.captioner.gpus_per_actor": "Ray resource request of captioner actors (GPU only)",
+    "datasets.captioner.precision": "GPU only: the captioner's dtype (a CPU runs fp32); range checked in "
+                                    "tests/test_spec.py::test_captioning_trigger_word_and_archive_options_are_checked",
     "tune.mode": "min or max of tune.metric: Tune's own option",
     "tune.scheduler": "asha or fifo: Tune's own scheduler",
     "tune.reduction_factor": "ASHA's own option",

@@ -210,6 +210,8 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
      "lora.lora_dropout, lora.flux_lora_target: LyCORIS"),
     (lambda d: d["lora"].update(lora_type="lycoris", init_lora="x.safetensors"), "lora.init_lora: LyCORIS"),
     (lambda d: d.update(eval={"eval_steps_interval": 10}), "eval.eval_steps_interval needs eval data"),
+    (lambda d: d["datasets"][0].update(captioner={"model_name": "org/blip"}),
+     "datasets.0: captioner is used only by caption_strategy auto (got 'textfile')"),
 ])
 def test_options_that_would_be_ignored_are_refused(tmp_path, demo_data_dir, mutate, expected):
     """Issue 20 case 2 and 3: every option acts or is refused, with the reason and the alternative."""
@@ -233,3 +235,50 @@ def test_refusals_leave_the_working_forms_alone(tmp_path, demo_data_dir):
     data["datasets"].pop()
     data["eval"]["eval_split_fraction"] = 0.1
     assert load_spec(_write(tmp_path, data)).eval.eval_steps_interval == 10
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["datasets"][0].update(trigger_word=" "), "datasets.0: trigger_word must be a non-empty word"),
+    (lambda d: d["datasets"][0].update(trigger_word="[trigger]"), "without '[trigger]'"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"num_actors": 0}),
+     "datasets.0.captioner.num_actors: Input should be greater than or equal to 1 (got 0)"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"gpus_per_actor": 2}),
+     "datasets.0.captioner.gpus_per_actor: Input should be less than or equal to 1 (got 2)"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"precision": "int8"}),
+     "datasets.0.captioner.precision"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"max_new_tokens": 0}),
+     "datasets.0.captioner.max_new_tokens"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"batch_size": 0}),
+     "datasets.0.captioner.batch_size"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"querystr": "x"}),
+     "datasets.0.captioner.querystr: unknown key"),
+    (lambda d: d["datasets"][0].update(caption_strategy="auto", captioner={"model_name": "s3://b/m"}),
+     "captioner.model_name: an s3:// captioner"),
+    (lambda d: d["datasets"][0].update(instance_data_dir="/no/such/photos.zip"),
+     "datasets.0.instance_data_dir: archive '/no/such/photos.zip' does not exist"),
+    (lambda d: d["datasets"][0].update(type="s3", instance_data_dir=None, aws_bucket_name="b",
+                                       aws_data_prefix="in/photos.tar", caption_strategy="parquet",
+                                       parquet={"path": "m.parquet"}),
+     "an archive dataset cannot use caption_strategy parquet"),
+    (lambda d: (d["datasets"].append({**d["datasets"][0], "id": "e", "trigger_word": "zkz"}),
+                d["datasets"][0].update(trigger_word="ohwx"), d.update(eval={"validation_prompt": "[trigger] dog"})),
+     "eval.validation_prompt has [trigger] but the image datasets have several trigger_word values ['ohwx', 'zkz']"),
+])
+def test_captioning_trigger_word_and_archive_options_are_checked(tmp_path, demo_data_dir, mutate, expected):
+    data = _minimal(tmp_path, demo_data_dir)
+    mutate(data)
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert expected in str(e.value) and "job.yaml" in str(e.value)
+
+
+def test_auto_captioning_and_archive_specs_parse(tmp_path, demo_data_dir):
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(b"PK")
+    data = _minimal(tmp_path, demo_data_dir)
+    data["datasets"][0].update(instance_data_dir=str(archive), caption_strategy="auto", trigger_word="ohwx",
+                               captioner={"model_name": "./models/blip", "num_actors": 2, "gpus_per_actor": 0.5})
+    ds = load_spec(_write(tmp_path, data)).datasets[0]
+    assert ds.archive_suffix == ".zip" and ds.trigger_word == "ohwx"
+    assert os.path.isabs(ds.captioner.model_name) and ds.captioner.model_name.endswith("models/blip")
+    assert ds.captioner.query_str == "<MORE_DETAILED_CAPTION>" and ds.captioner.num_actors == 2

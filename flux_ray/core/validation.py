@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from flux_ray import storage
+from flux_ray.core.trigger_word import apply_trigger_word
 
 
-def prompt_library(eval_spec) -> dict[str, str]:
-    """nickname -> prompt; ``validation_prompt`` is nicknamed 'validation'."""
+def prompt_library(eval_spec, trigger_word: str | None = None) -> dict[str, str]:
+    """nickname -> prompt; ``validation_prompt`` is nicknamed 'validation'. ``trigger_word`` (the datasets'
+    ``trigger_word``, JobSpec.validation_trigger_word) replaces ``[trigger]`` or goes first in each prompt."""
     prompts = {}
     if eval_spec.validation_prompt:
         prompts["validation"] = eval_spec.validation_prompt
@@ -24,7 +26,7 @@ def prompt_library(eval_spec) -> dict[str, str]:
             raise ValueError(f"eval.user_prompt_library {eval_spec.user_prompt_library!r}: expected a JSON object "
                              "of nickname -> prompt")
         prompts.update(lib)
-    return prompts
+    return {name: apply_trigger_word(p, trigger_word) for name, p in prompts.items()}
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
@@ -53,7 +55,7 @@ class Validator:
         from flux_ray.core.model import load_text_encoders, load_vae
 
         self.spec, self.device, self.write = spec, device, write
-        self.prompts = prompt_library(spec.eval)
+        self.prompts = prompt_library(spec.eval, spec.validation_trigger_word)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tok, clip, tok2, t5 = load_text_encoders(spec.model, dtype=dtype, device=device)
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.model.base_path, subfolder="scheduler")

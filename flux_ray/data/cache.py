@@ -181,13 +181,31 @@ def _ray_resources(spec) -> dict:
     return {**share, "scheduling_strategy": "SPREAD"}
 
 
-def list_dataset(ds_spec, st) -> tuple[list, dict]:
-    """The dataset's image refs and their captions (uri -> caption)."""
-    refs = sources.list_images(ds_spec, st)
-    return refs, sources.captions_for(refs, ds_spec, st)
+@dataclass
+class Listing:
+    refs: list
+    captions: dict
+    """image uri -> caption"""
+    source: object
+    """The DatasetSpec to read the images through: the dataset's own, or its extracted archive's folder."""
+    auto_captioned: int = 0
+    caption_manifest: str | None = None
 
 
-def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listing: tuple[list, dict]) -> dict:
+def list_dataset(spec, ds_spec) -> Listing:
+    """The dataset's image refs and their captions; an archive is extracted first and ``caption_strategy: auto``
+    captions what has no caption yet (both Ray Data stages, both done once)."""
+    from flux_ray.data.archives import extracted_dataset
+    from flux_ray.data.auto_captions import AutoCaptions
+
+    source = extracted_dataset(ds_spec, spec)
+    refs = sources.list_images(source, spec.storage)
+    auto = AutoCaptions(source, spec) if ds_spec.caption_strategy == "auto" else None
+    captions = sources.captions_for(refs, source, spec.storage, auto)
+    return Listing(refs, captions, source, auto.captioned if auto else 0, auto.uri if auto else None)
+
+
+def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listing: Listing) -> dict:
     """Encode what is missing for one dataset (``listing``: list_dataset's); returns its committed manifest."""
     import ray
 
@@ -204,7 +222,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
             "shift_factor": vae_config.get("shift_factor") or 0.0, "scaling_factor": vae_config.get("scaling_factor", 1.0)}
     manifest = _read_manifest(uri, st, "latents", key, meta)
     t0 = time.time()
-    refs, captions = listing
+    refs, captions = listing.refs, listing.captions
     done = _committed_column(uri, manifest, st, "sample_id")
     rows = [dict(asdict(r), sample_id=sample_id(r)) for r in refs]
     todo = [r for r in rows if r["sample_id"] not in done]
@@ -216,7 +234,8 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
         # One streaming execution: the encoder actors load (and compile) once for the whole dataset. Shards are
         # written by tasks as rows come out; the driver commits them every cache.commit_every rows.
         pipe = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 8, 256)))
-        pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": ds_spec, "storage_spec": st, "seed": spec.train.seed},
+        pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": listing.source, "storage_spec": st,
+                                               "seed": spec.train.seed},
                         compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
         pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size * spec.cache.vae_bucket_window,
                                 fn_constructor_kwargs={"model_spec": spec.model, "storage": spec.storage,
@@ -239,6 +258,9 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
     summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
     summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages), bytes_written=written.bytes,
                                         commits=written.commits, steady_images_per_s=_steady_rate(written.commits))
+    if listing.caption_manifest:
+        summary.datasets[ds_spec.id].update(auto_captioned=listing.auto_captioned,
+                                            caption_manifest=listing.caption_manifest)
     return manifest
 
 
@@ -328,8 +350,8 @@ def run_cache(spec) -> CacheSummary:
     for ds_spec in spec.enabled_datasets():
         if ds_spec.make_demo_if_missing and ds_spec.type == "local" and not Path(ds_spec.instance_data_dir).exists():
             write_demo_data(ds_spec.instance_data_dir)
-        listings[ds_spec.id] = list_dataset(ds_spec, spec.storage)
-    captions = {by_uri.get(r.uri, "") for refs, by_uri in listings.values() for r in refs}
+        listings[ds_spec.id] = list_dataset(spec, ds_spec)
+    captions = {lst.captions.get(r.uri, "") for lst in listings.values() for r in lst.refs}
     with ThreadPoolExecutor(1, thread_name_prefix="flux_ray-text") as pool:
         text = pool.submit(cache_text, spec, captions, summary)
         try:

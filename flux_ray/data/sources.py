@@ -8,9 +8,10 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from flux_ray import storage as _storage
+from flux_ray.core.trigger_word import apply_trigger_word
 
 if TYPE_CHECKING:
     from flux_ray.spec import DatasetSpec, StorageSpec
@@ -171,21 +172,31 @@ def _read_sidecars(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec |
         return dict(zip([r.uri for r in refs], pool.map(read, refs)))
 
 
-def load_captions(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | None = None) -> Captions:
+AutoCaptioner = Callable[[list[ImageRef]], dict[str, str]]
+"""Captions images (``caption_strategy: auto``): refs without a ``.txt`` -> {rel_path: caption}."""
+
+
+def load_captions(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | None = None,
+                  auto_captioner: AutoCaptioner | None = None) -> Captions:
     """Captions per image URI by ``ds.caption_strategy``; see :func:`captions_for`."""
     if ds.prepend_instance_prompt and not ds.instance_prompt:
         raise ValueError(f"dataset {ds.id}: prepend_instance_prompt needs instance_prompt")
+    if ds.caption_strategy == "auto" and auto_captioner is None:
+        raise ValueError(f"dataset {ds.id}: caption_strategy auto needs the cache job's captioner")
     manifest = _manifest(ds, storage) if ds.caption_strategy == "parquet" else {}
-    sidecars = _read_sidecars(refs, ds, storage) if ds.caption_strategy == "textfile" else {}
+    sidecars = _read_sidecars(refs, ds, storage) if ds.caption_strategy in ("textfile", "auto") else {}
+    auto: dict[str, str] = {}
+    if ds.caption_strategy == "auto":
+        auto = auto_captioner([r for r in refs if not _first_line(sidecars[r.uri] or "")])
     result = Captions({})
     for ref in refs:
         if ds.caption_strategy == "instanceprompt":
-            result.by_uri[ref.uri] = ds.instance_prompt
+            result.by_uri[ref.uri] = apply_trigger_word(ds.instance_prompt, ds.trigger_word)
             continue
         if ds.caption_strategy == "filename":
             text = caption_from_filename(ref.rel_path)
-        elif ds.caption_strategy == "textfile":
-            text = _first_line(sidecars[ref.uri] or "")
+        elif ds.caption_strategy in ("textfile", "auto"):
+            text = _first_line(sidecars[ref.uri] or "") or " ".join(auto.get(ref.rel_path, "").split())
         else:  # parquet
             text = manifest.get(ref.rel_path) or manifest.get(posixpath.basename(ref.rel_path), "")
         if not text:
@@ -193,21 +204,24 @@ def load_captions(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | 
             text = caption_from_filename(ref.rel_path)
         if ds.prepend_instance_prompt:
             text = f"{ds.instance_prompt} {text}"
-        result.by_uri[ref.uri] = text
+        result.by_uri[ref.uri] = apply_trigger_word(text, ds.trigger_word)
     if result.fallback_uris:
         log.warning("dataset %s: %d of %d images have no %s caption; using their file names",
                     ds.id, len(result.fallback_uris), len(refs), ds.caption_strategy)
     return result
 
 
-def captions_for(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | None = None) -> dict[str, str]:
+def captions_for(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | None = None,
+                 auto_captioner: AutoCaptioner | None = None) -> dict[str, str]:
     """{image uri: caption} by SimpleTuner's caption strategies.
 
     ``filename``: the file stem (see :func:`caption_from_filename`). ``textfile``: the first
     non-empty line of ``<stem>.txt`` beside the image. ``instanceprompt``: ``ds.instance_prompt``.
     ``parquet``: the manifest row whose filename column equals the image's rel_path or base name.
+    ``auto``: textfile where a ``.txt`` exists, else ``auto_captioner``'s caption (data/auto_captions.py).
     A missing or empty textfile / manifest caption falls back to the file name (counted and logged,
     see :func:`load_captions`). ``prepend_instance_prompt`` puts ``instance_prompt + " "`` first
-    (not for ``instanceprompt``, which is the instance prompt already).
+    (not for ``instanceprompt``, which is the instance prompt already). ``trigger_word`` goes in last
+    (:func:`apply_trigger_word`).
     """
-    return load_captions(refs, ds, storage).by_uri
+    return load_captions(refs, ds, storage, auto_captioner).by_uri

@@ -47,3 +47,19 @@ def test_true_cfg_uses_the_negative_prompt(demo_spec, tiny_model_dir, demo_data_
 def test_make_grid_layout():
     imgs = [Image.new("RGB", (10, 20), c) for c in ("red", "green", "blue", "white", "black")]
     assert make_grid(imgs).size == (30, 40)
+
+
+def test_trigger_word_goes_into_the_validation_prompts(demo_spec, tiny_model_dir, demo_data_dir, tmp_path):
+    lib = tmp_path / "trigger.json"
+    lib.write_text(json.dumps({"cat": "a photo of [trigger] as a cat", "plain": "ohwx on a beach"}))
+    ds = {"id": "demo", "instance_data_dir": demo_data_dir, "caption_strategy": "textfile", "resolution": 128,
+          "trigger_word": "ohwx"}
+    spec = demo_spec(tiny_model_dir, demo_data_dir, tmp_path, datasets=[ds],
+                     eval={"validation_prompt": "a red circle", "user_prompt_library": str(lib)})
+    validator = Validator(spec, M.load_transformer(spec.model, torch.float32), torch.device("cpu"), write=False)
+    assert validator.prompts == {"validation": "ohwx, a red circle", "cat": "a photo of ohwx as a cat",
+                                 "plain": "ohwx on a beach"}
+    two = demo_spec(tiny_model_dir, demo_data_dir, tmp_path,
+                    datasets=[ds, {**ds, "id": "other", "trigger_word": "zkz"}], eval={"validation_prompt": "a dog"})
+    assert two.validation_trigger_word is None and prompt_library(two.eval, two.validation_trigger_word) == \
+        {"validation": "a dog"}  # two concepts: the prompts name the one they want

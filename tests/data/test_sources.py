@@ -120,3 +120,17 @@ def test_parquet_manifest_on_s3_with_list_captions(s3_server, tmp_path):
     refs = list_images(ds)
     got = load_captions(refs, ds, s3_server.storage)
     assert [got.by_uri[r.uri] for r in refs] == ["tri", "001 green square"] and got.fallback_uris == [refs[1].uri]
+
+
+def test_trigger_word_goes_into_every_caption_once(image_dir):
+    from flux_ray.core.trigger_word import apply_trigger_word
+
+    refs = list_images(local(image_dir))
+    got = captions_for(refs, local(image_dir, caption_strategy="textfile", trigger_word="ohwx"))
+    assert [got[r.uri] for r in refs] == ["ohwx, a red car, parked", "ohwx, blue sky", "ohwx, lone", "ohwx, plain"]
+    got = captions_for(refs, local(image_dir, caption_strategy="instanceprompt", instance_prompt="a photo of [trigger]",
+                                   trigger_word="ohwx"))
+    assert set(got.values()) == {"a photo of ohwx"}
+    assert apply_trigger_word("ohwx dog on grass", "ohwx") == "ohwx dog on grass"  # already there: kept once
+    assert apply_trigger_word("ohwxy dog", "ohwx") == "ohwx, ohwxy dog"  # a longer word is not the trigger
+    assert apply_trigger_word("a dog", None) == "a dog"
