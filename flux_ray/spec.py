@@ -174,6 +174,8 @@ class DatasetSpec(_Section):
     repeats: int = Field(0, ge=0)
     """Extra passes over this dataset per epoch (SimpleTuner: 0 = seen once)."""
     is_regularisation_data: bool = False
+    """Prior regularisation (SimpleTuner's parent-teacher): this dataset's samples are trained towards the base
+    model's own prediction with the adapter off, not towards their images; mixed into batches like any dataset."""
     dataset_type: Literal["image", "eval"] = "image"
 
     @model_validator(mode="after")
@@ -191,9 +193,9 @@ class DatasetSpec(_Section):
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> DatasetSpec:
         """Options the data path would accept and ignore: refused with the reason and what to use instead."""
-        if self.is_regularisation_data:
-            raise ValueError("is_regularisation_data is not implemented yet (regularisation data would train as "
-                             "ordinary images): remove it, or add the images as a plain dataset")
+        if self.is_regularisation_data and self.dataset_type != "image":
+            raise ValueError("is_regularisation_data applies to dataset_type image (its samples are trained towards "
+                             "the base model's prediction); an eval dataset measures the flow loss: remove one")
         if self.crop_aspect in ("closest", "random"):
             raise ValueError(f"crop_aspect {self.crop_aspect} needs SimpleTuner's crop_aspect_buckets list, which "
                              "the spec does not have: use preserve (aspect buckets) or square (with crop: true)")
@@ -493,6 +495,14 @@ class JobSpec(_Section):
                 raise ValueError(f"lora.{', lora.'.join(changed)}: LyCORIS takes its shape, targets and scale from "
                                  "lora.lycoris_config (e.g. linear_dim, linear_alpha, factor, dropout), so these "
                                  "would be ignored: remove them, or use lora.lora_type standard")
+        image_sets = self.enabled_datasets("image")
+        if all(d.is_regularisation_data for d in image_sets):
+            raise ValueError("every enabled image dataset has is_regularisation_data: true, so the adapter would only "
+                             "learn to stay the base model: add a dataset of the images to learn")
+        init = self.lora.lora_init_type
+        if any(d.is_regularisation_data for d in image_sets) and init in ("pissa", "olora", "loftq"):
+            raise ValueError(f"is_regularisation_data cannot be used with lora.lora_init_type {init}: that init moves part of the base weights into the adapter, so the adapter-off model "
+                             "is not the base model; use lora_init_type default or gaussian")
         if self.model.model_flavour == "kontext":
             raise ValueError("model.model_flavour kontext: Kontext training needs reference (conditioning) images, "
                              "which the data path does not supply yet; training it without them would be plain "

@@ -128,8 +128,9 @@ class CacheReader:
         """(train, eval) samples: eval datasets, or a deterministic hashed fraction of training images."""
         train = [s for ds in self.spec.enabled_datasets("image") for s in self.samples[ds.id]]
         evals = [s for ds in self.spec.enabled_datasets("eval") for s in self.samples[ds.id]]
-        if not evals and eval_fraction > 0:
-            evals = [s for s in train if int(s.order_key[:8], 16) / 0xFFFFFFFF < eval_fraction]
+        if not evals and eval_fraction > 0:  # held out from the images the adapter learns, not the prior's
+            evals = [s for s in train
+                     if not s.is_regularisation and int(s.order_key[:8], 16) / 0xFFFFFFFF < eval_fraction]
             held = {s.sample_id for s in evals}
             train = [s for s in train if s.sample_id not in held]
         return train, evals
@@ -213,7 +214,8 @@ class CacheReader:
                 cid = EMPTY_CAPTION_ID
             e, pl, m = data.text[cid]
             emb.append(e.float()), pooled.append(pl.float()), mask.append(m)
-        return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask))
+        return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask),
+                         prior_rows=tuple(i for i, s in enumerate(samples) if s.is_regularisation))
 
     def batch(self, samples: list[Sample], generator: torch.Generator | None = None,
               caption_dropout: dict[str, float] | None = None, rng: random.Random | None = None) -> FluxBatch:
