@@ -257,12 +257,12 @@ def test_spec_refusals_become_unsupported(tmp_path):
 
 def test_refusal_messages_blame_the_key_they_name(tmp_path):
     """Refusals that reach the importer only as text (load_spec's checks after the model) or as a model-level
-    error are pinned on the mapped key whose spec path the message names, e.g. is_regularisation_data."""
+    error are pinned on the mapped key whose spec path the message names, e.g. maximum_image_size."""
     from flux_ray.simpletuner.convert import _blame, _blame_text
 
-    datasets = [{**BASE_DATASET, "repeats": 2}, {**BASE_DATASET, "id": "reg", "is_regularisation_data": True}]
+    datasets = [{**BASE_DATASET, "repeats": 2}, {**BASE_DATASET, "id": "big", "maximum_image_size": 2048}]
     result = import_simpletuner(*write_files(tmp_path, BASE_CONFIG, datasets))
-    [reg] = [e for e in result.entries if e.key == "is_regularisation_data"]
+    [reg] = [e for e in result.entries if e.key == "maximum_image_size"]
     assert reg.status == "unsupported" and "refuses" in reg.note  # the spec's own refusal, pinned on its key
     [rep] = [e for e in result.entries if e.key == "repeats" and e.status == "mapped"]
     text = f"invalid job spec (dict):\n  {'.'.join(map(str, rep.path))}: not supported yet"

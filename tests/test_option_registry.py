@@ -64,7 +64,7 @@ EFFECT_TESTS: dict[str, str] = {
     "datasets.crop_style": f"{BUCKETS}::test_crop_styles_place_the_box",
     "datasets.crop_aspect": f"{BUCKETS}::test_square_crop_aspect_and_dataset_bucket",
     "datasets.repeats": "tests/train/test_batch_plan.py",
-    "datasets.is_regularisation_data": REFUSED,
+    "datasets.is_regularisation_data": f"{LOOP}::test_regularisation_data_trains_towards_the_base_prediction",
     "datasets.dataset_type": f"{SPEC}::test_refusals_leave_the_working_forms_alone",
     "storage.aws_endpoint_url": "tests/test_storage.py::test_s3_explicit_endpoint_beats_storage_spec",
     "storage.aws_region_name": "tests/test_storage.py::test_s3_explicit_endpoint_beats_storage_spec",

@@ -170,7 +170,11 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
 
 
 @pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d["datasets"][0].update(is_regularisation_data=True), "is_regularisation_data is not implemented"),
+    (lambda d: d["datasets"][0].update(is_regularisation_data=True), "the adapter would only learn to stay the base"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0], id="r", is_regularisation_data=True))
+     or d["lora"].update(lora_init_type="pissa"), "is_regularisation_data cannot be used with lora.lora_init_type pissa"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0], id="r", is_regularisation_data=True, dataset_type="eval")),
+     "is_regularisation_data applies to dataset_type image"),
     (lambda d: d["datasets"][0].update(crop=True, crop_aspect="closest"), "crop_aspect closest needs"),
     (lambda d: d["datasets"][0].update(crop=True, crop_aspect="random"), "crop_aspect random needs"),
     (lambda d: d["datasets"][0].update(crop_aspect="square"), "crop_aspect square acts only with crop: true"),
