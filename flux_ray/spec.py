@@ -34,6 +34,11 @@ LORA_TARGET_PRESETS["context+ffs"] = LORA_TARGET_PRESETS["context"] + ["ff_conte
 LYCORIS_IGNORED_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "flux_lora_target",
                              "peft_lora_target_modules", "init_lora")
 """LoraSpec keys that shape a standard (PEFT) LoRA only; with lora_type lycoris they must keep their defaults."""
+CONDITIONING_IGNORED_KEYS = ("caption_strategy", "instance_prompt", "prepend_instance_prompt", "parquet",
+                             "caption_dropout_probability", "resolution", "resolution_type", "minimum_image_size",
+                             "maximum_image_size", "target_downsample_size", "crop", "crop_style", "crop_aspect",
+                             "repeats", "is_regularisation_data")
+"""DatasetSpec keys a mask (conditioning) dataset would ignore: they must keep their defaults there."""
 SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
 T5_COMPILE_MIN_CAPTIONS = 4096  # cache.compile_encoders: fewer captions encode faster eager than compile + encode
 
@@ -214,7 +219,15 @@ class DatasetSpec(_Section):
     repeats: int = Field(0, ge=0)
     """Extra passes over this dataset per epoch (SimpleTuner: 0 = seen once)."""
     is_regularisation_data: bool = False
-    dataset_type: Literal["image", "eval"] = "image"
+    """Prior regularisation (SimpleTuner's parent-teacher): this dataset's samples are trained towards the base
+    model's own prediction with the adapter off, not towards their images; mixed into batches like any dataset."""
+    dataset_type: Literal["image", "eval", "conditioning"] = "image"
+    conditioning_type: Literal["mask", "controlnet", "reference_strict", "reference_loose"] | None = None
+    """For dataset_type conditioning. mask: loss masks (white trains, black is ignored), one per image of the
+    dataset that links it, matched by file name (data/masks.py)."""
+    conditioning_data: str | list[str] | None = None
+    """Id of the conditioning dataset paired with this image dataset (SimpleTuner's name; a list of one is read
+    the same)."""
 
     @model_validator(mode="after")
     def _check_source(self) -> DatasetSpec:
@@ -244,12 +257,39 @@ class DatasetSpec(_Section):
         where = (self.instance_data_dir or "") if self.type == "local" else self.aws_data_prefix
         return next((x for x in ARCHIVE_SUFFIXES if where.lower().endswith(x)), None)
 
+    @property
+    def conditioning_ids(self) -> list[str]:
+        c = self.conditioning_data
+        return [] if c is None else [c] if isinstance(c, str) else list(c)
+
+    @model_validator(mode="after")
+    def _check_conditioning(self) -> DatasetSpec:
+        if self.dataset_type != "conditioning":
+            if self.conditioning_type is not None:
+                raise ValueError("conditioning_type applies to dataset_type conditioning only")
+            if len(self.conditioning_ids) > 1:
+                raise ValueError("conditioning_data: one conditioning dataset per image dataset (a mask dataset)")
+            return self
+        if self.conditioning_type is None:
+            raise ValueError("a dataset_type conditioning dataset needs conditioning_type (mask)")
+        if self.conditioning_type != "mask":
+            raise ValueError(f"conditioning_type {self.conditioning_type} is not supported (ControlNet and Kontext "
+                             "reference training are not built): only mask")
+        if self.conditioning_data is not None:
+            raise ValueError("conditioning_data is set on the image dataset that uses the masks, not on the masks")
+        ignored = [k for k in CONDITIONING_IGNORED_KEYS
+                   if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: a mask dataset takes its crop, bucket and schedule from the image "
+                             "dataset that links it (masks have no captions): set these on the image dataset")
+        return self
+
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> DatasetSpec:
         """Options the data path would accept and ignore: refused with the reason and what to use instead."""
-        if self.is_regularisation_data:
-            raise ValueError("is_regularisation_data is not implemented yet (regularisation data would train as "
-                             "ordinary images): remove it, or add the images as a plain dataset")
+        if self.is_regularisation_data and self.dataset_type != "image":
+            raise ValueError("is_regularisation_data applies to dataset_type image (its samples are trained towards "
+                             "the base model's prediction); an eval dataset measures the flow loss: remove one")
         if self.crop_aspect in ("closest", "random"):
             raise ValueError(f"crop_aspect {self.crop_aspect} needs SimpleTuner's crop_aspect_buckets list, which "
                              "the spec does not have: use preserve (aspect buckets) or square (with crop: true)")
@@ -561,6 +601,16 @@ class JobSpec(_Section):
                 raise ValueError(f"lora.{', lora.'.join(changed)}: LyCORIS takes its shape, targets and scale from "
                                  "lora.lycoris_config (e.g. linear_dim, linear_alpha, factor, dropout), so these "
                                  "would be ignored: remove them, or use lora.lora_type standard")
+        self._check_conditioning_links()
+        image_sets = self.enabled_datasets("image")
+        if all(d.is_regularisation_data for d in image_sets):
+            raise ValueError("every enabled image dataset has is_regularisation_data: true, so the adapter would only "
+                             "learn to stay the base model: add a dataset of the images to learn")
+        init = self.lora.lora_init_type
+        if any(d.is_regularisation_data for d in image_sets) and init in ("pissa", "olora", "loftq"):
+            raise ValueError(f"is_regularisation_data cannot be used with lora.lora_init_type {init}: that init "
+                             "moves part of the base weights into the adapter, so the adapter-off model "
+                             "is not the base model; use lora_init_type default or gaussian")
         if self.model.model_flavour == "kontext":
             raise ValueError("model.model_flavour kontext: Kontext training needs reference (conditioning) images, "
                              "which the data path does not supply yet; training it without them would be plain "
@@ -575,6 +625,33 @@ class JobSpec(_Section):
         if self.scaling.strategy == "deepspeed" and not self.scaling.deepspeed_config:
             self.scaling.deepspeed_config = {"zero_optimization": {"stage": 2}}
         return self
+
+    def _check_conditioning_links(self) -> None:
+        """Every conditioning_data names an enabled mask dataset, and every mask dataset is used."""
+        by_id = {d.id: d for d in self.datasets}
+        linked = set()
+        for d in self.datasets:
+            for cid in d.conditioning_ids:
+                target = by_id.get(cid)
+                if target is None or target.dataset_type != "conditioning":
+                    raise ValueError(f"dataset {d.id!r}: conditioning_data {cid!r} is not the id of a dataset with "
+                                     "dataset_type conditioning")
+                if target.disabled and not d.disabled:
+                    raise ValueError(f"dataset {d.id!r}: its conditioning dataset {cid!r} is disabled")
+                linked.add(cid)
+        unused = [d.id for d in self.enabled_datasets("conditioning") if d.id not in linked]
+        if unused:
+            raise ValueError(f"conditioning datasets {unused} are not linked by any image dataset's conditioning_data,"
+                             " so they would be ignored: link them or remove them")
+
+    def mask_dataset(self, ds: DatasetSpec) -> DatasetSpec | None:
+        """The mask (conditioning) dataset an image or eval dataset links, or None."""
+        ids = ds.conditioning_ids
+        return next((d for d in self.datasets if d.id == ids[0]), None) if ids else None
+
+    def latent_datasets(self) -> list[DatasetSpec]:
+        """Enabled datasets whose images are VAE-encoded (image and eval; not conditioning)."""
+        return [d for d in self.enabled_datasets() if d.dataset_type != "conditioning"]
 
     @model_validator(mode="after")
     def _check_fp8_compute(self) -> JobSpec:

@@ -142,6 +142,8 @@ SAMPLES = {
     "crop_style": ("random", "random"),
     "crop_aspect": ("closest", "preserve"),
     "repeats": ("9", 9),
+    "conditioning_type": ("mask", "mask", {}, EITHER),  # alone on an image dataset: refused by the spec
+    "conditioning_data": ("masks", ["masks"], {}, EITHER),  # no dataset 'masks' here: refused by the spec
     "is_regularisation_data": (True, True, {}, EITHER),
     "is_regularization_data": (True, True, {}, EITHER),
 }
@@ -257,12 +259,12 @@ def test_spec_refusals_become_unsupported(tmp_path):
 
 def test_refusal_messages_blame_the_key_they_name(tmp_path):
     """Refusals that reach the importer only as text (load_spec's checks after the model) or as a model-level
-    error are pinned on the mapped key whose spec path the message names, e.g. is_regularisation_data."""
+    error are pinned on the mapped key whose spec path the message names, e.g. maximum_image_size."""
     from flux_ray.simpletuner.convert import _blame, _blame_text
 
-    datasets = [{**BASE_DATASET, "repeats": 2}, {**BASE_DATASET, "id": "reg", "is_regularisation_data": True}]
+    datasets = [{**BASE_DATASET, "repeats": 2}, {**BASE_DATASET, "id": "big", "maximum_image_size": 2048}]
     result = import_simpletuner(*write_files(tmp_path, BASE_CONFIG, datasets))
-    [reg] = [e for e in result.entries if e.key == "is_regularisation_data"]
+    [reg] = [e for e in result.entries if e.key == "maximum_image_size"]
     assert reg.status == "unsupported" and "refuses" in reg.note  # the spec's own refusal, pinned on its key
     [rep] = [e for e in result.entries if e.key == "repeats" and e.status == "mapped"]
     text = f"invalid job spec (dict):\n  {'.'.join(map(str, rep.path))}: not supported yet"
@@ -271,6 +273,16 @@ def test_refusal_messages_blame_the_key_they_name(tmp_path):
     model_level = {"loc": rep.path[:2], "msg": "Value error, repeats is not supported yet"}
     assert _blame(model_level, result.entries)[0] is rep
     assert _blame({"loc": rep.path[:2], "msg": "Value error, something else"}, result.entries) is None
+
+
+def test_a_mask_dataset_carries_over(tmp_path):
+    datasets = [{**BASE_DATASET, "conditioning_data": ["masks"]},
+                {**BASE_DATASET, "id": "masks", "dataset_type": "conditioning", "conditioning_type": "mask"}]
+    result = import_simpletuner(*write_files(tmp_path, BASE_CONFIG, datasets))
+    image, masks = result.data["datasets"]
+    assert image["conditioning_data"] == ["masks"]
+    assert (masks["dataset_type"], masks["conditioning_type"]) == ("conditioning", "mask")
+    load_spec(data=result.data, check_paths=False)
 
 
 def test_aws_dataset_keeps_credentials_out(tmp_path):

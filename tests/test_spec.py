@@ -195,7 +195,23 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
 
 
 @pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d["datasets"][0].update(is_regularisation_data=True), "is_regularisation_data is not implemented"),
+    (lambda d: d["datasets"][0].update(is_regularisation_data=True), "the adapter would only learn to stay the base"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0], id="r", is_regularisation_data=True))
+     or d["lora"].update(lora_init_type="pissa"), "is_regularisation_data cannot be used with lora.lora_init_type pissa"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0], id="r", is_regularisation_data=True, dataset_type="eval")),
+     "is_regularisation_data applies to dataset_type image"),
+    (lambda d: d["datasets"][0].update(conditioning_data="nope"), "conditioning_data 'nope' is not the id of a"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0], id="m", dataset_type="conditioning",
+                                         conditioning_type="mask")), "are not linked by any image dataset"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0], id="m", dataset_type="conditioning")),
+     "needs conditioning_type"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="reference_strict",
+        conditioning_data=None)), "conditioning_type reference_strict is not supported"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="mask", conditioning_data=None,
+        crop=True)), "crop: a mask dataset takes its crop"),
+    (lambda d: d["datasets"][0].update(conditioning_type="mask"), "conditioning_type applies to dataset_type"),
     (lambda d: d["datasets"][0].update(crop=True, crop_aspect="closest"), "crop_aspect closest needs"),
     (lambda d: d["datasets"][0].update(crop=True, crop_aspect="random"), "crop_aspect random needs"),
     (lambda d: d["datasets"][0].update(crop_aspect="square"), "crop_aspect square acts only with crop: true"),
@@ -221,6 +237,16 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, demo_data_dir, muta
     with pytest.raises(SpecError) as e:
         load_spec(_write(tmp_path, data))
     assert expected in str(e.value)
+
+
+def test_a_mask_dataset_links_by_conditioning_data(tmp_path, demo_data_dir):
+    data = _minimal(tmp_path, demo_data_dir)
+    data["datasets"][0]["conditioning_data"] = ["m"]  # SimpleTuner allows a list
+    data["datasets"].append({"id": "m", "instance_data_dir": demo_data_dir, "dataset_type": "conditioning",
+                             "conditioning_type": "mask"})
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.mask_dataset(spec.datasets[0]).id == "m"
+    assert [d.id for d in spec.latent_datasets()] == ["d"]  # the masks are not VAE-encoded
 
 
 def test_refusals_leave_the_working_forms_alone(tmp_path, demo_data_dir):

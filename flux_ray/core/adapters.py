@@ -1,6 +1,8 @@
 """The trainable adapter on the frozen transformer: PEFT LoRA or LyCORIS (LoKr ...), behind one interface."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from flux_ray.core import lora as L
@@ -55,3 +57,33 @@ class LycorisAdapter:
 
 def attach_adapter(transformer: torch.nn.Module, lora_spec):
     return LycorisAdapter(transformer, lora_spec) if lora_spec.lora_type == "lycoris" else PeftAdapter(transformer, lora_spec)
+
+
+
+class AdapterSwitch:
+    """Turns every adapter of a model off for a ``with`` block: the frozen base alone. PEFT LoRA layers are
+    bypassed (what PEFT's ``disable_adapter()`` context does, without its ``requires_grad`` toggling, which DDP
+    and FSDP must not see); LyCORIS networks run at multiplier 0. The layers are found once."""
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.peft_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.lycoris = [m for m in model.modules() if hasattr(m, "set_multiplier") and hasattr(m, "loras")]
+        if not self.peft_layers and not self.lycoris:
+            raise ValueError("the model has no adapter to turn off")
+
+    @contextlib.contextmanager
+    def off(self):
+        before = [m._disable_adapters for m in self.peft_layers], [m.multiplier for m in self.lycoris]
+        try:
+            for m in self.peft_layers:
+                m._disable_adapters = True
+            for m in self.lycoris:
+                m.set_multiplier(0.0)
+            yield
+        finally:
+            for m, b in zip(self.peft_layers, before[0]):
+                m._disable_adapters = b
+            for m, b in zip(self.lycoris, before[1]):
+                m.set_multiplier(b)

@@ -101,14 +101,23 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
 
 
 def flow_loss(pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor, loss_type: str = "mse",
-              huber_c: float = 0.1, reduce: bool = True) -> torch.Tensor:
+              huber_c: float = 0.1, reduce: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Loss against the velocity target noise - latents: mean per sample, then over the batch."""
-    target = (noise - latents).float()
-    diff = pred.float() - target
+    return velocity_loss(pred, noise - latents, loss_type, huber_c, reduce, weight)
+
+
+def velocity_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "mse", huber_c: float = 0.1,
+                  reduce: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise MSE / pseudo-Huber of ``pred`` against ``target``, times ``weight`` (a packed loss mask,
+    broadcast), mean per sample over all elements, then over the batch (SimpleTuner multiplies the per-pixel
+    loss by the mask and takes the plain mean, so a half mask halves a sample's loss)."""
+    diff = pred.float() - target.float()
     if loss_type == "huber":
         per = huber_c * (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c)
     else:
         per = diff.pow(2)
+    if weight is not None:
+        per = per * weight.to(per.dtype)
     per_sample = per.reshape(per.shape[0], -1).mean(dim=1)
     return per_sample.mean() if reduce else per_sample
 

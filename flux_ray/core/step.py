@@ -11,11 +11,12 @@ Speed notes (measured in bench/train_step_bench.py, recorded in bench/RESULTS.md
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from flux_ray.core import flow as F
+from flux_ray.core.adapters import AdapterSwitch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -33,14 +34,28 @@ class FluxBatch:
     prompt_embeds: torch.Tensor    # (B, L, D) T5
     pooled: torch.Tensor           # (B, Dp) CLIP pooled
     text_mask: torch.Tensor | None = None  # (B, L) T5 attention mask
+    loss_mask: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1]: weights the per-pixel loss (masked loss)
+    prior_rows: tuple[int, ...] = ()       # regularisation samples: their target is the adapter-off prediction
+
+    TENSORS = ("latents", "prompt_embeds", "pooled", "text_mask", "loss_mask")
+
+    def map_tensors(self, fn) -> FluxBatch:
+        """A copy with ``fn`` applied to every tensor field (None stays None)."""
+        return replace(self, **{k: fn(getattr(self, k)) for k in self.TENSORS if getattr(self, k) is not None})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None]
+
+    def select(self, rows: list[int]) -> FluxBatch:
+        """The batch of these rows (a regularisation subset); no prior rows of its own."""
+        index = torch.tensor(rows, device=self.latents.device)
+        return replace(self.map_tensors(lambda t: t.index_select(0, index)), prior_rows=())
 
     def to(self, device, dtype=None) -> FluxBatch:
         def mv(t):
-            if t is None:
-                return None
             t = to_device(t, device)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        return FluxBatch(mv(self.latents), mv(self.prompt_embeds), mv(self.pooled), mv(self.text_mask))
+        return self.map_tensors(mv)
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -78,6 +93,7 @@ class FluxLossFn:
         self.guidance_embeds = bool(getattr(base.config, "guidance_embeds", False))
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._uncast_lora = _dropout_free_lora_layers(base) if autocast_dtype is not None else []
+        self._adapters: AdapterSwitch | None = None  # found on the first regularisation batch
 
     def _position_ids(self, h: int, w: int, text_len: int, device: torch.device):
         key = (h, w, text_len, str(device))
@@ -115,12 +131,31 @@ class FluxLossFn:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         noise = to_device(noise, latents.device).to(latents.dtype)
         guidance = F.guidance_values(b, self.flow, generator)
+        noisy = F.noisy_latents(latents, noise, sigmas)
+        target = self.target(batch, noisy, noise - latents, sigmas, guidance)
         routing = contextlib.nullcontext()
         if self.tread is not None:  # drawn after noise and sigmas, so those match a run without TREAD
             routing = self.tread.active(self.tread.plan(batch.prompt_embeds.shape[1], seq, generator, latents.device))
         with routing:
-            pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
-        return F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c)
+            pred = self.predict(batch, noisy, sigmas, guidance)
+        return F.velocity_loss(pred, target, self.flow.loss_type, self.flow.huber_c, weight=packed_loss_mask(batch))
+
+    def target(self, batch: FluxBatch, noisy_packed: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor,
+               guidance: torch.Tensor | None) -> torch.Tensor:
+        """The regression target per sample: the flow velocity ``noise - latents``, except for regularisation rows,
+        whose target is the base model's own prediction (adapters off, no grad) on the same noisy input, sigma and
+        guidance: SimpleTuner's parent-teacher ("prior") regularisation. With a zero-initialised LoRA their loss
+        starts at exactly zero, and it pulls the adapter back towards the base wherever it drifts."""
+        if not batch.prior_rows:
+            return velocity
+        rows = list(batch.prior_rows)
+        index = torch.tensor(rows, device=noisy_packed.device)
+        if self._adapters is None:
+            self._adapters = AdapterSwitch(getattr(self.transformer, "module", self.transformer))
+        with torch.no_grad(), self._adapters.off():
+            prior = self.predict(batch.select(rows), noisy_packed.index_select(0, index), sigmas.index_select(0, index),
+                                 guidance[rows] if guidance is not None else None)
+        return velocity.index_copy(0, index, prior.to(velocity.dtype))
 
     @torch.no_grad()
     def eval_loss(self, batch: FluxBatch, noise_seeds: list[int], num_sigmas: int) -> torch.Tensor:
@@ -132,12 +167,21 @@ class FluxLossFn:
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s))
                              for s in noise_seeds]).to(latents.device, latents.dtype)
         guidance = torch.full((b,), float(self.flow.flux_guidance_value))
+        weight = packed_loss_mask(batch)
         total = torch.zeros(b, device=latents.device)
         for sigma in sigma_grid.tolist():
             sigmas = torch.full((b,), sigma, device=latents.device)
             pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
-            total += F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c, reduce=False)
+            total += F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c, reduce=False,
+                                 weight=weight)
         return total / len(sigma_grid)
+
+
+def packed_loss_mask(batch: FluxBatch) -> torch.Tensor | None:
+    """The batch's (B, 1, h, w) loss mask as weights of the packed tokens' channels (B, h/2 * w/2, 64), or None."""
+    if batch.loss_mask is None:
+        return None
+    return F.pack_latents(batch.loss_mask.expand(-1, batch.latents.shape[1], -1, -1).contiguous())
 
 
 def _dropout_free_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

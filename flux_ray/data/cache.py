@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from flux_ray import storage
 from flux_ray.data import sources
 from flux_ray.data.cache_layout import (BLOB_COLUMNS, ROWS_PER_ROW_GROUP, SHARD_TARGET_BYTES, CachePaths,
-                                       check_format, dataset_key, empty_manifest, rows_file, sample_id, text_key,
-                                       vae_identity)
+                                       check_format, dataset_key, empty_manifest, mask_id, mask_key, rows_file,
+                                       sample_id, text_key, vae_identity)
 
 log = logging.getLogger("flux_ray.cache")
 EMPTY_CAPTION = ""
@@ -293,6 +293,71 @@ def _dataset_stats(uri: str, st, manifest: dict, seen: int, encoded_now: int, se
             "seconds": round(seconds, 2), "images_per_s": round(encoded_now / seconds, 2) if seconds else 0.0}
 
 
+def cache_masks(spec, ds_spec, mask_ds, vae_config: dict, image_manifest: dict, summary: CacheSummary,
+                mask_refs: list) -> dict:
+    """The loss masks of one image dataset (data/masks.py): a row per usable image, made for the images whose
+    (image, mask file) pair no committed row holds; empty and missing masks are skip rows, reported with the
+    dataset's bad images and subtracted from its usable count. Returns the committed mask manifest."""
+    from ray.data import TaskPoolStrategy
+
+    from flux_ray.data.masks import mask_row, match_masks
+
+    st = spec.storage
+    image_key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
+    image_uri = CachePaths(spec.cache.uri).latents(image_key)
+    key = mask_key(image_key, mask_ds)
+    uri = CachePaths(spec.cache.uri).masks(key)
+    storage.ensure_bucket(uri, st)
+    manifest = _read_manifest(uri, st, "masks", key, {"dataset_id": ds_spec.id, "mask_dataset_id": mask_ds.id})
+    current = set(pq.read_table(storage.resolve(storage.join(image_uri, image_manifest["index"]), st)[1],
+                                filesystem=storage.resolve(image_uri, st)[0]).column("sample_id").to_pylist())
+    images = {}
+    for shard in image_manifest["shards"]:
+        for r in read_shard_rows(storage.join(image_uri, shard["file"]), st,
+                                 ["sample_id", "rel_path", "skip_reason", "orig_w", "orig_h", "latent_h",
+                                  "latent_w"]).to_pylist():
+            if r["sample_id"] in current and not r["skip_reason"]:
+                images[r["sample_id"]] = r
+    matched = match_masks([r["rel_path"] for r in images.values()], mask_refs)
+    rows = []
+    for sid, r in sorted(images.items()):
+        ref = matched.get(r["rel_path"])
+        rows.append(dict(r, mask_id=mask_id(sid, ref) if ref else mask_id(sid, None), mask_uri=ref.uri if ref else "",
+                         mask_rel_path=ref.rel_path if ref else "", mask_size=ref.size if ref else 0,
+                         mask_mtime_ns=ref.mtime_ns if ref else 0))
+    done = _committed_column(uri, manifest, st, "mask_id")
+    todo = [r for r in rows if r["mask_id"] not in done]
+    written = _Written(manifest, pipe=None)
+    if todo:
+        import ray
+
+        pipe = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 32, 64))).map(
+            mask_row, fn_kwargs={"image_ds": ds_spec, "mask_ds": mask_ds, "storage_spec": st,
+                                 "seed": spec.train.seed},
+            compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
+        written = _write_and_commit(pipe, uri, st, manifest, spec.cache.min_rows_per_file, spec.cache.commit_every,
+                                    f"masks of {ds_spec.id} ({len(todo)} to make)")
+    index = pa.table({"sample_id": [r["sample_id"] for r in rows], "mask_id": [r["mask_id"] for r in rows]})
+    manifest = _commit(uri, st, written.manifest, [], index)
+    wanted = {r["mask_id"] for r in rows}
+    skipped, skipped_files = Counter(), {}
+    for shard in manifest["shards"]:
+        for r in read_shard_rows(storage.join(uri, shard["file"]), st,
+                                 ["mask_id", "rel_path", "skip_reason"]).to_pylist():
+            if r["mask_id"] in wanted and r["skip_reason"]:
+                skipped[r["skip_reason"]] += 1
+                skipped_files[r["rel_path"]] = r["skip_reason"]
+    stats = summary.datasets[ds_spec.id]
+    for reason, n in skipped.items():
+        stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
+    stats["skipped_files"].update(skipped_files)
+    stats["usable"] -= sum(skipped.values())
+    stats["bytes_written"] += written.bytes
+    stats["masks"] = {"key": key, "mask_dataset": mask_ds.id, "with_mask": len(rows) - sum(skipped.values()),
+                      "made_this_run": len(todo), "bytes_written": written.bytes}
+    return manifest
+
+
 def cache_text(spec, captions: set[str], summary: CacheSummary) -> dict:
     """Encode each caption not yet in the text cache exactly once (the empty caption included)."""
     import ray
@@ -347,7 +412,7 @@ def run_cache(spec) -> CacheSummary:
     vae_config = load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
     summary = CacheSummary(cache_uri=spec.cache.uri)
     listings = {}
-    for ds_spec in spec.enabled_datasets():
+    for ds_spec in spec.latent_datasets():
         if ds_spec.make_demo_if_missing and ds_spec.type == "local" and not Path(ds_spec.instance_data_dir).exists():
             write_demo_data(ds_spec.instance_data_dir)
         listings[ds_spec.id] = list_dataset(spec, ds_spec)
@@ -355,8 +420,12 @@ def run_cache(spec) -> CacheSummary:
     with ThreadPoolExecutor(1, thread_name_prefix="flux_ray-text") as pool:
         text = pool.submit(cache_text, spec, captions, summary)
         try:
-            for ds_spec in spec.enabled_datasets():
-                cache_dataset(spec, ds_spec, vae_config, summary, listings[ds_spec.id])
+            for ds_spec in spec.latent_datasets():
+                manifest = cache_dataset(spec, ds_spec, vae_config, summary, listings[ds_spec.id])
+                mask_ds = spec.mask_dataset(ds_spec)
+                if mask_ds is not None:
+                    cache_masks(spec, ds_spec, mask_ds, vae_config, manifest, summary,
+                                sources.list_images(mask_ds, spec.storage))
                 if summary.datasets[ds_spec.id]["usable"] == 0:
                     raise ValueError(f"dataset {ds_spec.id!r}: no usable images after decoding "
                                      f"(skipped: {summary.datasets[ds_spec.id]['skipped']})")

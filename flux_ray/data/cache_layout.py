@@ -7,12 +7,19 @@ Layout under ``cache.uri``::
     latents/<dataset_key>/index-v<N>.parquet  sample_id -> caption_id (rewritten each run)
     text/<text_key>/manifest.json
     text/<text_key>/shards/part-*.parquet    caption_id -> T5 + CLIP embeddings
+    masks/<mask_key>/manifest.json           loss masks of one image dataset (conditioning_type: mask)
+    masks/<mask_key>/shards/part-*.parquet   mask_id -> uint8 mask at latent resolution
+    masks/<mask_key>/index-v<N>.parquet      sample_id -> mask_id (rewritten each run)
     <shard>.parquet.rows.parquet             the shard's small columns (ids, buckets, sizes), one GET
 
 Format 2: every shard is written with one row per Parquet row group, so a reader fetches exactly the
 rows it needs with range reads (``ParquetFile.read_row_groups``, coalesced by pyarrow's pre_buffer), and
 its small columns also go to a side file so indexing a shard costs one request, not one per row.
 Format 1 caches (whole-shard reads) are refused by the reader (:func:`check_format`).
+
+Loss masks are a cache of their own beside the latents (not a latent column): a dataset without masks keeps its
+key and its cache, and a mask row is keyed by its image's sample id *and* the mask file's identity, so editing a
+mask re-encodes only that mask. The mask key hashes the image dataset's key and the mask dataset's source.
 
 Readers only open files a manifest lists, and a manifest is written (atomically) after its files,
 so a killed job never exposes a half-written shard.
@@ -36,7 +43,8 @@ object (moto: 7 ms for a row of a 16 MiB object, 140 ms of a 64 MiB one; bench/R
 ROWS_SUFFIX = ".rows.parquet"
 LATENT_BLOBS = ("latent_mean", "latent_std")
 TEXT_BLOBS = ("prompt_embeds", "pooled", "text_mask")
-BLOB_COLUMNS = LATENT_BLOBS + TEXT_BLOBS
+MASK_BLOBS = ("loss_mask",)
+BLOB_COLUMNS = LATENT_BLOBS + TEXT_BLOBS + MASK_BLOBS
 TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
 PREPROCESS_KEYS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
                    "target_downsample_size", "crop", "crop_style", "crop_aspect")
@@ -67,6 +75,18 @@ def text_key(model_spec, embed_dtype: str) -> str:
     return digest({"v": CACHE_FORMAT_VERSION, "text": text_identity(model_spec), "dtype": embed_dtype})
 
 
+def mask_key(image_key: str, mask_ds) -> str:
+    """Hash of the image dataset's cache key (its crops and latent sizes) and the mask dataset's source."""
+    source = {k: getattr(mask_ds, k) for k in SOURCE_KEYS}
+    return digest({"v": CACHE_FORMAT_VERSION, "image": image_key, "masks": source})
+
+
+def mask_id(image_sample_id: str, mask_ref) -> str:
+    """A mask row is its image's sample and the mask file's identity (path, size, mtime); None: no mask file."""
+    mask = sample_id(mask_ref) if mask_ref is not None else "none"
+    return hashlib.sha256(f"{image_sample_id}\0{mask}".encode()).hexdigest()[:24]
+
+
 def sample_id(ref) -> str:
     """A sample is its source file's identity (path, size, mtime) within a dataset key."""
     return hashlib.sha256(f"{ref.rel_path}\0{ref.size}\0{ref.mtime_ns}".encode()).hexdigest()[:24]
@@ -81,6 +101,9 @@ class CachePaths:
 
     def text(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/text/{key}"
+
+    def masks(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/masks/{key}"
 
 
 def empty_manifest(kind: str, key: str, meta: dict) -> dict:

@@ -26,8 +26,9 @@ from flux_ray import storage
 from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import (LATENT_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths, bytes_to_tensor,
-                                       check_format, dataset_key, nbytes, rows_file, text_key)
+from flux_ray.data.cache_layout import (LATENT_BLOBS, MASK_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths,
+                                       bytes_to_tensor, check_format, dataset_key, mask_key, nbytes, rows_file,
+                                       text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
@@ -47,8 +48,11 @@ class Sample:
     repeats: int = 0
     is_regularisation: bool = False
     order_key: str = ""   # hash of dataset + relative path: stable across re-encodes (plans, eval split, seeds)
-    nbytes: int = 0       # stored latent bytes (mean + std)
+    nbytes: int = 0       # stored latent bytes (mean + std), and the mask's
     latent_hw: tuple[int, int] = (0, 0)
+    mask_id: str = ""     # its loss mask's row (conditioning_type: mask), "" without one
+    mask_shard: str = ""
+    mask_row: int = -1
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,11 @@ class TextRow:
 
 @dataclass
 class WindowData:
-    """Decoded rows of one window, in the cache dtype: sample_id -> (mean, std), caption_id -> (T5, CLIP, mask)."""
+    """Decoded rows of one window, in the cache dtype: sample_id -> (mean, std), caption_id -> (T5, CLIP, mask),
+    mask_id -> uint8 loss mask (h, w)."""
     latents: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
 
 
 class CacheReader:
@@ -81,11 +87,14 @@ class CacheReader:
         self.footers: dict = {}  # shard uri -> Parquet footer, read once
         self.samples: dict[str, list[Sample]] = {}
         self.latent_norm: dict[str, tuple[float, float]] = {}
-        for ds in spec.enabled_datasets():
-            uri = paths.latents(dataset_key(ds, spec.model, vae_config, spec.cache.latent_dtype))
+        for ds in spec.latent_datasets():
+            key = dataset_key(ds, spec.model, vae_config, spec.cache.latent_dtype)
+            uri = paths.latents(key)
             manifest = self._manifest(uri, f"dataset {ds.id!r}")
             self.latent_norm[ds.id] = (manifest["shift_factor"], manifest["scaling_factor"])
-            self.samples[ds.id] = self._index_dataset(ds, uri, manifest)
+            mask_ds = spec.mask_dataset(ds)
+            masks = self._index_masks(paths.masks(mask_key(key, mask_ds)), ds) if mask_ds else None
+            self.samples[ds.id] = self._index_dataset(ds, uri, manifest, masks)
         turi = paths.text(text_key(spec.model, spec.cache.text_embed_dtype))
         self.text_manifest = self._manifest(turi, "the captions")
         self.text_rows: dict[str, TextRow] = {}
@@ -105,7 +114,20 @@ class CacheReader:
         check_format(manifest, mpath)
         return manifest
 
-    def _index_dataset(self, ds, uri: str, manifest: dict) -> list[Sample]:
+    def _index_masks(self, uri: str, ds) -> dict[str, tuple[str, str, int]]:
+        """sample_id -> (mask_id, shard, row) of the dataset's usable masks (data/masks.py)."""
+        manifest = self._manifest(uri, f"the masks of dataset {ds.id!r}")
+        index = {r["mask_id"]: r["sample_id"] for r in
+                 read_table(storage.join(uri, manifest["index"]), self.st, ["sample_id", "mask_id"]).to_pylist()}
+        rows = {}
+        for shard in manifest["shards"]:
+            suri = storage.join(uri, shard["file"])
+            for i, r in enumerate(read_table(rows_file(suri), self.st, ["mask_id", "skip_reason"]).to_pylist()):
+                if not r["skip_reason"] and r["mask_id"] in index:
+                    rows[index[r["mask_id"]]] = (r["mask_id"], suri, i)
+        return rows
+
+    def _index_dataset(self, ds, uri: str, manifest: dict, masks: dict | None = None) -> list[Sample]:
         index = read_table(storage.join(uri, manifest["index"]), self.st,
                            ["sample_id", "caption_id", "rel_path"]).to_pylist()
         captions = {r["sample_id"]: r["caption_id"] for r in index}
@@ -118,18 +140,23 @@ class CacheReader:
             for i, r in enumerate(cols):
                 if r["skip_reason"] or r["sample_id"] not in captions:
                     continue
+                mask = ("", "", -1) if masks is None else masks.get(r["sample_id"])
+                if mask is None:  # an empty or missing mask: reported by the cache job, not trained
+                    continue
                 hw = (int(r["latent_h"]), int(r["latent_w"]))
+                size = 2 * nbytes(self.latent_dtype, 16, *hw) + (hw[0] * hw[1] if mask[0] else 0)
                 out.append(Sample(r["sample_id"], ds.id, (r["bucket_w"], r["bucket_h"]), captions[r["sample_id"]],
-                                  suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]],
-                                  2 * nbytes(self.latent_dtype, 16, *hw), hw))
+                                  suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]], size, hw,
+                                  *mask))
         return sorted(out, key=lambda s: s.order_key)
 
     def split(self, eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
         """(train, eval) samples: eval datasets, or a deterministic hashed fraction of training images."""
         train = [s for ds in self.spec.enabled_datasets("image") for s in self.samples[ds.id]]
         evals = [s for ds in self.spec.enabled_datasets("eval") for s in self.samples[ds.id]]
-        if not evals and eval_fraction > 0:
-            evals = [s for s in train if int(s.order_key[:8], 16) / 0xFFFFFFFF < eval_fraction]
+        if not evals and eval_fraction > 0:  # held out from the images the adapter learns, not the prior's
+            evals = [s for s in train
+                     if not s.is_regularisation and int(s.order_key[:8], 16) / 0xFFFFFFFF < eval_fraction]
             held = {s.sample_id for s in evals}
             train = [s for s in train if s.sample_id not in held]
         return train, evals
@@ -156,7 +183,12 @@ class CacheReader:
         """Read the latents of ``samples`` and the embeddings of ``caption_ids`` (what ``reuse`` holds is kept)."""
         reuse = reuse or WindowData()
         out = WindowData({s.sample_id: reuse.latents[s.sample_id] for s in samples if s.sample_id in reuse.latents},
-                         {c: reuse.text[c] for c in caption_ids if c in reuse.text})
+                         {c: reuse.text[c] for c in caption_ids if c in reuse.text},
+                         {s.mask_id: reuse.masks[s.mask_id] for s in samples if s.mask_id in reuse.masks})
+        mask_jobs: dict[str, dict[int, Sample]] = defaultdict(dict)
+        for s in samples:
+            if s.mask_id and s.mask_id not in out.masks:
+                mask_jobs[s.mask_shard][s.mask_row] = s
         lat_jobs: dict[str, dict[int, Sample]] = defaultdict(dict)
         for s in samples:
             if s.sample_id not in out.latents:
@@ -168,6 +200,7 @@ class CacheReader:
                 text_jobs[t.shard][t.row] = c
         jobs = [(self._read_latents, uri, dict(chunk)) for uri, rows in lat_jobs.items() for chunk in _chunks(rows)]
         jobs += [(self._read_text, uri, dict(chunk)) for uri, rows in text_jobs.items() for chunk in _chunks(rows)]
+        jobs += [(self._read_masks, uri, dict(chunk)) for uri, rows in mask_jobs.items() for chunk in _chunks(rows)]
         with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flux_ray-read") as pool:
             for kind, got in pool.map(lambda j: j[0](j[1], j[2]), jobs):
                 getattr(out, kind).update(got)
@@ -183,6 +216,13 @@ class CacheReader:
             got[rows[r].sample_id] = (bytes_to_tensor(mean[i].as_buffer(), self.latent_dtype, shape),
                                       bytes_to_tensor(std[i].as_buffer(), self.latent_dtype, shape))
         return "latents", got
+
+    def _read_masks(self, uri: str, rows: dict[int, Sample]) -> tuple[str, dict]:
+        order = sorted(rows)
+        t = read_rows(uri, self.st, order, list(MASK_BLOBS), self.counter, self.footers)
+        col = t.column(MASK_BLOBS[0])
+        return "masks", {rows[r].mask_id: torch.frombuffer(bytearray(col[i].as_py()), dtype=torch.uint8)
+                         .view(*rows[r].latent_hw) for i, r in enumerate(order)}
 
     def _read_text(self, uri: str, rows: dict[int, str]) -> tuple[str, dict]:
         order = sorted(rows)
@@ -213,13 +253,23 @@ class CacheReader:
                 cid = EMPTY_CAPTION_ID
             e, pl, m = data.text[cid]
             emb.append(e.float()), pooled.append(pl.float()), mask.append(m)
-        return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask))
+        return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask),
+                         loss_mask=_loss_mask(data, samples),
+                         prior_rows=tuple(i for i, s in enumerate(samples) if s.is_regularisation))
 
     def batch(self, samples: list[Sample], generator: torch.Generator | None = None,
               caption_dropout: dict[str, float] | None = None, rng: random.Random | None = None) -> FluxBatch:
         """Read and build one batch directly (eval; the training loop streams windows instead)."""
         cids = {s.caption_id for s in samples} | ({EMPTY_CAPTION_ID} if caption_dropout else set())
         return self.build(self.load(samples, sorted(cids)), samples, generator, caption_dropout, rng)
+
+
+def _loss_mask(data: WindowData, samples: list[Sample]) -> torch.Tensor | None:
+    """(B, 1, h, w) weights in [0, 1] when a sample of the batch has a mask (ones for those without), else None."""
+    if not any(s.mask_id for s in samples):
+        return None
+    return torch.stack([data.masks[s.mask_id].float() / 255.0 if s.mask_id else torch.ones(s.latent_hw)
+                        for s in samples])[:, None]
 
 
 def _chunks(rows: dict) -> list[list]:

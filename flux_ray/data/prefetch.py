@@ -69,8 +69,7 @@ class BatchStream:
         event = None
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):
-                batch = FluxBatch(*(t.pin_memory().to(self.device, non_blocking=True) if t is not None else None
-                                    for t in (batch.latents, batch.prompt_embeds, batch.pooled, batch.text_mask)))
+                batch = batch.map_tensors(lambda t: t.pin_memory().to(self.device, non_blocking=True))
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
         return samples, batch, gen, event
@@ -95,9 +94,8 @@ class BatchStream:
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            for t in (batch.latents, batch.prompt_embeds, batch.pooled, batch.text_mask):
-                if t is not None:
-                    t.record_stream(current)
+            for t in batch.tensors():
+                t.record_stream(current)
         elif batch.latents.device != self.device:
             batch = batch.to(self.device)
         return samples, batch, gen

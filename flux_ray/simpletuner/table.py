@@ -227,7 +227,8 @@ TABLE: tuple[Rule, ...] = (
     # dataset keys (multidatabackend.json; DC ones may also sit in config.json as the default for every dataset)
     M("id", "id", convert=dataset_id, note="letters, digits, _ . - only", scope=DS),
     M("type", "type", convert=dataset_type_backend, note="aws -> s3", scope=DS),
-    M("dataset_type", "dataset_type", convert=choice(same("image", "eval"), "{value!r}"), scope=DS),
+    M("dataset_type", "dataset_type", convert=choice(same("image", "eval", "conditioning"), "{value!r}"), scope=DS),
+    M("conditioning_type", "conditioning_type", scope=DS),
     M("instance_data_dir", "instance_data_dir", convert=instance_data_dir, scope=DS),
     M("aws_bucket_name", "aws_bucket_name", scope=DS),
     M("aws_data_prefix", "aws_data_prefix", scope=DS),
@@ -287,8 +288,8 @@ TABLE: tuple[Rule, ...] = (
     U("disable_multiline_split", "flux_ray's textfile captions use the first non-empty line", scope=DS),
     U("timestep_sampling_offset", "flux_ray samples timesteps per job (flow section), not per dataset", scope=DS),
     U("train_batch_size", "flux_ray has one train.train_batch_size for every dataset", scope=DS),
-    U("conditioning_data", "flux_ray has no conditioning datasets yet", scope=DS),
-    U("conditioning", "flux_ray has no conditioning datasets yet", scope=DS),
+    M("conditioning_data", "conditioning_data", as_str_list, scope=DS),
+    U("conditioning", "flux_ray does not generate conditioning datasets; give a mask dataset", scope=DS),
     U("delete_unwanted_images", "flux_ray never deletes source images", scope=DC),
     U("delete_problematic_images", "flux_ray never deletes source images (bad ones are skipped and counted)",
       scope=DC),
@@ -300,7 +301,7 @@ DATASET_KINDS_DROPPED = {"text_embeds": "flux_ray caches text embeddings itself 
                          "image_embeds": "flux_ray caches VAE latents itself (cache.uri); no image_embeds backend",
                          "conditioning_image_embeds": "flux_ray caches embeddings itself (cache.uri)"}
 DATASET_KINDS_UNSUPPORTED = {"video": "flux_ray trains Flux images only", "audio": "flux_ray trains Flux images only",
-                             "conditioning": "flux_ray has no conditioning datasets yet"}
+                             }
 BACKENDS_UNSUPPORTED = ("csv", "huggingface", "memory", "webshart")
 
 

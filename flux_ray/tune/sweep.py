@@ -73,7 +73,7 @@ def cache_identity(spec: JobSpec) -> tuple:
 
     vae = _vae_config(spec.model.pretrained_vae_model_name_or_path, spec.model.base_path, spec.model.revision)
     keys = tuple(sorted((d.id, dataset_key(d, spec.model, vae, spec.cache.latent_dtype))
-                        for d in spec.enabled_datasets()))
+                        for d in spec.latent_datasets()))
     return spec.cache.uri, keys, text_key(spec.model, spec.cache.text_embed_dtype)
 
 

@@ -362,3 +362,35 @@ def test_schnell_fast_schedule_without_guidance_and_assistant_lora(cached, demo_
     parts.spec.train.max_train_steps, parts.spec.train.log_every = 2, 1
     train_loop(parts, lambda m, c: reports.append(m))
     assert len(reports) == 2
+
+
+def _with_prior_dataset(cached, demo_data_dir, regularisation: bool, overrides=()):
+    """The demo images twice: as the images to learn, and as a second dataset (the same cache rows), which is
+    regularisation data or plain images."""
+    images = dict(id="demo", instance_data_dir=demo_data_dir, caption_strategy="textfile", resolution=128,
+                  resolution_type="pixel_area")
+    return cached(list(overrides), datasets=[images, dict(images, id="prior", is_regularisation_data=regularisation)])
+
+
+def test_regularisation_data_trains_towards_the_base_prediction(cached, demo_data_dir):
+    """A regularisation batch's loss is exactly zero at the zero-initialised LoRA; training with the second dataset
+    as regularisation data changes the run (its losses) and leaves the adapter nearer the base model than training
+    on it as plain images."""
+    runs = {}
+    for reg in (True, False):
+        spec = _with_prior_dataset(cached, demo_data_dir, reg, ["train.learning_rate=3e-3", "train.max_train_steps=8",
+                                                                 "train.log_every=1", "eval.eval_split_fraction=0"])
+        parts = build_loop_parts(spec, CPU, 0, 1)
+        prior = [s for s in parts.train_samples if s.dataset_id == "prior"]
+        assert all(s.is_regularisation == reg for s in prior) and prior
+        probe = parts.reader.batch(same_bucket(prior))
+        assert probe.prior_rows == ((0, 1) if reg else ())
+        if reg:
+            assert fixed_batch_loss(parts, probe).item() == 0.0
+        reports = []
+        train_loop(parts, lambda metrics, ckpt: reports.append(metrics))
+        probe.prior_rows = (0, 1)  # measure both runs' distance to the base on the same batch
+        runs[reg] = [r["train_loss"] for r in reports], fixed_batch_loss(parts, probe).item()
+    (losses_on, drift_on), (losses_off, drift_off) = runs[True], runs[False]
+    assert losses_on != pytest.approx(losses_off, rel=1e-3)
+    assert 0 < drift_on < drift_off, (drift_on, drift_off)
