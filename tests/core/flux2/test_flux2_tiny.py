@@ -32,3 +32,14 @@ def test_write_tiny_flux2_refuses_to_overwrite(tmp_path):
         write_tiny_flux2(tmp_path / "m", "klein-4b")
     with pytest.raises(ValueError, match="unknown FLUX.2 flavour"):
         write_tiny_flux2(tmp_path / "n", "klein-2b")
+
+
+def test_cli_tiny_model_flux2_writes_the_flavour(tmp_path, capsys):
+    from flux_ray.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "k"), "--family", "flux2", "--flavour", "klein-4b"]) == 0
+    assert '"Flux2KleinPipeline"' in (tmp_path / "k" / "model_index.json").read_text()
+    assert main(["tiny-model", str(tmp_path / "x"), "--family", "flux2", "--flavour", "schnell"]) == 2
+    assert main(["tiny-model", str(tmp_path / "y"), "--flavour", "klein-4b"]) == 2
+    assert "not a FLUX.2 flavour" in capsys.readouterr().out
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
