@@ -100,7 +100,8 @@ def model_index(flavour: str, tokenizer_class: str) -> dict:
     fl = get_flavour(flavour)
     text_encoder = "Qwen3ForCausalLM" if fl.text_encoder_kind == "qwen3" else "Mistral3ForConditionalGeneration"
     index = {"_class_name": fl.pipeline_class, "_diffusers_version": diffusers.__version__,
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", text_encoder],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", text_encoder],
              "tokenizer": ["transformers", tokenizer_class], "transformer": ["diffusers", "Flux2Transformer2DModel"],
              "vae": ["diffusers", "AutoencoderKLFlux2"]}
     if fl.pipeline_class == "Flux2KleinPipeline":

@@ -79,9 +79,9 @@ def latent_ids(batch_size: int, height: int, width: int, device=None) -> torch.T
     return ids.reshape(1, height * width, 4).expand(batch_size, -1, -1)
 
 
-def latent_shape(flavour_latent_channels: int, height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int, int]:
+def latent_shape(latent_channels: int, height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int, int]:
     """Cached latent shape (4C, H/16, W/16) for an image of height x width pixels."""
     f = vae_scale_factor * 2
     if height % f or width % f:
         raise ValueError(f"FLUX.2 image sizes must be multiples of {f} px, got {width}x{height}")
-    return flavour_latent_channels * 4, height // f, width // f
+    return latent_channels * 4, height // f, width // f

@@ -28,7 +28,8 @@ def predict(transformer, noisy: torch.Tensor, prompt_embeds: torch.Tensor, sigma
     b, _, h, w = noisy.shape
     if uses_guidance(transformer):
         if guidance is None:
-            raise ValueError("this FLUX.2 transformer has guidance embeddings ([dev]): pass a guidance value per sample")
+            raise ValueError("this FLUX.2 transformer has guidance embeddings ([dev]): "
+                             "pass a guidance value per sample")
         guidance = guidance.to(noisy.device, torch.float32)
     else:
         guidance = None  # [klein]: no guidance embedder, the pipeline passes None

@@ -132,3 +132,16 @@ def write_tiny_flux2(directory: str | os.PathLike, flavour: str = "klein-4b", se
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def ensure_tiny_flux2(directory: str | os.PathLike, flavour: str = "klein-4b") -> Path:
+    """Write the tiny FLUX.2 at ``directory`` unless a model is already there (``make_tiny_if_missing``)."""
+    path = Path(directory).expanduser().resolve()
+    if (path / "model_index.json").exists():
+        return path
+    try:
+        return write_tiny_flux2(path, flavour)
+    except FileExistsError:  # another process wrote it first
+        if (path / "model_index.json").exists():
+            return path
+        raise

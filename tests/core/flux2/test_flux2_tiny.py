@@ -1,13 +1,15 @@
 """The tiny FLUX.2 models load through diffusers' own pipelines and generate on a CPU."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
-from flux_ray.core.flux2.tiny import write_tiny_flux2
+from flux_ray.core.flux2.tiny import ensure_tiny_flux2, write_tiny_flux2
 
 
 @pytest.mark.parametrize("flavour, pipe_cls, te_cls, guidance", [
@@ -23,6 +25,13 @@ def test_tiny_flux2_loads_and_generates(tiny_flux2_dirs, flavour, pipe_cls, te_c
     out = pipe(prompt="a red cube", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
                generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all() and out.std() > 0
+
+
+def test_ensure_tiny_flux2_keeps_an_existing_model(tiny_flux2_dirs):
+    index = os.path.join(tiny_flux2_dirs["dev"], "model_index.json")
+    stamp = os.stat(index).st_mtime_ns
+    assert str(ensure_tiny_flux2(tiny_flux2_dirs["dev"], "klein-4b")) == tiny_flux2_dirs["dev"]
+    assert os.stat(index).st_mtime_ns == stamp and '"Flux2Pipeline"' in open(index).read()
 
 
 def test_write_tiny_flux2_refuses_to_overwrite(tmp_path):
