@@ -19,6 +19,11 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: max(8, cores))")
 
 
+def _family_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", choices=["flux", "flux2"], default="flux", help="model family (flux: FLUX.1)")
+    p.add_argument("--flavour", default=None, help="flux2: klein-4b, klein-9b (default) or dev")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flux-ray", description="Distributed Flux.1 LoRA fine-tuning on Ray")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -38,10 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("random-model", help="write a FLUX.1-dev-sized random Flux (~34 GB) for speed work")
+    _family_args(p)
+    p = sub.add_parser("random-model", help="write a full-size random model for speed work "
+                                            "(FLUX.1-dev ~34 GB; FLUX.2 flavours with --family flux2)")
     p.add_argument("directory")
     p.add_argument("--device", default="cuda", help="where the random weights are made (cuda is fast)")
     p.add_argument("--seed", type=int, default=0)
+    _family_args(p)
     p = sub.add_parser("demo-data", help="write a small generated image dataset with captions")
     p.add_argument("directory")
     p.add_argument("-n", type=int, default=32)
@@ -116,6 +124,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.cmd in ("tiny-model", "random-model") and args.family == "flux2":
+        from flux_ray.core.flux2.flavours import DEFAULT_FLAVOUR, FLAVOURS
+
+        flavour = args.flavour or DEFAULT_FLAVOUR
+        if flavour not in FLAVOURS:
+            print(f"error: --flavour {flavour!r} is not a FLUX.2 flavour; choose one of {sorted(FLAVOURS)}")
+            return 2
+        if args.cmd == "tiny-model":
+            from flux_ray.core.flux2.tiny import write_tiny_flux2
+
+            print(write_tiny_flux2(args.directory, flavour, seed=args.seed, overwrite=args.overwrite))
+        else:
+            from flux_ray.core.flux2.full_size import write_random_flux2
+
+            print(write_random_flux2(args.directory, flavour, device=args.device, seed=args.seed))
+        return 0
+    if args.cmd in ("tiny-model", "random-model") and args.flavour is not None:
+        print("error: --flavour applies to --family flux2 (FLUX.1's tiny and random models have one shape)")
+        return 2
     if args.cmd == "tiny-model":
         from flux_ray.core.tiny import write_tiny_flux
 
