@@ -164,6 +164,8 @@ def test_group_offload_refuses_what_it_cannot_run(tmp_path, demo_data_dir, model
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": False}, "scaling.use_gpu is false"),
     ({}, {"compile": True, "dynamo_mode": "max-autotune"}, {"use_gpu": True, "strategy": "fsdp"},
      "scaling.strategy is fsdp"),
+    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2},
+     "scaling.num_workers is 2"),
     ({"base_model_precision": "int8-quanto"}, {"compile": True, "dynamo_mode": "reduce-overhead"},
      {"use_gpu": True}, "model.base_model_precision is int8-quanto"),
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead",

@@ -79,19 +79,23 @@ class Validator:
                 out.append((f"{name}-{w}x{h}", img))
         return out
 
-    def __call__(self, step: int) -> dict:
-        """Write step-N/<nickname>-WxH.png and step-N.png (grid) under the run's validation folder."""
+    def render_for_step(self) -> list[tuple[str, Image.Image]]:
+        """``render`` from inside training: the transformer in eval mode, then back. CUDA-graph blocks
+        (train.dynamo_mode reduce-overhead) would record a graph per pipeline shape and hold its memory pool,
+        so the pipeline runs them eagerly."""
         was_training = self.pipe.transformer.training
         self.pipe.transformer.eval()
-        # CUDA-graph blocks (train.dynamo_mode reduce-overhead) would record a graph per pipeline shape and
-        # hold its memory pool: the pipeline runs them eagerly instead.
         stance = (torch.compiler.set_stance("force_eager") if self.spec.train.uses_cuda_graphs
                   else contextlib.nullcontext())
         try:
             with stance:
-                images = self.render()
+                return self.render()
         finally:
             self.pipe.transformer.train(was_training)
+
+    def __call__(self, step: int) -> dict:
+        """Write step-N/<nickname>-WxH.png and step-N.png (grid) under the run's validation folder."""
+        images = self.render_for_step()
         if not self.write:
             return {}
         base = storage.join(self.spec.run_uri, "validation")

@@ -63,3 +63,28 @@ def test_trigger_word_goes_into_the_validation_prompts(demo_spec, tiny_model_dir
                     datasets=[ds, {**ds, "id": "other", "trigger_word": "zkz"}], eval={"validation_prompt": "a dog"})
     assert two.validation_trigger_word is None and prompt_library(two.eval, two.validation_trigger_word) == \
         {"validation": "a dog"}  # two concepts: the prompts name the one they want
+
+
+def test_cuda_graph_blocks_render_eagerly(demo_spec, tiny_model_dir, demo_data_dir, tmp_path):
+    """train.dynamo_mode reduce-overhead: the pipeline must not record graphs of its own shapes, so validation
+    runs the compiled blocks eagerly; in the default mode it runs them compiled."""
+    from flux_ray.core.compile import compile_blocks
+
+    spec = _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, user_prompt_library=None,
+                 validation_resolution="64x64")
+    tr = M.load_transformer(spec.model, torch.float32)
+    compiled = []
+
+    def backend(gm, inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    compile_blocks(tr, backend=backend)
+    graphs = spec.model_copy(deep=True)  # the spec a one-GPU reduce-overhead run carries (validated on its own)
+    graphs.train.compile, graphs.train.dynamo_mode, graphs.scaling.use_gpu = True, "reduce-overhead", True
+    assert graphs.train.uses_cuda_graphs
+    eager = Validator(graphs, tr, torch.device("cpu"), write=False).render_for_step()
+    assert not compiled
+    normal = Validator(spec, tr, torch.device("cpu"), write=False).render_for_step()
+    assert compiled
+    assert np.abs(np.asarray(eager[0][1], np.float32) - np.asarray(normal[0][1], np.float32)).max() <= 1.0
