@@ -372,6 +372,9 @@ class FlowSpec(_Section):
     flow_sigmoid_scale: float = 1.0
     flow_use_uniform_schedule: bool = False
     flow_use_beta_schedule: bool = False
+    """Sample training sigmas from Beta(flow_beta_schedule_alpha, flow_beta_schedule_beta) (SimpleTuner's option)."""
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0)
+    flow_beta_schedule_beta: float = Field(2.0, gt=0)
     flow_schedule_shift: float | None = Field(None, gt=0)
     flow_schedule_auto_shift: bool = False
     flux_fast_schedule: bool | None = None
@@ -414,8 +417,13 @@ class TrainSpec(_Section):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "polynomial"] = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "sine"] = "constant"
+    """diffusers' ``get_scheduler`` curves by name; ``sine`` is SimpleTuner's: a sine wave of period
+    2 x lr_warmup_steps between 0 and learning_rate (train/optim.py)."""
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, ge=1)
+    """cosine_with_restarts: hard restarts over the run (diffusers' num_cycles; SimpleTuner's lr_num_cycles)."""
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["bf16", "no"] = "bf16"
     gradient_checkpointing: bool = False
@@ -449,6 +457,16 @@ class TrainSpec(_Section):
     def uses_cuda_graphs(self) -> bool:
         """The blocks are compiled in a mode that replays CUDA graphs (torch's cudagraph trees)."""
         return self.compile and self.dynamo_mode in ("reduce-overhead", "max-autotune")
+
+    @model_validator(mode="after")
+    def _check_lr_schedule(self) -> TrainSpec:
+        if self.lr_scheduler == "sine" and self.lr_warmup_steps == 0:
+            raise ValueError("train.lr_scheduler sine takes its period from train.lr_warmup_steps (as SimpleTuner's "
+                             "does): set lr_warmup_steps > 0")
+        if self.lr_num_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            raise ValueError(f"train.lr_num_cycles acts only with lr_scheduler cosine_with_restarts (got "
+                             f"{self.lr_scheduler!r}): remove it or use cosine_with_restarts")
+        return self
 
     @model_validator(mode="after")
     def _check_attention(self) -> TrainSpec:
@@ -586,6 +604,9 @@ class JobSpec(_Section):
                              f"(model.base_model_precision={self.model.base_model_precision})")
         if self.flow.flow_use_uniform_schedule and self.flow.flow_use_beta_schedule:
             raise ValueError("flow.flow_use_uniform_schedule and flow.flow_use_beta_schedule are exclusive")
+        beta_keys = ("flow_beta_schedule_alpha", "flow_beta_schedule_beta")
+        if not self.flow.flow_use_beta_schedule and any(getattr(self.flow, k) != 2.0 for k in beta_keys):
+            raise ValueError("flow.flow_beta_schedule_alpha / _beta act only with flow.flow_use_beta_schedule: true")
         if self.lora.lora_type == "lycoris":
             if self.scaling.strategy == "fsdp":
                 raise ValueError("lora.lora_type lycoris cannot be trained with scaling.strategy fsdp (use ddp)")

@@ -127,9 +127,9 @@ TABLE: tuple[Rule, ...] = (
     M("adam_beta2", "train.adam_beta2", as_float),
     M("adam_weight_decay", "train.adam_weight_decay", as_float),
     M("lr_scheduler", "train.lr_scheduler", convert=choice(
-        {**same("constant", "constant_with_warmup", "cosine", "polynomial"), "linear": "polynomial"},
-        "lr_scheduler {value!r}: flux_ray has {known}"),
-      note="linear -> polynomial (diffusers' polynomial, power 1, decays linearly to 1e-7)"),
+        same("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "sine"),
+        "lr_scheduler {value!r}: flux_ray has {known}")),
+    M("lr_num_cycles", "train.lr_num_cycles", as_int),
     M("lr_warmup_steps", "train.lr_warmup_steps", as_int),
     M("max_grad_norm", "train.max_grad_norm", as_float),
     M("mixed_precision", "train.mixed_precision", convert=choice(
@@ -148,7 +148,6 @@ TABLE: tuple[Rule, ...] = (
     M("tread_config", "train.tread_config", as_dict),
     U("lr_end", "flux_ray's polynomial schedule ends at diffusers' default 1e-7"),
     U("lr_power", "flux_ray's polynomial schedule uses power 1"),
-    U("lr_num_cycles", "flux_ray's cosine schedule has one cycle"),
     U("lr_scale", "flux_ray does not scale the learning rate by batch size"),
     U("adam_epsilon", "flux_ray uses the optimizer's default epsilon"),
     U("optimizer_config", "flux_ray has no per-optimizer settings beyond the adam_* keys"),
@@ -175,8 +174,8 @@ TABLE: tuple[Rule, ...] = (
         {"l2": "mse", "mse": "mse", "huber": "huber"}, "loss_type {value!r}: flux_ray has mse (l2) and huber"),
       note="l2 -> mse"),
     M("huber_c", "flow.huber_c", as_float),
-    U("flow_beta_schedule_alpha", "flux_ray's beta schedule uses fixed alpha/beta"),
-    U("flow_beta_schedule_beta", "flux_ray's beta schedule uses fixed alpha/beta"),
+    M("flow_beta_schedule_alpha", "flow.flow_beta_schedule_alpha", as_float),
+    M("flow_beta_schedule_beta", "flow.flow_beta_schedule_beta", as_float),
     U("huber_schedule", "flux_ray's huber_c is constant"),
     # validation and eval
     M("validation_prompt", "eval.validation_prompt"),

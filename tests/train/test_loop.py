@@ -104,10 +104,17 @@ def test_bitsandbytes_optimizers_refuse_cpu_clearly(cached, opt):
     ("constant_with_warmup", [0.5e-3, 1e-3, 1e-3, 1e-3]),
     ("cosine", None),
     ("polynomial", None),
+    # diffusers' linear: warmup to 1e-3 over 2 steps, then straight down to 0 at max_train_steps (6)
+    ("linear", [0.5e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.0]),
+    # diffusers' hard restarts, lr_num_cycles 2: two cosine halves over steps 2..6, jumping back up at step 4
+    ("cosine_with_restarts", [0.5e-3, 1e-3, 0.5e-3, 1e-3, 0.5e-3, 0.0]),
+    # SimpleTuner's sine, period 2 x lr_warmup_steps: 0.5 (1 + sin(pi step / 2))
+    ("sine", [1e-3, 0.5e-3, 0.0, 0.5e-3, 1e-3, 0.5e-3]),
 ])
 def test_lr_schedulers(cached, sched, expect):
+    cycles = ["train.lr_num_cycles=2"] if sched == "cosine_with_restarts" else []
     reports = run_steps(cached([f"train.lr_scheduler={sched}", "train.lr_warmup_steps=2",
-                                "train.learning_rate=1e-3"]), 4)
+                                "train.learning_rate=1e-3", *cycles]), 6 if len(expect or ()) == 6 else 4)
     lrs = [r["learning_rate"] for r in reports]
     if expect:
         assert lrs == pytest.approx(expect)
@@ -173,7 +180,9 @@ def test_gradient_checkpointing_interval_recomputes_every_nth_block(cached, inte
 
 
 @pytest.mark.parametrize("flow", [
-    ["flow.flow_use_uniform_schedule=true"], ["flow.flow_use_beta_schedule=true"], ["flow.flow_schedule_auto_shift=false", "flow.flow_schedule_shift=3.0"],
+    ["flow.flow_use_uniform_schedule=true"], ["flow.flow_use_beta_schedule=true"],
+    ["flow.flow_use_beta_schedule=true", "flow.flow_beta_schedule_alpha=5", "flow.flow_beta_schedule_beta=1.5"],
+    ["flow.flow_schedule_auto_shift=false", "flow.flow_schedule_shift=3.0"],
     ["flow.loss_type=huber"], ["flow.flux_guidance_mode=random-range"], ["train.flux_attention_masked_training=true"],
     ["train.mixed_precision=bf16"], ["datasets.demo.caption_dropout_probability=0.5"],
 ])
