@@ -146,10 +146,34 @@ class LoraSpec(_Section):
         return list(self.peft_lora_target_modules or LORA_TARGET_PRESETS[self.flux_lora_target])
 
 
+MANIFEST_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+
+
 class ParquetManifest(_Section):
+    """SimpleTuner's ``parquet:`` block: a table of file names and captions, read by the path's extension
+    (.parquet; .jsonl JSON lines and .json, as SimpleTuner reads them; .csv with a header row)."""
     path: str
     filename_column: str = "filename"
-    caption_column: str = "caption"
+    caption_column: str | list[str] = "caption"
+    """A column, or several: each non-empty value is one caption of the image. A list cell holds several."""
+    fallback_caption_column: str | None = None
+    """Used where every caption column is empty (SimpleTuner's option)."""
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        ext = os.path.splitext(v.lower())[1]
+        if ext not in MANIFEST_FORMATS:
+            raise ValueError(f"{v!r}: a caption manifest is read by its extension: {', '.join(MANIFEST_FORMATS)}")
+        return v
+
+    @property
+    def format(self) -> str:
+        return MANIFEST_FORMATS[os.path.splitext(self.path.lower())[1]]
+
+    @property
+    def caption_columns(self) -> list[str]:
+        return [self.caption_column] if isinstance(self.caption_column, str) else list(self.caption_column)
 
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -189,6 +213,7 @@ class CaptionerSpec(_Section):
 class DatasetSpec(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: Literal["local", "s3"] = "local"
+    """``aws`` (SimpleTuner's spelling) is read as ``s3``."""
     instance_data_dir: str | None = None
     aws_bucket_name: str | None = None
     aws_data_prefix: str = ""
@@ -202,6 +227,9 @@ class DatasetSpec(_Section):
     kept in ``captioner.output_parquet``)."""
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
+    disable_multiline_split: bool = False
+    """textfile: the whole file is one caption. By default each non-empty line is one caption of the image
+    (SimpleTuner's), and each epoch trains on one of them, drawn per (seed, epoch, image)."""
     parquet: ParquetManifest | None = None
     captioner: CaptionerSpec = Field(default_factory=CaptionerSpec)
     trigger_word: str | None = None
@@ -228,6 +256,11 @@ class DatasetSpec(_Section):
     conditioning_data: str | list[str] | None = None
     """Id of the conditioning dataset paired with this image dataset (SimpleTuner's name; a list of one is read
     the same)."""
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _simpletuner_type(cls, v: Any) -> Any:
+        return "s3" if v == "aws" else v
 
     @model_validator(mode="after")
     def _check_source(self) -> DatasetSpec:
@@ -384,7 +417,13 @@ class FlowSpec(_Section):
     flux_guidance_min: float = 1.0
     flux_guidance_max: float = 4.0
     loss_type: Literal["mse", "huber"] = "mse"
+    """``l2`` (SimpleTuner's spelling) is read as ``mse``."""
     huber_c: float = 0.1
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _simpletuner_loss_type(cls, v: Any) -> Any:
+        return "mse" if v == "l2" else v
 
 
 class TreadRoute(_Section):
