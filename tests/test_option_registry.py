@@ -61,6 +61,8 @@ EFFECT_TESTS: dict[str, str] = {
         f"{AUTO}::test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word",
     "datasets.parquet.filename_column": f"{SOURCES}::test_parquet_manifest_by_rel_path_or_base_name",
     "datasets.parquet.caption_column": f"{SOURCES}::test_parquet_manifest_by_rel_path_or_base_name",
+    "datasets.parquet.fallback_caption_column": f"{SOURCES}::test_jsonl_json_csv_manifests_with_several_captions",
+    "datasets.disable_multiline_split": f"{SOURCES}::test_textfile_lines_are_several_captions_unless_split_is_disabled",
     "datasets.caption_dropout_probability": f"{LOOP}::test_flow_options_train",
     "datasets.resolution": f"{BUCKETS}::test_square_crop_aspect_and_dataset_bucket",
     "datasets.resolution_type": f"{BUCKETS}::test_crop_mode_native_scale_and_downsample",
