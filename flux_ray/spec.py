@@ -228,8 +228,8 @@ class DatasetSpec(_Section):
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
     disable_multiline_split: bool = False
-    """textfile: the whole file is one caption. By default each non-empty line is one caption of the image
-    (SimpleTuner's), and each epoch trains on one of them, drawn per (seed, epoch, image)."""
+    """textfile and auto (their .txt files): the whole file is one caption. By default each non-empty line is one
+    caption of the image (SimpleTuner's), and each epoch trains on one of them, drawn per (seed, epoch, image)."""
     parquet: ParquetManifest | None = None
     captioner: CaptionerSpec = Field(default_factory=CaptionerSpec)
     trigger_word: str | None = None
