@@ -146,10 +146,34 @@ class LoraSpec(_Section):
         return list(self.peft_lora_target_modules or LORA_TARGET_PRESETS[self.flux_lora_target])
 
 
+MANIFEST_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+
+
 class ParquetManifest(_Section):
+    """SimpleTuner's ``parquet:`` block: a table of file names and captions, read by the path's extension
+    (.parquet; .jsonl JSON lines and .json, as SimpleTuner reads them; .csv with a header row)."""
     path: str
     filename_column: str = "filename"
-    caption_column: str = "caption"
+    caption_column: str | list[str] = "caption"
+    """A column, or several: each non-empty value is one caption of the image. A list cell holds several."""
+    fallback_caption_column: str | None = None
+    """Used where every caption column is empty (SimpleTuner's option)."""
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        ext = os.path.splitext(v.lower())[1]
+        if ext not in MANIFEST_FORMATS:
+            raise ValueError(f"{v!r}: a caption manifest is read by its extension: {', '.join(MANIFEST_FORMATS)}")
+        return v
+
+    @property
+    def format(self) -> str:
+        return MANIFEST_FORMATS[os.path.splitext(self.path.lower())[1]]
+
+    @property
+    def caption_columns(self) -> list[str]:
+        return [self.caption_column] if isinstance(self.caption_column, str) else list(self.caption_column)
 
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -189,6 +213,7 @@ class CaptionerSpec(_Section):
 class DatasetSpec(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: Literal["local", "s3"] = "local"
+    """``aws`` (SimpleTuner's spelling) is read as ``s3``."""
     instance_data_dir: str | None = None
     aws_bucket_name: str | None = None
     aws_data_prefix: str = ""
@@ -202,6 +227,9 @@ class DatasetSpec(_Section):
     kept in ``captioner.output_parquet``)."""
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
+    disable_multiline_split: bool = False
+    """textfile and auto (their .txt files): the whole file is one caption. By default each non-empty line is one
+    caption of the image (SimpleTuner's), and each epoch trains on one of them, drawn per (seed, epoch, image)."""
     parquet: ParquetManifest | None = None
     captioner: CaptionerSpec = Field(default_factory=CaptionerSpec)
     trigger_word: str | None = None
@@ -228,6 +256,11 @@ class DatasetSpec(_Section):
     conditioning_data: str | list[str] | None = None
     """Id of the conditioning dataset paired with this image dataset (SimpleTuner's name; a list of one is read
     the same)."""
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _simpletuner_type(cls, v: Any) -> Any:
+        return "s3" if v == "aws" else v
 
     @model_validator(mode="after")
     def _check_source(self) -> DatasetSpec:
@@ -372,6 +405,9 @@ class FlowSpec(_Section):
     flow_sigmoid_scale: float = 1.0
     flow_use_uniform_schedule: bool = False
     flow_use_beta_schedule: bool = False
+    """Sample training sigmas from Beta(flow_beta_schedule_alpha, flow_beta_schedule_beta) (SimpleTuner's option)."""
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0)
+    flow_beta_schedule_beta: float = Field(2.0, gt=0)
     flow_schedule_shift: float | None = Field(None, gt=0)
     flow_schedule_auto_shift: bool = False
     flux_fast_schedule: bool | None = None
@@ -381,7 +417,13 @@ class FlowSpec(_Section):
     flux_guidance_min: float = 1.0
     flux_guidance_max: float = 4.0
     loss_type: Literal["mse", "huber"] = "mse"
+    """``l2`` (SimpleTuner's spelling) is read as ``mse``."""
     huber_c: float = 0.1
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _simpletuner_loss_type(cls, v: Any) -> Any:
+        return "mse" if v == "l2" else v
 
 
 class TreadRoute(_Section):
@@ -414,8 +456,13 @@ class TrainSpec(_Section):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "polynomial"] = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "sine"] = "constant"
+    """diffusers' ``get_scheduler`` curves by name; ``sine`` is SimpleTuner's: a sine wave of period
+    2 x lr_warmup_steps between 0 and learning_rate (train/optim.py)."""
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, ge=1)
+    """cosine_with_restarts: hard restarts over the run (diffusers' num_cycles; SimpleTuner's lr_num_cycles)."""
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["bf16", "no"] = "bf16"
     gradient_checkpointing: bool = False
@@ -449,6 +496,16 @@ class TrainSpec(_Section):
     def uses_cuda_graphs(self) -> bool:
         """The blocks are compiled in a mode that replays CUDA graphs (torch's cudagraph trees)."""
         return self.compile and self.dynamo_mode in ("reduce-overhead", "max-autotune")
+
+    @model_validator(mode="after")
+    def _check_lr_schedule(self) -> TrainSpec:
+        if self.lr_scheduler == "sine" and self.lr_warmup_steps == 0:
+            raise ValueError("train.lr_scheduler sine takes its period from train.lr_warmup_steps (as SimpleTuner's "
+                             "does): set lr_warmup_steps > 0")
+        if self.lr_num_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            raise ValueError(f"train.lr_num_cycles acts only with lr_scheduler cosine_with_restarts (got "
+                             f"{self.lr_scheduler!r}): remove it or use cosine_with_restarts")
+        return self
 
     @model_validator(mode="after")
     def _check_attention(self) -> TrainSpec:
@@ -586,6 +643,9 @@ class JobSpec(_Section):
                              f"(model.base_model_precision={self.model.base_model_precision})")
         if self.flow.flow_use_uniform_schedule and self.flow.flow_use_beta_schedule:
             raise ValueError("flow.flow_use_uniform_schedule and flow.flow_use_beta_schedule are exclusive")
+        beta_keys = ("flow_beta_schedule_alpha", "flow_beta_schedule_beta")
+        if not self.flow.flow_use_beta_schedule and any(getattr(self.flow, k) != 2.0 for k in beta_keys):
+            raise ValueError("flow.flow_beta_schedule_alpha / _beta act only with flow.flow_use_beta_schedule: true")
         if self.lora.lora_type == "lycoris":
             if self.scaling.strategy == "fsdp":
                 raise ValueError("lora.lora_type lycoris cannot be trained with scaling.strategy fsdp (use ddp)")

@@ -69,7 +69,8 @@ SAMPLES = {
     "adam_beta1": ("0.8", 0.8),
     "adam_beta2": ("0.99", 0.99),
     "adam_weight_decay": (0.1, 0.1),
-    "lr_scheduler": ("linear", "polynomial"),
+    "lr_scheduler": ("cosine_with_restarts", "cosine_with_restarts"),
+    "lr_num_cycles": (2, 2, {"lr_scheduler": "cosine_with_restarts"}),
     "lr_warmup_steps": (10, 10),
     "max_grad_norm": (2, 2.0),
     "mixed_precision": ("no", "no", {"base_model_default_dtype": "fp32"}),
@@ -86,6 +87,8 @@ SAMPLES = {
     "flow_sigmoid_scale": (1.5, 1.5),
     "flow_use_uniform_schedule": (True, True),
     "flow_use_beta_schedule": (True, True),
+    "flow_beta_schedule_alpha": (3, 3.0, {"flow_use_beta_schedule": True}),
+    "flow_beta_schedule_beta": ("1.5", 1.5, {"flow_use_beta_schedule": True}),
     "flow_schedule_shift": (3, 3.0),
     "flow_schedule_auto_shift": ("true", True),
     "flux_fast_schedule": (True, True),
@@ -129,9 +132,11 @@ SAMPLES = {
     "instance_prompt": ("sks", "sks"),
     "prepend_instance_prompt": (True, True),
     "only_instance_prompt": (True, "instanceprompt", {"instance_prompt": "sks"}),
-    "parquet": ({"path": "captions.parquet", "filename_column": "id", "caption_column": "c", "width_column": "w"},
-                lambda wd: {"path": str((wd / "captions.parquet").resolve()), "filename_column": "id",
-                            "caption_column": "c"}),
+    "parquet": ({"path": "captions.jsonl", "filename_column": "id", "caption_column": ["c", "d"],
+                 "fallback_caption_column": "t", "width_column": "w"},
+                lambda wd: {"path": str((wd / "captions.jsonl").resolve()), "filename_column": "id",
+                            "caption_column": ["c", "d"], "fallback_caption_column": "t"}),
+    "disable_multiline_split": ("true", True),
     "caption_dropout_probability": (0.1, 0.1),
     "resolution_type": ("pixel", "pixel"),
     "resolution": (1.05, 1025, {"resolution_type": "area"}),  # megapixels -> the edge of the same area
@@ -218,7 +223,7 @@ def test_unknown_keys_are_reported_not_dropped(tmp_path):
 
 
 def test_unsupported_values_say_what_applies(tmp_path):
-    config = {**BASE_CONFIG, "lr_scheduler": "cosine_with_restarts", "base_model_precision": "fp8-quanto",
+    config = {**BASE_CONFIG, "lr_scheduler": "rex", "base_model_precision": "fp8-quanto",
               "mixed_precision": "fp16"}
     result = import_simpletuner(*write_files(tmp_path, config, [{**BASE_DATASET, "crop_style": "face"}]))
     notes = {e.key: e.note for e in result.entries if e.status == "unsupported"}

@@ -41,6 +41,16 @@ def test_defaults_follow_simpletuner_names(tmp_path, demo_data_dir):
     assert "max_train_steps: 100" in text and "caption_strategy: textfile" in text
 
 
+def test_simpletuner_spellings_are_aliases(tmp_path, demo_data_dir):
+    """type: aws is an S3 dataset and loss_type: l2 the mean squared error, as in SimpleTuner's configs."""
+    data = _minimal(tmp_path, demo_data_dir)
+    data["datasets"].append({"id": "remote", "type": "aws", "aws_bucket_name": "b"})
+    data["flow"] = {"loss_type": "l2"}
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.datasets[1].type == "s3" and spec.flow.loss_type == "mse"
+    assert "type: s3" in spec_to_yaml(spec) and "loss_type: mse" in spec_to_yaml(spec)
+
+
 def test_schnell_defaults(tmp_path, demo_data_dir):
     data = _minimal(tmp_path, demo_data_dir)
     data["model"] = {"model_flavour": "schnell"}
@@ -230,6 +240,9 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
     (lambda d: d.update(eval={"eval_steps_interval": 10}), "eval.eval_steps_interval needs eval data"),
     (lambda d: d["datasets"][0].update(captioner={"model_name": "org/blip"}),
      "datasets.0: captioner is used only by caption_strategy auto (got 'textfile')"),
+    (lambda d: d.update(flow={"flow_beta_schedule_alpha": 3.0}), "act only with flow.flow_use_beta_schedule"),
+    (lambda d: d["train"].update(lr_scheduler="sine"), "sine takes its period from train.lr_warmup_steps"),
+    (lambda d: d["train"].update(lr_num_cycles=3, lr_scheduler="cosine"), "lr_num_cycles acts only with"),
 ])
 def test_options_that_would_be_ignored_are_refused(tmp_path, demo_data_dir, mutate, expected):
     """Issue 20 case 2 and 3: every option acts or is refused, with the reason and the alternative."""

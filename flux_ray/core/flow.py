@@ -63,19 +63,33 @@ def effective_shift(flow, image_seq_len: int, scheduler_config: dict | None) -> 
     return flow.flow_schedule_shift
 
 
+def sample_beta(n: int, alpha: float, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n draws from Beta(alpha, beta), reproducible from ``generator``.
+
+    Integer parameters use the order statistic (the alpha-th smallest of alpha+beta-1 uniforms is exactly
+    Beta(alpha, beta); Beta(2,2) is the median of 3, as before). Other values draw from
+    ``torch.distributions.Beta`` (as SimpleTuner does) under a CPU seed taken from ``generator``, since torch's
+    gamma sampler takes no generator."""
+    if float(alpha).is_integer() and float(beta).is_integer() and alpha + beta <= 64:
+        k, m = int(alpha), int(alpha + beta - 1)
+        return torch.rand(n, m, generator=generator).sort(dim=1).values[:, k - 1]
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(beta))).sample((n,))
+
+
 def sample_sigmas(batch_size: int, flow, *, image_seq_len: int, scheduler_config: dict | None = None,
                   fast_schedule: bool = False, generator: torch.Generator | None = None,
                   device=None) -> torch.Tensor:
-    """Training sigmas in (0, 1]: logit-normal (default), uniform or Beta(2,2), then shifted."""
+    """Training sigmas in (0, 1]: logit-normal (default), uniform or Beta(alpha, beta), then shifted."""
     if fast_schedule:
         idx = torch.multinomial(SCHNELL_PROBS, batch_size, replacement=True, generator=generator)
         return SCHNELL_SIGMAS[idx].to(device)
     if flow.flow_use_uniform_schedule:
         sigmas = torch.rand(batch_size, generator=generator)
     elif flow.flow_use_beta_schedule:
-        # The median of 3 uniforms is exactly Beta(2,2) (2nd order statistic) and takes a generator.
-        u = torch.rand(batch_size, 3, generator=generator)
-        sigmas = u.median(dim=1).values
+        sigmas = sample_beta(batch_size, flow.flow_beta_schedule_alpha, flow.flow_beta_schedule_beta, generator)
     else:
         sigmas = torch.sigmoid(flow.flow_sigmoid_scale * torch.randn(batch_size, generator=generator))
     shift = effective_shift(flow, image_seq_len, scheduler_config)

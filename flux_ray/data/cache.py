@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from flux_ray import storage
 from flux_ray.data import sources
-from flux_ray.data.cache_layout import (BLOB_COLUMNS, ROWS_PER_ROW_GROUP, SHARD_TARGET_BYTES, CachePaths,
-                                       check_format, dataset_key, empty_manifest, mask_id, mask_key, rows_file,
-                                       sample_id, text_key, vae_identity)
+from flux_ray.data.cache_layout import (BLOB_COLUMNS, INDEX_CAPTION_IDS, ROWS_PER_ROW_GROUP, SHARD_TARGET_BYTES,
+                                       CachePaths, check_format, dataset_key, empty_manifest, mask_id, mask_key,
+                                       rows_file, sample_id, text_key, vae_identity)
 
 log = logging.getLogger("flux_ray.cache")
 EMPTY_CAPTION = ""
@@ -184,8 +184,8 @@ def _ray_resources(spec) -> dict:
 @dataclass
 class Listing:
     refs: list
-    captions: dict
-    """image uri -> caption"""
+    captions: dict[str, list[str]]
+    """image uri -> every caption of the image (at least one, in source order; training draws one per epoch)"""
     source: object
     """The DatasetSpec to read the images through: the dataset's own, or its extracted archive's folder."""
     auto_captioned: int = 0
@@ -201,7 +201,7 @@ def list_dataset(spec, ds_spec) -> Listing:
     source = extracted_dataset(ds_spec, spec)
     refs = sources.list_images(source, spec.storage)
     auto = AutoCaptions(source, spec) if ds_spec.caption_strategy == "auto" else None
-    captions = sources.captions_for(refs, source, spec.storage, auto)
+    captions = sources.load_captions(refs, source, spec.storage, auto).all_by_uri
     return Listing(refs, captions, source, auto.captioned if auto else 0, auto.uri if auto else None)
 
 
@@ -250,11 +250,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
                                     spec.cache.commit_every, f"dataset {ds_spec.id} ({len(todo)} to encode)")
         manifest = written.manifest
         _add_stage_stats(stages, written.pipe)
-    by_id = {r["sample_id"]: r for r in rows}
-    index = pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
-                      "caption": [captions.get(r["uri"], "") for r in by_id.values()]})
-    index = index.append_column("caption_id", pa.array([sources.caption_id(c) for c in index["caption"].to_pylist()]))
-    manifest = _commit(uri, st, manifest, [], index)
+    manifest = _commit(uri, st, manifest, [], caption_index(rows, captions))
     summary.datasets[ds_spec.id] = _dataset_stats(uri, st, manifest, len(rows), len(todo), time.time() - t0)
     summary.datasets[ds_spec.id].update(key=key, stages=_stage_rates(stages), bytes_written=written.bytes,
                                         commits=written.commits, steady_images_per_s=_steady_rate(written.commits))
@@ -262,6 +258,16 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
         summary.datasets[ds_spec.id].update(auto_captioned=listing.auto_captioned,
                                             caption_manifest=listing.caption_manifest)
     return manifest
+
+
+def caption_index(rows: list[dict], captions: dict[str, list[str]]) -> pa.Table:
+    """sample_id -> its first caption (caption, caption_id) and every caption's id (caption_ids, see
+    cache_layout.INDEX_CAPTION_IDS): the reader draws one of them per epoch."""
+    by_id = {r["sample_id"]: r for r in rows}
+    texts = [captions.get(r["uri"]) or [EMPTY_CAPTION] for r in by_id.values()]
+    return pa.table({"sample_id": list(by_id), "rel_path": [r["rel_path"] for r in by_id.values()],
+                     "caption": [t[0] for t in texts], "caption_id": [sources.caption_id(t[0]) for t in texts],
+                     INDEX_CAPTION_IDS: [[sources.caption_id(c) for c in t] for t in texts]})
 
 
 def _steady_rate(commits: list) -> float:
@@ -416,7 +422,7 @@ def run_cache(spec) -> CacheSummary:
         if ds_spec.make_demo_if_missing and ds_spec.type == "local" and not Path(ds_spec.instance_data_dir).exists():
             write_demo_data(ds_spec.instance_data_dir)
         listings[ds_spec.id] = list_dataset(spec, ds_spec)
-    captions = {lst.captions.get(r.uri, "") for lst in listings.values() for r in lst.refs}
+    captions = {c for lst in listings.values() for r in lst.refs for c in lst.captions.get(r.uri) or [EMPTY_CAPTION]}
     with ThreadPoolExecutor(1, thread_name_prefix="flux_ray-text") as pool:
         text = pool.submit(cache_text, spec, captions, summary)
         try:

@@ -4,7 +4,7 @@ Layout under ``cache.uri``::
 
     latents/<dataset_key>/manifest.json      committed shards + caption index, version
     latents/<dataset_key>/shards/part-*.parquet
-    latents/<dataset_key>/index-v<N>.parquet  sample_id -> caption_id (rewritten each run)
+    latents/<dataset_key>/index-v<N>.parquet  sample_id -> caption_id, caption_ids (rewritten each run)
     text/<text_key>/manifest.json
     text/<text_key>/shards/part-*.parquet    caption_id -> T5 + CLIP embeddings
     masks/<mask_key>/manifest.json           loss masks of one image dataset (conditioning_type: mask)
@@ -48,6 +48,9 @@ BLOB_COLUMNS = LATENT_BLOBS + TEXT_BLOBS + MASK_BLOBS
 TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
 PREPROCESS_KEYS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
                    "target_downsample_size", "crop", "crop_style", "crop_aspect")
+INDEX_CAPTION_IDS = "caption_ids"
+"""Index column: every caption id of a sample (several captions per image); ``caption_id`` is the first. An index
+written before it existed lacks it, and the reader then uses ``caption_id`` alone."""
 SOURCE_KEYS = ("type", "instance_data_dir", "aws_bucket_name", "aws_data_prefix", "aws_endpoint_url")
 
 

@@ -18,7 +18,7 @@ import hashlib
 import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,9 +26,9 @@ from flux_ray import storage
 from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import (LATENT_BLOBS, MASK_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS, CachePaths,
-                                       bytes_to_tensor, check_format, dataset_key, mask_key, nbytes, rows_file,
-                                       text_key)
+from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MASK_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS,
+                                       CachePaths, bytes_to_tensor, check_format, dataset_key, mask_key, nbytes,
+                                       rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
@@ -53,6 +53,8 @@ class Sample:
     mask_id: str = ""     # its loss mask's row (conditioning_type: mask), "" without one
     mask_shard: str = ""
     mask_row: int = -1
+    caption_ids: tuple[str, ...] = ()
+    """Every caption of the image when it has several; ``caption_id`` is the first until an epoch draws one."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,12 @@ class CacheReader:
         return rows
 
     def _index_dataset(self, ds, uri: str, manifest: dict, masks: dict | None = None) -> list[Sample]:
-        index = read_table(storage.join(uri, manifest["index"]), self.st,
-                           ["sample_id", "caption_id", "rel_path"]).to_pylist()
+        table = read_table(storage.join(uri, manifest["index"]), self.st)  # small: one row per image
+        has_variants = INDEX_CAPTION_IDS in table.column_names
+        index = table.select(["sample_id", "caption_id", "rel_path"] + [INDEX_CAPTION_IDS] * has_variants).to_pylist()
         captions = {r["sample_id"]: r["caption_id"] for r in index}
+        variants = {r["sample_id"]: tuple(r[INDEX_CAPTION_IDS]) for r in index
+                    if has_variants and len(r[INDEX_CAPTION_IDS]) > 1}
         keys = {r["sample_id"]: hashlib.sha256(f"{ds.id}\0{r['rel_path']}".encode()).hexdigest()[:24] for r in index}
         out = []
         for shard in manifest["shards"]:
@@ -147,7 +152,7 @@ class CacheReader:
                 size = 2 * nbytes(self.latent_dtype, 16, *hw) + (hw[0] * hw[1] if mask[0] else 0)
                 out.append(Sample(r["sample_id"], ds.id, (r["bucket_w"], r["bucket_h"]), captions[r["sample_id"]],
                                   suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]], size, hw,
-                                  *mask))
+                                  *mask, variants.get(r["sample_id"], ())))
         return sorted(out, key=lambda s: s.order_key)
 
     def split(self, eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
@@ -289,7 +294,8 @@ def epoch_windows(samples: list[Sample], batch_size: int, world_size: int, seed:
                   ) -> list[list[list[list[Sample]]]]:
     """Per rank, its windows of same-bucket batches for an epoch; every rank gets the same number of batches.
 
-    Each sample appears 1 + repeats times. Samples are ordered by caption (the captions shuffled per
+    Each sample appears 1 + repeats times, with this epoch's caption (:func:`epoch_captions`). Samples are ordered
+    by caption (the captions shuffled per
     epoch), cut into ``world_size`` contiguous parts of equal count, and each part into windows whose unique
     latent + caption bytes stay under ``window_bytes`` (None: one window). Inside a window each bucket's
     samples are shuffled into batches; a bucket's partial batch carries into the next window, and the last
@@ -298,7 +304,7 @@ def epoch_windows(samples: list[Sample], batch_size: int, world_size: int, seed:
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     by_caption: dict[str, list[Sample]] = {}
-    for s in sorted(samples, key=lambda s: (s.order_key, s.sample_id)):
+    for s in sorted(epoch_captions(samples, seed, epoch), key=lambda s: (s.order_key, s.sample_id)):
         by_caption.setdefault(s.caption_id, []).extend([s] * (1 + s.repeats))
     order = sorted(by_caption)
     rng.shuffle(order)
@@ -318,6 +324,18 @@ def epoch_windows(samples: list[Sample], batch_size: int, world_size: int, seed:
             source = wins[-1][:] or everything
             wins[-1].extend(source[i % len(source)] for i in range(longest - n))
     return ranks
+
+
+def epoch_captions(samples: list[Sample], seed: int, epoch: int) -> list[Sample]:
+    """Each image with several captions trains on one of them this epoch, drawn uniformly from a hash of
+    (seed, epoch, sample): every rank draws the same, and a resumed epoch draws what it drew before."""
+    return [replace(s, caption_id=s.caption_ids[caption_draw(seed, epoch, s.sample_id, len(s.caption_ids))])
+            if len(s.caption_ids) > 1 else s for s in samples]
+
+
+def caption_draw(seed: int, epoch: int, sample_id: str, n: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{epoch}\0{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % n
 
 
 def _rank_windows(stream: list[Sample], batch_size: int, rng: random.Random, window_bytes: int | None,

@@ -121,12 +121,15 @@ def caption_from_filename(rel_path: str) -> str:
     return " ".join((trimmed if trimmed.strip() else text).split())
 
 
-def _first_line(text: str) -> str:
-    """Multi-line caption files are not supported: the first non-empty line is the caption."""
-    for line in text.splitlines():
-        if line.strip():
-            return " ".join(line.split())
-    return ""
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def caption_lines(text: str, disable_multiline_split: bool = False) -> list[str]:
+    """A caption file's captions: each non-empty line (SimpleTuner's default), or the whole file as one."""
+    if disable_multiline_split:
+        return [_one_line(text)] if text.strip() else []
+    return [_one_line(line) for line in text.splitlines() if line.strip()]
 
 
 def caption_id(text: str) -> str:
@@ -136,30 +139,73 @@ def caption_id(text: str) -> str:
 
 @dataclass
 class Captions:
-    by_uri: dict[str, str]
+    all_by_uri: dict[str, list[str]]
+    """Every caption of each image (at least one), in source order; training draws one per epoch."""
     fallback_uris: list[str] = field(default_factory=list)
     """Images whose caption file / manifest row was missing or empty: captioned by file name."""
 
+    @property
+    def by_uri(self) -> dict[str, str]:
+        """The first caption of each image."""
+        return {uri: texts[0] for uri, texts in self.all_by_uri.items()}
 
-def _manifest(ds: DatasetSpec, storage: StorageSpec | None) -> dict[str, str]:
-    """Parquet manifest rows keyed by both the filename column as written and its base name."""
+
+def _manifest_rows(ds: DatasetSpec, storage: StorageSpec | None, columns: list[str]) -> list[dict]:
+    """The manifest's rows (``columns`` only), read by its extension: parquet; JSON lines or a JSON list of
+    objects (parsed row by row, so a column may hold a string in one row and a list in the next, as pandas
+    allows in SimpleTuner); CSV with a header row (every value text, so a file name like 0001 stays one)."""
+    import csv
+    import io
+    import json
+
     import pyarrow.parquet as pq
 
     m = ds.parquet
     fs, path = _storage.resolve(m.path, storage, endpoint_url=ds.aws_endpoint_url, region=ds.aws_region_name)
-    columns = [m.filename_column, m.caption_column]
-    missing = [c for c in columns if c not in pq.read_schema(path, filesystem=fs).names]
+    if m.format == "parquet":
+        names = pq.read_schema(path, filesystem=fs).names
+        rows = None
+    else:
+        with fs.open_input_file(path) as f:
+            text = f.read().decode("utf-8-sig")
+        if m.format == "jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif m.format == "json":
+            rows = json.loads(text)
+        else:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"dataset {ds.id}: caption manifest {m.path!r} must hold objects (one per image)")
+        names = list(dict.fromkeys(k for r in rows for k in r))
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"dataset {ds.id}: parquet manifest {m.path!r} has no column(s) {missing}")
-    table = pq.read_table(path, filesystem=fs, columns=columns)
-    out: dict[str, str] = {}
-    for fname, caption in zip(table[m.filename_column].to_pylist(), table[m.caption_column].to_pylist()):
-        if isinstance(caption, list):  # SimpleTuner allows several captions; use the first
-            caption = next((c for c in caption if c), None)
-        if fname is None or not caption or not str(caption).strip():
+        raise ValueError(f"dataset {ds.id}: caption manifest {m.path!r} has no column(s) {missing} (it has {names})")
+    if rows is None:
+        return pq.read_table(path, filesystem=fs, columns=columns).to_pylist()
+    return [{c: r.get(c) for c in columns} for r in rows]
+
+
+def _cell_captions(value) -> list[str]:
+    """A manifest cell's captions: a string, or a list of them (SimpleTuner allows several)."""
+    values = value if isinstance(value, list) else [value]
+    return [_one_line(str(v)) for v in values if v is not None and str(v).strip()]
+
+
+def _manifest(ds: DatasetSpec, storage: StorageSpec | None) -> dict[str, list[str]]:
+    """Manifest rows keyed by both the filename column as written and its base name: every non-empty value of
+    the caption column(s), else of fallback_caption_column."""
+    m = ds.parquet
+    columns = [m.filename_column, *m.caption_columns] + ([m.fallback_caption_column] if m.fallback_caption_column
+                                                         else [])
+    out: dict[str, list[str]] = {}
+    for row in _manifest_rows(ds, storage, columns):
+        texts = [t for c in m.caption_columns for t in _cell_captions(row[c])]
+        if not texts and m.fallback_caption_column:
+            texts = _cell_captions(row[m.fallback_caption_column])
+        if row[m.filename_column] is None or not texts:
             continue
-        key = str(fname).replace("\\", "/")
-        out[key.removeprefix("./")] = out[posixpath.basename(key)] = " ".join(str(caption).split())
+        key = str(row[m.filename_column]).replace("\\", "/")
+        out[key.removeprefix("./")] = out[posixpath.basename(key)] = texts
     return out
 
 
@@ -187,24 +233,28 @@ def load_captions(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | 
     sidecars = _read_sidecars(refs, ds, storage) if ds.caption_strategy in ("textfile", "auto") else {}
     auto: dict[str, str] = {}
     if ds.caption_strategy == "auto":
-        auto = auto_captioner([r for r in refs if not _first_line(sidecars[r.uri] or "")])
+        auto = auto_captioner([r for r in refs
+                               if not caption_lines(sidecars[r.uri] or "", ds.disable_multiline_split)])
     result = Captions({})
     for ref in refs:
         if ds.caption_strategy == "instanceprompt":
-            result.by_uri[ref.uri] = apply_trigger_word(ds.instance_prompt, ds.trigger_word)
+            result.all_by_uri[ref.uri] = [apply_trigger_word(ds.instance_prompt, ds.trigger_word)]
             continue
         if ds.caption_strategy == "filename":
-            text = caption_from_filename(ref.rel_path)
+            texts = [caption_from_filename(ref.rel_path)]
         elif ds.caption_strategy in ("textfile", "auto"):
-            text = _first_line(sidecars[ref.uri] or "") or " ".join(auto.get(ref.rel_path, "").split())
+            texts = (caption_lines(sidecars[ref.uri] or "", ds.disable_multiline_split)
+                     or [_one_line(auto.get(ref.rel_path, ""))])
         else:  # parquet
-            text = manifest.get(ref.rel_path) or manifest.get(posixpath.basename(ref.rel_path), "")
-        if not text:
+            texts = manifest.get(ref.rel_path) or manifest.get(posixpath.basename(ref.rel_path), [])
+        texts = [t for t in texts if t]
+        if not texts:
             result.fallback_uris.append(ref.uri)
-            text = caption_from_filename(ref.rel_path)
+            texts = [caption_from_filename(ref.rel_path)]
         if ds.prepend_instance_prompt:
-            text = f"{ds.instance_prompt} {text}"
-        result.by_uri[ref.uri] = apply_trigger_word(text, ds.trigger_word)
+            texts = [f"{ds.instance_prompt} {t}" for t in texts]
+        # every caption gets the trigger word; a repeated caption (before or after it) is one choice
+        result.all_by_uri[ref.uri] = list(dict.fromkeys(apply_trigger_word(t, ds.trigger_word) for t in texts))
     if result.fallback_uris:
         log.warning("dataset %s: %d of %d images have no %s caption; using their file names",
                     ds.id, len(result.fallback_uris), len(refs), ds.caption_strategy)
@@ -213,15 +263,16 @@ def load_captions(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | 
 
 def captions_for(refs: list[ImageRef], ds: DatasetSpec, storage: StorageSpec | None = None,
                  auto_captioner: AutoCaptioner | None = None) -> dict[str, str]:
-    """{image uri: caption} by SimpleTuner's caption strategies.
+    """{image uri: first caption} by SimpleTuner's caption strategies (:func:`load_captions` has them all).
 
-    ``filename``: the file stem (see :func:`caption_from_filename`). ``textfile``: the first
-    non-empty line of ``<stem>.txt`` beside the image. ``instanceprompt``: ``ds.instance_prompt``.
-    ``parquet``: the manifest row whose filename column equals the image's rel_path or base name.
-    ``auto``: textfile where a ``.txt`` exists, else ``auto_captioner``'s caption (data/auto_captions.py).
-    A missing or empty textfile / manifest caption falls back to the file name (counted and logged,
-    see :func:`load_captions`). ``prepend_instance_prompt`` puts ``instance_prompt + " "`` first
-    (not for ``instanceprompt``, which is the instance prompt already). ``trigger_word`` goes in last
-    (:func:`apply_trigger_word`).
+    ``filename``: the file stem (see :func:`caption_from_filename`). ``textfile``: each non-empty line of
+    ``<stem>.txt`` beside the image is one caption (the whole file with ``disable_multiline_split``).
+    ``instanceprompt``: ``ds.instance_prompt``. ``parquet``: the manifest row (parquet, JSON lines, JSON or CSV)
+    whose filename column equals the image's rel_path or base name; each non-empty caption column value, or list
+    item, is one caption. ``auto``: textfile where a ``.txt`` with a caption exists, else ``auto_captioner``'s
+    one caption (data/auto_captions.py). A missing or empty textfile / manifest caption falls back to the file
+    name (counted and logged, see :func:`load_captions`). ``prepend_instance_prompt`` puts
+    ``instance_prompt + " "`` first (not for ``instanceprompt``, which is the instance prompt already).
+    ``trigger_word`` goes into every caption last (:func:`apply_trigger_word`).
     """
     return load_captions(refs, ds, storage, auto_captioner).by_uri

@@ -264,7 +264,7 @@ def only_instance_prompt(v: bool, ctx: Context) -> str:
     return "instanceprompt"
 
 
-PARQUET_KEYS = ("path", "filename_column", "caption_column")
+PARQUET_KEYS = ("path", "filename_column", "caption_column", "fallback_caption_column")
 
 
 def parquet_manifest(v: dict, ctx: Context) -> dict:

@@ -1,6 +1,9 @@
 """Optimizers and LR schedulers by their SimpleTuner names."""
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 
@@ -39,7 +42,19 @@ def build_optimizer(train_spec, params: list[torch.nn.Parameter], device: torch.
 
 
 def build_lr_scheduler(train_spec, optimizer: torch.optim.Optimizer):
+    """diffusers' ``get_scheduler`` by name (``num_cycles`` from ``lr_num_cycles``), or SimpleTuner's ``sine``."""
     from diffusers.optimization import get_scheduler
 
+    if train_spec.lr_scheduler == "sine":
+        return sine_schedule(optimizer, train_spec.lr_warmup_steps)
     return get_scheduler(train_spec.lr_scheduler, optimizer=optimizer, num_warmup_steps=train_spec.lr_warmup_steps,
-                         num_training_steps=train_spec.max_train_steps)
+                         num_training_steps=train_spec.max_train_steps, num_cycles=train_spec.lr_num_cycles)
+
+
+def sine_lr_factor(step: int, period_steps: int) -> float:
+    """SimpleTuner's ``Sine`` scheduler (lr_end 0): 0.5 * (1 + sin(pi * step / T_0)), T_0 = lr_warmup_steps."""
+    return 0.5 * (1 + math.sin(math.pi * step / period_steps))
+
+
+def sine_schedule(optimizer: torch.optim.Optimizer, period_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(sine_lr_factor, period_steps=period_steps))

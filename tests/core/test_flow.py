@@ -74,6 +74,23 @@ def test_sigma_samplers_have_the_right_distributions():
     assert abs((fast == 1.0).float().mean().item() - 0.7) < 0.02
 
 
+@pytest.mark.parametrize("alpha, beta", [(2.0, 2.0), (3.0, 1.0), (0.5, 0.5), (1.5, 4.0)])
+def test_beta_schedule_samples_beta_alpha_beta(alpha, beta):
+    """flow_beta_schedule_alpha/_beta: the sigmas are Beta(alpha, beta) (KS test against scipy's CDF), the same
+    draws again from the same generator seed, and the integer case keeps the old median-of-3 Beta(2,2) draws."""
+    from scipy import stats
+
+    flow = FlowSpec(flow_use_beta_schedule=True, flow_beta_schedule_alpha=alpha, flow_beta_schedule_beta=beta)
+    draw = lambda: F.sample_sigmas(4000, flow, image_seq_len=256, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    sigmas = draw()
+    assert stats.kstest(sigmas.double().numpy(), stats.beta(alpha, beta).cdf).pvalue > 0.01
+    assert stats.kstest(sigmas.double().numpy(), stats.beta(beta, alpha).cdf).pvalue < 0.01 or alpha == beta
+    torch.testing.assert_close(draw(), sigmas)
+    if (alpha, beta) == (2.0, 2.0):
+        u = torch.rand(4000, 3, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(sigmas, u.median(dim=1).values.clamp(1e-5, 1.0))
+
+
 def test_loss_is_mean_per_sample_then_batch_against_noise_minus_latents():
     lat, noise = torch.randn(3, 10, 4), torch.randn(3, 10, 4)
     pred = noise - lat

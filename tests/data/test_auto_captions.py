@@ -54,7 +54,8 @@ def test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word(
     names = _images(demo_data_dir, 4)
     for n in names:  # images only, no .txt ...
         (folder / n).write_bytes(open(os.path.join(demo_data_dir, n), "rb").read())
-    (folder / (names[0][:-4] + ".txt")).write_text("my own caption\n")  # ... but one written by the user
+    # ... but one written by the user, two lines = two captions (each gets the trigger word)
+    (folder / (names[0][:-4] + ".txt")).write_text("my own caption\na second one\n")
     manifest = tmp_path / "captions.parquet"
     ds = {"id": "photos", "instance_data_dir": str(folder), "caption_strategy": "auto", "trigger_word": "ohwx",
           "captioner": {"model_name": tiny_captioner_dir, "query_str": "", "max_new_tokens": 5,
@@ -65,8 +66,8 @@ def test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word(
     rows = read_manifest(str(manifest), None)
     assert sorted(rows) == names[1:]  # the user's .txt caption is not recaptioned
     by_name = {r.rel_path: first.captions[r.uri] for r in first.refs}
-    assert by_name[names[0]] == "ohwx, my own caption"
-    assert all(by_name[n] == f"ohwx, {rows[n]}" and rows[n] for n in names[1:])
+    assert by_name[names[0]] == ["ohwx, my own caption", "ohwx, a second one"]
+    assert all(by_name[n] == [f"ohwx, {rows[n]}"] and rows[n] for n in names[1:])  # one auto caption per image
     table = pq.read_table(manifest)
     assert table.column_names == ["filename", "caption", "model_name"]
     assert set(table["model_name"].to_pylist()) == {tiny_captioner_dir}
@@ -78,7 +79,7 @@ def test_auto_captions_are_computed_once_kept_editable_and_get_the_trigger_word(
     second = list_dataset(spec, spec.datasets[0])
     assert second.auto_captioned == 0
     assert {r.rel_path: second.captions[r.uri] for r in second.refs}[edited[0]["filename"]] == \
-        "ohwx, a hand-fixed caption"
+        ["ohwx, a hand-fixed caption"]
 
     # a new image is the only one captioned; the default manifest lives in the cache
     (folder / "new.png").write_bytes(open(os.path.join(demo_data_dir, _images(demo_data_dir, 5)[4]), "rb").read())
@@ -108,7 +109,7 @@ def test_zip_dataset_is_extracted_once_by_a_ray_worker(ray_session, tiny_model_d
     spec = _spec(tiny_model_dir, tmp_path, {"id": "z", "instance_data_dir": str(archive)})
     listing = list_dataset(spec, spec.datasets[0])
     assert [r.rel_path for r in listing.refs] == [f"set/{n}" for n in names]
-    assert [listing.captions[r.uri] for r in listing.refs] == [f"caption of {n}" for n in names]
+    assert [listing.captions[r.uri] for r in listing.refs] == [[f"caption of {n}"] for n in names]
     dest = listing.source.instance_data_dir
     assert dest.startswith(str(tmp_path / "cache" / "extracted" / "z-"))
     marker = storage.read_json(os.path.join(dest, "_extracted.json"))
@@ -147,7 +148,7 @@ def test_tar_dataset_on_s3_is_extracted_into_an_s3_cache(ray_session, s3_server,
     assert [r.rel_path for r in listing.refs] == names
     assert all(r.uri.startswith("s3://archives/cache/extracted/t-") for r in listing.refs)
     captions = [listing.captions[r.uri] for r in listing.refs]
-    assert captions == ["first caption"] + [caption_from_filename(n) for n in names[1:]]  # textfile, then file name
+    assert captions == [["first caption"]] + [[caption_from_filename(n)] for n in names[1:]]  # textfile, file name
 
 
 def test_a_zip_of_photos_without_captions_is_captioned_cached_and_trains(

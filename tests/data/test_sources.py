@@ -79,6 +79,52 @@ def test_parquet_manifest_by_rel_path_or_base_name(image_dir, tmp_path):
         captions_for(refs, bad)
 
 
+def test_textfile_lines_are_several_captions_unless_split_is_disabled(image_dir):
+    """SimpleTuner: each non-empty line of a caption file is one caption; disable_multiline_split keeps one."""
+    refs = list_images(local(image_dir))
+    got = load_captions(refs, local(image_dir, caption_strategy="textfile", instance_prompt="sks",
+                                    prepend_instance_prompt=True))
+    assert got.all_by_uri[refs[0].uri] == ["sks a red car, parked", "sks second line ignored"]
+    assert got.all_by_uri[refs[1].uri] == ["sks blue sky"]
+    whole = load_captions(refs, local(image_dir, caption_strategy="textfile", disable_multiline_split=True))
+    assert whole.all_by_uri[refs[0].uri] == ["a red car, parked second line ignored"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_jsonl_json_csv_manifests_with_several_captions(image_dir, tmp_path, fmt):
+    """SimpleTuner's parquet: block reads JSON lines / JSON too (and here CSV): several caption columns, list
+    cells and a fallback column give an image several captions; duplicates count once."""
+    import csv
+    import json
+
+    rows = [{"file": "a_red-car.JPG", "short": "car", "long": "a red car", "tags": "t1"},
+            {"file": "0042", "short": "numbered", "long": "", "tags": "t2"},  # CSV must keep the name a string
+            {"file": "c/d/lone.webp", "short": "", "long": None, "tags": "lone tag"},
+            {"file": "plain.jpeg", "short": "same", "long": "same", "tags": None}]
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "jsonl":
+        rows[0]["long"] = ["a red car", "a parked car"]  # a list cell: several captions
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader(), w.writerows(rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    ds = local(image_dir, caption_strategy="parquet",
+               parquet={"path": str(path), "filename_column": "file", "caption_column": ["short", "long"],
+                        "fallback_caption_column": "tags"})
+    refs = list_images(ds)
+    got = load_captions(refs, ds)
+    first = ["car", "a red car"] + (["a parked car"] if fmt == "jsonl" else [])
+    assert [got.all_by_uri[r.uri] for r in refs] == [first, ["blue sky"], ["lone tag"], ["same"]]
+    assert got.fallback_uris == [refs[1].uri]
+    with pytest.raises(ValueError, match="read by its extension"):
+        local(image_dir, caption_strategy="parquet", parquet={"path": str(tmp_path / "m.txt")})
+
+
 def test_caption_id_is_stable_content_hash():
     assert caption_id("a red car") == caption_id("a red car") != caption_id("a red car.")
     assert len(caption_id("x")) == 24 and int(caption_id("x"), 16) >= 0
@@ -131,6 +177,10 @@ def test_trigger_word_goes_into_every_caption_once(image_dir):
     got = captions_for(refs, local(image_dir, caption_strategy="instanceprompt", instance_prompt="a photo of [trigger]",
                                    trigger_word="ohwx"))
     assert set(got.values()) == {"a photo of ohwx"}
+    # several captions of one image: each gets the word; two that differ only by it are one choice
+    (image_dir / "a_red-car.txt").write_text("a red car, parked\nohwx, a red car, parked\n[trigger] on a road\n")
+    every = load_captions(refs, local(image_dir, caption_strategy="textfile", trigger_word="ohwx")).all_by_uri
+    assert every[refs[0].uri] == ["ohwx, a red car, parked", "ohwx on a road"]
     assert apply_trigger_word("ohwx dog on grass", "ohwx") == "ohwx dog on grass"  # already there: kept once
     assert apply_trigger_word("ohwxy dog", "ohwx") == "ohwx, ohwxy dog"  # a longer word is not the trigger
     assert apply_trigger_word("a dog", None) == "a dog"

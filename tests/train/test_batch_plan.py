@@ -50,3 +50,23 @@ def test_repeats_multiply_a_datasets_samples():
 def test_fewer_batches_than_ranks_still_gives_every_rank_one():
     plan = batch_plan(_samples({(128, 128): 1}), 1, 3, seed=0, epoch=0)
     assert [len(rank_batches(plan, r, 3)) for r in range(3)] == [1, 1, 1]
+
+
+def test_images_with_several_captions_draw_one_per_seed_and_epoch():
+    """Each image trains on one of its captions per epoch: the same draw for the same (seed, epoch) whatever the
+    rank or sample order (resume stays exact), different draws across epochs, every caption drawn over time."""
+    from dataclasses import replace
+
+    from flux_ray.data.loader import epoch_captions
+
+    samples = [replace(s, caption_ids=(f"{s.sample_id}-a", f"{s.sample_id}-b", f"{s.sample_id}-c"))
+               for s in _samples(UNEVEN)]
+    draws = {e: {s.sample_id: s.caption_id for s in epoch_captions(samples, 7, e)} for e in range(6)}
+    assert draws[0] == {s.sample_id: s.caption_id for s in epoch_captions(list(reversed(samples)), 7, 0)}
+    assert draws[0] != draws[1] and draws[0] != {s.sample_id: s.caption_id for s in epoch_captions(samples, 8, 0)}
+    assert {c[-1] for d in draws.values() for c in d.values()} == {"a", "b", "c"}
+    assert all(len({d[s.sample_id] for d in draws.values()}) > 1 for s in samples[:10])
+    plan = batch_plan(samples, 2, 2, seed=7, epoch=3)
+    assert {s.sample_id: s.caption_id for b in plan for s in b} == draws[3]
+    single = _samples(UNEVEN)  # one caption: untouched
+    assert epoch_captions(single, 7, 0) == single

@@ -104,10 +104,17 @@ def test_bitsandbytes_optimizers_refuse_cpu_clearly(cached, opt):
     ("constant_with_warmup", [0.5e-3, 1e-3, 1e-3, 1e-3]),
     ("cosine", None),
     ("polynomial", None),
+    # diffusers' linear: warmup to 1e-3 over 2 steps, then straight down to 0 at max_train_steps (6)
+    ("linear", [0.5e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.0]),
+    # diffusers' hard restarts, lr_num_cycles 2: two cosine halves over steps 2..6, jumping back up at step 4
+    ("cosine_with_restarts", [0.5e-3, 1e-3, 0.5e-3, 1e-3, 0.5e-3, 0.0]),
+    # SimpleTuner's sine, period 2 x lr_warmup_steps: 0.5 (1 + sin(pi step / 2))
+    ("sine", [1e-3, 0.5e-3, 0.0, 0.5e-3, 1e-3, 0.5e-3]),
 ])
 def test_lr_schedulers(cached, sched, expect):
+    cycles = ["train.lr_num_cycles=2"] if sched == "cosine_with_restarts" else []
     reports = run_steps(cached([f"train.lr_scheduler={sched}", "train.lr_warmup_steps=2",
-                                "train.learning_rate=1e-3"]), 4)
+                                "train.learning_rate=1e-3", *cycles]), 6 if len(expect or ()) == 6 else 4)
     lrs = [r["learning_rate"] for r in reports]
     if expect:
         assert lrs == pytest.approx(expect)
@@ -173,7 +180,9 @@ def test_gradient_checkpointing_interval_recomputes_every_nth_block(cached, inte
 
 
 @pytest.mark.parametrize("flow", [
-    ["flow.flow_use_uniform_schedule=true"], ["flow.flow_use_beta_schedule=true"], ["flow.flow_schedule_auto_shift=false", "flow.flow_schedule_shift=3.0"],
+    ["flow.flow_use_uniform_schedule=true"], ["flow.flow_use_beta_schedule=true"],
+    ["flow.flow_use_beta_schedule=true", "flow.flow_beta_schedule_alpha=5", "flow.flow_beta_schedule_beta=1.5"],
+    ["flow.flow_schedule_auto_shift=false", "flow.flow_schedule_shift=3.0"],
     ["flow.loss_type=huber"], ["flow.flux_guidance_mode=random-range"], ["train.flux_attention_masked_training=true"],
     ["train.mixed_precision=bf16"], ["datasets.demo.caption_dropout_probability=0.5"],
 ])
@@ -394,3 +403,46 @@ def test_regularisation_data_trains_towards_the_base_prediction(cached, demo_dat
     (losses_on, drift_on), (losses_off, drift_off) = runs[True], runs[False]
     assert losses_on != pytest.approx(losses_off, rel=1e-3)
     assert 0 < drift_on < drift_off, (drift_on, drift_off)
+
+
+def test_several_captions_per_image_train_one_drawn_per_epoch(cached, demo_data_dir, tmp_path):
+    """A JSON-lines manifest with two captions per image: both are cached as text embeddings, each epoch's batches
+    carry the embedding of that epoch's draw (not always the first caption), and the first loss changes."""
+    import json
+
+    from flux_ray.data.cache import run_cache
+    from flux_ray.data.sources import list_images
+    from flux_ray.spec import DatasetSpec
+
+    refs = list_images(DatasetSpec(id="x", instance_data_dir=demo_data_dir))
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text("\n".join(json.dumps({"filename": r.rel_path, "caption": [f"image {i}", f"picture {i}"]})
+                                  for i, r in enumerate(refs)))
+    first_only = tmp_path / "first.jsonl"
+    first_only.write_text("\n".join(json.dumps({"filename": r.rel_path, "caption": f"image {i}"})
+                                    for i, r in enumerate(refs)))
+    specs = [cached(["datasets.demo.caption_strategy=parquet", f"datasets.demo.parquet={{path: {m}}}"])
+             for m in (manifest, first_only)]
+    # the latent cache is shared (same images), and a cache run rewrites its caption index: run each spec's cache
+    # right before reading it, and put the module's own index back at the end
+    try:
+        run_cache(specs[0])
+        parts = build_loop_parts(specs[0], CPU, 0, 1)
+        assert all(len(s.caption_ids) == 2 and set(s.caption_ids) <= set(parts.reader.text_rows)
+                   for s in parts.train_samples)
+        drawn = {}
+        for epoch in (0, 1):
+            batches = [b for w in parts.reader.plan(parts.train_samples, 2, 1, 42, epoch, 4)[0] for b in w]
+            drawn[epoch] = {s.sample_id: s.caption_ids.index(s.caption_id) for b in batches for s in b}
+        assert set(drawn[0].values()) == {0, 1} and drawn[0] != drawn[1]
+        second = next(s for b in batches for s in b if s.caption_ids.index(s.caption_id) == 1)
+        emb = parts.reader.batch([second]).prompt_embeds[0]
+        text = parts.reader.load([], list(second.caption_ids)).text
+        torch.testing.assert_close(emb, text[second.caption_ids[1]][0].float())
+        assert not torch.allclose(emb, text[second.caption_ids[0]][0].float())
+        several = run_steps(specs[0], 1)[0]["train_loss"]
+        run_cache(specs[1])
+        single = run_steps(specs[1], 1)[0]["train_loss"]
+    finally:
+        run_cache(cached())
+    assert several != pytest.approx(single, abs=1e-7)
