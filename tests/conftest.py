@@ -103,6 +103,14 @@ def tiny_captioner_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    """A tiny random CLIPModel + CLIPProcessor (eval.evaluation_type: clip), written once per session."""
+    from flux_ray.core.tiny import write_tiny_clip
+
+    return str(write_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> str:
     from flux_ray.data.demo import write_demo_data
 
