@@ -92,6 +92,8 @@ def run(spec: JobSpec, *, do_cache: bool = True, parent_run_id: str | None = Non
                "mlflow": {"tracking_uri": uri, "run_id": run_id, "experiment": spec.tracking.experiment_name},
                "steps": outcome.steps, "final_loss": outcome.final_loss, "eval_loss": outcome.eval_loss,
                "seconds": round(time.time() - t0, 1)}
+    if "clip_score" in outcome.metrics:  # the last validation's mean (eval.evaluation_type: clip)
+        summary["clip_score"] = outcome.metrics["clip_score"]
     if cache_summary:
         summary["cache"] = cache_summary.to_dict()
     summary_uri = write_run_summary(spec, summary)

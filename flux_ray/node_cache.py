@@ -1,8 +1,8 @@
 """Inputs given as s3:// URIs, fetched once per node into a node-local directory.
 
 A model folder (`model.pretrained_model_name_or_path: s3://bucket/flux`), a LoRA to start from or to
-fuse (`lora.init_lora`, `model.assistant_lora_path`) and a prompt library (`eval.user_prompt_library`)
-are read with local-path APIs (`from_pretrained`, safetensors, json). Every process that needs one
+fuse (`lora.init_lora`, `model.assistant_lora_path`), a prompt library (`eval.user_prompt_library`) and a CLIP
+model for validation scores (`eval.pretrained_evaluation_model_name_or_path`) are read with local-path APIs (`from_pretrained`, safetensors, json). Every process that needs one
 calls `localize(spec)` / `localize_model(model_spec, storage)`: the first process of a node downloads
 into `$FLUX_RAY_NODE_CACHE` (default `/tmp/flux_ray_node_cache`) under an exclusive file lock, the
 others of that node wait on the lock and reuse the copy (marked complete by a `.complete` file).
@@ -80,4 +80,7 @@ def localize(spec: JobSpec) -> JobSpec:
     out.model = localize_model(spec.model, spec.storage)
     out.lora.init_lora = _local(spec.lora.init_lora, spec.storage)
     out.eval.user_prompt_library = _local(spec.eval.user_prompt_library, spec.storage)
+    if spec.eval.evaluation_type == "clip":
+        out.eval.pretrained_evaluation_model_name_or_path = _local(spec.eval.pretrained_evaluation_model_name_or_path,
+                                                                   spec.storage)
     return out

@@ -48,6 +48,9 @@ def local_paths(spec) -> list[tuple[str, str, bool]]:
             out.append((f"datasets.{i}.captioner.model_name", d.captioner.model_name, True))
     out += [("cache.uri", spec.cache.uri, False), ("output.uri", spec.output.uri, False),
             ("lora.init_lora", spec.lora.init_lora, True), ("eval.user_prompt_library", spec.eval.user_prompt_library, True)]
+    if spec.eval.evaluation_type == "clip":  # rank 0 loads it, on whichever node it runs
+        out.append(("eval.pretrained_evaluation_model_name_or_path", spec.eval.pretrained_evaluation_model_name_or_path,
+                    True))
     if spec.train.resume_from_checkpoint not in (None, "latest"):
         out.append(("train.resume_from_checkpoint", spec.train.resume_from_checkpoint, True))
     uri = spec.tracking.mlflow_tracking_uri or ""

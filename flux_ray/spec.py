@@ -517,6 +517,10 @@ class TrainSpec(_Section):
         return self
 
 
+CLIP_EVAL_DEFAULT = "openai/clip-vit-large-patch14-336"
+"""SimpleTuner's default ``pretrained_evaluation_model_name_or_path``."""
+
+
 class EvalSpec(_Section):
     eval_steps_interval: int | None = Field(None, ge=1)
     eval_split_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -532,6 +536,13 @@ class EvalSpec(_Section):
     validation_guidance_real: float = 1.0
     validation_negative_prompt: str = ""
     validation_seed: int = 42
+    evaluation_type: Literal["none", "clip"] = "none"
+    """SimpleTuner's key. ``clip``: score every validation image against its prompt with a CLIP model (CLIP score,
+    torchmetrics' definition: 100 * max(cos(image, text), 0)), logged as ``clip_score`` (mean) and
+    ``clip_score/<nickname>-WxH``; usable as ``tune.metric: clip_score``."""
+    pretrained_evaluation_model_name_or_path: str = CLIP_EVAL_DEFAULT
+    """SimpleTuner's key: the CLIP model (a transformers CLIPModel folder or hub id; default SimpleTuner's) read
+    with evaluation_type: clip."""
 
     @field_validator("validation_resolution")
     @classmethod
@@ -543,6 +554,17 @@ class EvalSpec(_Section):
             if len(parts) != 2 or not all(p.isdigit() and int(p) % 16 == 0 and int(p) > 0 for p in parts):
                 raise ValueError(f"'{item}' is not WxH with sides that are multiples of 16")
         return v
+
+    @model_validator(mode="after")
+    def _check_evaluation(self) -> EvalSpec:
+        if self.evaluation_type == "clip":
+            if not self.validation_step_interval or not (self.validation_prompt or self.user_prompt_library):
+                raise ValueError("eval.evaluation_type clip scores validation images, which are never rendered: set "
+                                 "eval.validation_step_interval and eval.validation_prompt (or user_prompt_library)")
+        elif self.pretrained_evaluation_model_name_or_path != CLIP_EVAL_DEFAULT:
+            raise ValueError("eval.pretrained_evaluation_model_name_or_path is read only with eval.evaluation_type: "
+                             "clip; set it, or remove the model")
+        return self
 
     @property
     def validation_sizes(self) -> list[tuple[int, int]]:

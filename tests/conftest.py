@@ -103,6 +103,16 @@ def tiny_captioner_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    """A tiny random CLIPModel + CLIPProcessor (eval.evaluation_type: clip), written once per session."""
+    from flux_ray.core.tiny import write_tiny_clip
+
+    # Seed 2: its random towers give the tiny Flux's images positive cosines; with seed 0 the demo job's validation
+    # image scores below the clamp (0), and a test of 0 == 0 would show little.
+    return str(write_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", seed=2))
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> str:
     from flux_ray.data.demo import write_demo_data
 

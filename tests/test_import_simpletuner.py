@@ -109,6 +109,10 @@ SAMPLES = {
     "validation_guidance_real": (1.5, 1.5),
     "validation_negative_prompt": ("blurry", "blurry"),
     "validation_seed": (1, 1),
+    "evaluation_type": ("clip", "clip", {"validation_prompt": "a cat", "validation_step_interval": 10}),
+    "pretrained_evaluation_model_name_or_path": ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32",
+                                                 {"evaluation_type": "clip", "validation_prompt": "a cat",
+                                                  "validation_step_interval": 10}),
     "eval_steps_interval": (50, 50, {}, EITHER),  # refused without eval data
     "eval_timesteps": (10, 10),
     "cache_dir": ("cache", w("cache")),

@@ -135,6 +135,9 @@ EFFECT_TESTS: dict[str, str] = {
     "eval.validation_resolution": f"{VALID}::test_true_cfg_uses_the_negative_prompt",
     "eval.validation_guidance_real": f"{VALID}::test_true_cfg_uses_the_negative_prompt",
     "eval.validation_negative_prompt": f"{VALID}::test_true_cfg_uses_the_negative_prompt",
+    "eval.evaluation_type": f"{VALID}::test_clip_scores_of_the_validation_images",
+    "eval.pretrained_evaluation_model_name_or_path":
+        "tests/core/test_clip_score.py::test_score_is_clip_models_cosine_and_tells_prompts_apart",
     "scaling.num_workers": "tests/train/test_distributed.py::test_strategies_train_the_same_lora",
     "scaling.strategy": "tests/train/test_distributed.py::test_strategies_train_the_same_lora",
     "scaling.max_failures": "tests/train/test_distributed.py::test_killed_worker_recovers_from_last_checkpoint",

@@ -66,14 +66,16 @@ def test_multi_node_refuses_every_local_path_naming_key_and_path(tiny_model_dir,
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     sets = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"datasets.demo.instance_data_dir={demo_data_dir}",
             f"output.uri={tmp_path}/out", "cache.uri=s3://b/cache", "datasets.demo.caption_strategy=auto",
-            f"datasets.demo.captioner.model_name={tmp_path}/captioner"]
+            f"datasets.demo.captioner.model_name={tmp_path}/captioner", "eval.evaluation_type=clip",
+            f"eval.pretrained_evaluation_model_name_or_path={tmp_path}/clip"]
     spec = load_spec(REPO / "jobs" / "demo.yaml", sets)
     with pytest.raises(ValueError) as e:
         check_placement(spec, num_nodes=2)
     msg = str(e.value)
     for key, path in [("model.pretrained_model_name_or_path", tiny_model_dir),
                       ("datasets.0.instance_data_dir", demo_data_dir), ("output.uri", f"{tmp_path}/out"),
-                      ("datasets.0.captioner.model_name", f"{tmp_path}/captioner")]:
+                      ("datasets.0.captioner.model_name", f"{tmp_path}/captioner"),
+                      ("eval.pretrained_evaluation_model_name_or_path", f"{tmp_path}/clip")]:
         assert f"{key}: '{path}' is a local path of the driver's node; this cluster has 2 nodes" in msg
     assert "cache.uri" not in msg and "storage.shared_paths" in msg and "s3://" in msg
     check_placement(spec, num_nodes=1)

@@ -64,6 +64,26 @@ def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = True):
                         tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
 
 
+def write_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + CLIPProcessor (this module's tokenizer, 32 px images) for ``evaluation_type: clip``
+    tests, saved with ``save_pretrained`` so it loads like ``openai/clip-vit-large-patch14-336``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tok = _clip_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    out = Path(directory).expanduser().resolve()
+    model.save_pretrained(out, safe_serialization=True)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
+    return out
+
+
 def write_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True,
                     overwrite: bool = False) -> Path:
     """Save the tiny Flux in diffusers layout at ``directory`` (atomically: temp dir, then rename)."""

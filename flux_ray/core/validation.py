@@ -1,16 +1,19 @@
-"""Validation images from the live (LoRA-wrapped) transformer, written as one grid per step."""
+"""Validation images from the live (LoRA-wrapped) transformer, written as one grid per step, and their CLIP scores
+(``eval.evaluation_type: clip``) returned as metrics."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from flux_ray import storage
+from flux_ray.core.clip_score import ClipScorer
 from flux_ray.core.trigger_word import apply_trigger_word
 
 
@@ -40,6 +43,11 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
+def _metric_name(name: str) -> str:
+    """A prompt nickname as MLflow accepts it in a metric key (letters, digits, ``_-. /:``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", name)
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -63,6 +71,9 @@ class Validator:
                                  text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
                                  transformer=transformer)
         self.pipe.set_progress_bar_config(disable=True)
+        self.scorer = None
+        if write and spec.eval.evaluation_type == "clip":  # loaded at the first validation, on this rank only
+            self.scorer = ClipScorer(spec.eval.pretrained_evaluation_model_name_or_path, device)
 
     @torch.no_grad()
     def render(self) -> list[tuple[str, Image.Image]]:
@@ -93,6 +104,16 @@ class Validator:
         finally:
             self.pipe.transformer.train(was_training)
 
+    def image_prompts(self) -> list[str]:
+        """The prompt of each image ``render`` returns, in its order."""
+        return [p for p in self.prompts.values() for _ in self.spec.eval.validation_sizes]
+
+    def clip_scores(self, images: list[tuple[str, Image.Image]]) -> dict[str, float]:
+        """``clip_score`` (mean) and ``clip_score/<nickname>-WxH`` of rendered images."""
+        scores = self.scorer([img for _, img in images], self.image_prompts())
+        out = {f"clip_score/{_metric_name(name)}": s for (name, _), s in zip(images, scores)}
+        return {"clip_score": sum(scores) / len(scores), **out}
+
     def __call__(self, step: int) -> dict:
         """Write step-N/<nickname>-WxH.png and step-N.png (grid) under the run's validation folder."""
         images = self.render_for_step()
@@ -103,4 +124,10 @@ class Validator:
             storage.write_bytes_atomic(storage.join(base, f"step-{step:06d}", f"{name}.png"), _png(img), self.spec.storage)
         grid_uri = storage.join(base, f"step-{step:06d}.png")
         storage.write_bytes_atomic(grid_uri, _png(make_grid([i for _, i in images])), self.spec.storage)
-        return {"validation_grid": grid_uri}
+        out = {"validation_grid": grid_uri}
+        if self.scorer is not None:
+            scores = self.clip_scores(images)
+            out["validation_clip_scores"] = storage.join(base, f"step-{step:06d}.clip_score.json")
+            storage.write_json_atomic(out["validation_clip_scores"], scores, self.spec.storage)
+            out.update(scores)
+        return out

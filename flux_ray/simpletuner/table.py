@@ -198,7 +198,10 @@ TABLE: tuple[Rule, ...] = (
     U("validation_guidance_rescale", VALIDATION), U("validation_torch_compile", VALIDATION),
     U("validation_noise_scheduler", VALIDATION), U("num_validation_images", VALIDATION),
     U("validation_using_datasets", VALIDATION), U("validation_epoch_interval", VALIDATION),
-    U("evaluation_type", "flux_ray scores runs by eval loss (eval.eval_steps_interval); no CLIP score"),
+    M("evaluation_type", "eval.evaluation_type", convert=choice(same("none", "clip"),
+                                                               "evaluation_type {value!r}: flux_ray has {known}")),
+    M("pretrained_evaluation_model_name_or_path", "eval.pretrained_evaluation_model_name_or_path",
+      convert=model_path),
     D("disable_benchmark", "flux_ray renders no base-model benchmark at step 0"),
     D("validation_on_startup", "flux_ray renders no base-model benchmark at step 0"),
     # data

@@ -15,5 +15,6 @@ class MlflowReportCallback(UserCallback):
         if not m:
             return
         mlflow_run.log_metrics(self.uri, self.run_id, {k: v for k, v in m.items() if k != "step"}, int(m["step"]))
-        if m.get("validation_grid"):
-            mlflow_run.log_storage_file(self.uri, self.run_id, m["validation_grid"], self.storage, "validation")
+        for key in ("validation_grid", "validation_clip_scores"):  # the scores' JSON lands beside the grid
+            if m.get(key):
+                mlflow_run.log_storage_file(self.uri, self.run_id, m[key], self.storage, "validation")

@@ -37,7 +37,7 @@ RESUMABLE_KEYS = (
     "train.resume_from_checkpoint", "train.compile", "train.attention_backend", "train.gradient_checkpointing",
     "train.gradient_checkpointing_interval",
     "eval.eval_steps_interval", "eval.eval_timesteps", "eval.eval_seed", "eval.validation_*",
-    "eval.user_prompt_library",
+    "eval.user_prompt_library", "eval.evaluation_type", "eval.pretrained_evaluation_model_name_or_path",
     "cache.uri", "cache.vae_batch_size", "cache.vae_bucket_window", "cache.text_batch_size", "cache.num_vae_actors",
     "cache.num_text_actors", "cache.gpus_per_actor", "cache.commit_every", "cache.min_rows_per_file",
     "cache.decode_concurrency", "cache.vae_channels_last", "cache.compile_encoders",

@@ -73,9 +73,16 @@ def _check_metric(spec: JobSpec) -> None:
         if not spec.enabled_datasets("eval") and spec.eval.eval_split_fraction <= 0:
             raise SpecError("tune.metric eval_loss needs eval data: a dataset_type: eval dataset or "
                             "eval.eval_split_fraction > 0")
+    elif metric == "clip_score":
+        if spec.eval.evaluation_type != "clip":
+            raise SpecError("tune.metric clip_score needs a CLIP model: set eval.evaluation_type: clip (and "
+                            "eval.pretrained_evaluation_model_name_or_path), with validation images "
+                            "(eval.validation_step_interval, eval.validation_prompt)")
+        if spec.tune.mode != "max":
+            raise SpecError("tune.metric clip_score: a higher CLIP score is better, so tune.mode must be max")
     elif metric not in ("train_loss", "learning_rate", "samples_per_s", "step_time_s"):
-        raise SpecError(f"tune.metric {metric!r}: workers report eval_loss, train_loss, learning_rate, "
-                        "samples_per_s and step_time_s")
+        raise SpecError(f"tune.metric {metric!r}: workers report eval_loss, clip_score (eval.evaluation_type: "
+                        "clip), train_loss, learning_rate, samples_per_s and step_time_s")
 
 
 def _check_scheduler(spec: JobSpec) -> None:

@@ -119,6 +119,8 @@ def run_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None:
                "mlflow": {"tracking_uri": uri, "run_id": run_id, "parent_run_id": ctx.parent_run_id},
                "steps": outcome.steps, "final_loss": outcome.final_loss, "eval_loss": outcome.eval_loss,
                "seconds": round(time.time() - t0, 1)}
+    if "clip_score" in outcome.metrics:
+        summary["clip_score"] = outcome.metrics["clip_score"]
     summary_uri = write_run_summary(spec, summary)
     mlflow_run.log_run_outputs(uri, run_id, spec, summary_uri)
     if outcome.final_loss is not None:

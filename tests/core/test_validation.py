@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -88,3 +89,24 @@ def test_cuda_graph_blocks_render_eagerly(demo_spec, tiny_model_dir, demo_data_d
     normal = Validator(spec, tr, torch.device("cpu"), write=False).render_for_step()
     assert compiled
     assert np.abs(np.asarray(eager[0][1], np.float32) - np.asarray(normal[0][1], np.float32)).max() <= 1.0
+
+
+def test_clip_scores_of_the_validation_images(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, tiny_clip_dir):
+    from flux_ray.core.clip_score import ClipScorer
+
+    spec = _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, validation_resolution="64x64",
+                 evaluation_type="clip", pretrained_evaluation_model_name_or_path=tiny_clip_dir)
+    validator = Validator(spec, M.load_transformer(spec.model, torch.float32), torch.device("cpu"))
+    assert validator.scorer._model is None  # loaded at the first validation, not at build time
+    out = validator(3)
+    names = ("validation-64x64", "cat-64x64", "dog-64x64")
+    assert set(out) == {"validation_grid", "validation_clip_scores", "clip_score", *(f"clip_score/{n}" for n in names)}
+    step_dir = tmp_path / "output" / "demo" / "validation" / "step-000003"
+    direct = ClipScorer(tiny_clip_dir, torch.device("cpu"))(
+        [Image.open(step_dir / f"{n}.png") for n in names], ["a green triangle", "a red circle", "a blue square"])
+    assert [out[f"clip_score/{n}"] for n in names] == pytest.approx(direct, abs=1e-4)  # each image vs its prompt
+    assert out["clip_score"] == pytest.approx(sum(direct) / 3)
+    assert max(direct) > 0  # the random tiny CLIP still scores some image above the clamp
+    assert json.loads(open(out["validation_clip_scores"]).read()) == pytest.approx(
+        {k: v for k, v in out.items() if k.startswith("clip_score")})
+    assert Validator(spec, validator.pipe.transformer, torch.device("cpu"), write=False)(4) == {}  # other ranks

@@ -1,7 +1,7 @@
 """A short job logging to a real `mlflow server` over HTTP (sqlite backend, proxied artifacts).
 
 Checks what a user sees through MlflowClient: the run, its params, metric histories, tags,
-artifacts (LoRA, validation grid, spec, run summary, downloadable) and the registered LoRA.
+artifacts (LoRA, validation grid and its CLIP scores, spec, run summary, downloadable) and the registered LoRA.
 """
 from __future__ import annotations
 
@@ -78,13 +78,14 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server_job(mlflow_server, ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_spec):
+def server_job(mlflow_server, ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_spec, tiny_clip_dir):
     from flux_ray import job
 
     out = tmp_path_factory.mktemp("server_job")
     spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="server-job",
                      train={"max_train_steps": STEPS, "log_every": 1, "checkpointing_steps": STEPS},
-                     eval={"eval_steps_interval": 2, "validation_step_interval": STEPS},
+                     eval={"eval_steps_interval": 2, "validation_step_interval": STEPS, "evaluation_type": "clip",
+                           "pretrained_evaluation_model_name_or_path": tiny_clip_dir},
                      tracking={"mlflow_tracking_uri": mlflow_server.url, "experiment_name": "server_test",
                                "register_model_name": "flux-lora-server-test"},
                      output={"uri": str(out / "output"), "export_formats": ["diffusers", "comfyui"]})
@@ -127,7 +128,8 @@ def test_artifacts_are_served_and_match_the_outputs(server_job, mlflow_server, t
     assert c.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
     top = {a.path for a in c.list_artifacts(run_id)}
     assert {"lora", "validation", "job_spec.yaml", "run_summary.json"} <= top
-    assert [a.path for a in c.list_artifacts(run_id, "validation")] == [f"validation/step-{STEPS:06d}.png"]
+    assert [a.path for a in c.list_artifacts(run_id, "validation")] == [f"validation/step-{STEPS:06d}.clip_score.json",
+                                                                        f"validation/step-{STEPS:06d}.png"]
     lora_files = {a.path for a in c.list_artifacts(run_id, "lora")}
     assert "lora/pytorch_lora_weights.safetensors" in lora_files and "lora/comfyui" in lora_files
     local = c.download_artifacts(run_id, "lora/pytorch_lora_weights.safetensors", str(tmp_path))
@@ -138,6 +140,28 @@ def test_artifacts_are_served_and_match_the_outputs(server_job, mlflow_server, t
     assert "max_train_steps: 4" in spec_art
     stored = [os.path.join(d, f) for d, _, fs in os.walk(server_root / "artifacts") for f in fs]
     assert any(p.endswith("pytorch_lora_weights.safetensors") for p in stored)  # proxied into the server's store
+
+
+def test_clip_score_is_logged_beside_the_validation_images(server_job, mlflow_server, tiny_clip_dir, tmp_path):
+    import torch
+    from PIL import Image
+
+    from flux_ray.core.clip_score import ClipScorer
+
+    spec, summary = server_job
+    c = MlflowClient(mlflow_server.url)
+    run_id = summary["mlflow"]["run_id"]
+    name = "validation-128x128"  # demo.yaml's validation_prompt at its validation_resolution
+    history = {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in ("clip_score",
+                                                                                        f"clip_score/{name}")}
+    image = Image.open(Path(spec.run_uri) / "validation" / f"step-{STEPS:06d}" / f"{name}.png")
+    [direct] = ClipScorer(tiny_clip_dir, torch.device("cpu"))([image], [spec.eval.validation_prompt])
+    assert direct > 0 and [s for s, _ in history["clip_score"]] == [STEPS]  # once per validation
+    assert history["clip_score"][0][1] == pytest.approx(direct, abs=1e-4)  # one image: the mean is its score
+    assert history[f"clip_score/{name}"][0][1] == pytest.approx(direct, abs=1e-4)
+    assert summary["clip_score"] == pytest.approx(direct, abs=1e-4)
+    scores = json.load(open(c.download_artifacts(run_id, f"validation/step-{STEPS:06d}.clip_score.json", str(tmp_path))))
+    assert scores == pytest.approx({"clip_score": direct, f"clip_score/{name}": direct}, abs=1e-4)
 
 
 def test_lora_is_registered_as_a_model_version(server_job, mlflow_server, tmp_path):

@@ -70,6 +70,20 @@ def test_metric_scheduler_and_searcher_are_checked(make_spec, demo_spec, tiny_mo
         space.check_space(make_spec(search_alg="bayesopt"))
 
 
+def test_clip_score_is_a_sweep_metric_only_with_a_clip_model(demo_spec, tiny_model_dir, demo_data_dir, tmp_path,
+                                                            tiny_clip_dir):
+    def make(mode="max", **ev):
+        return demo_spec(tiny_model_dir, demo_data_dir, tmp_path, eval=ev, flow={"flow_schedule_auto_shift": False},
+                         tune={"param_space": SPACE, "metric": "clip_score", "mode": mode})
+
+    clip = {"evaluation_type": "clip", "pretrained_evaluation_model_name_or_path": tiny_clip_dir}
+    space.check_space(make(**clip))  # demo.yaml renders validation images: the sweep can rank by their score
+    with pytest.raises(SpecError, match="tune.metric clip_score needs a CLIP model: set eval.evaluation_type: clip"):
+        space.check_space(make())
+    with pytest.raises(SpecError, match="tune.mode must be max"):
+        space.check_space(make(mode="min", **clip))
+
+
 def test_missing_searcher_package_is_a_clear_error(make_spec, monkeypatch):
     import importlib.util
 
