@@ -21,7 +21,7 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
 
 def _family_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=["flux", "flux2"], default="flux", help="model family (flux: FLUX.1)")
-    p.add_argument("--flavour", default=None, help="flux2: klein-4b, klein-9b (default) or dev")
+    p.add_argument("--flavour", default=None, help="flux2: klein-4b, klein-9b (default) or dev; flux tiny-model: kontext")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,13 +140,15 @@ def _dispatch(args) -> int:
 
             print(write_random_flux2(args.directory, flavour, device=args.device, seed=args.seed))
         return 0
-    if args.cmd in ("tiny-model", "random-model") and args.flavour is not None:
-        print("error: --flavour applies to --family flux2 (FLUX.1's tiny and random models have one shape)")
+    kontext_tiny = args.cmd == "tiny-model" and args.flavour == "kontext"
+    if args.cmd in ("tiny-model", "random-model") and args.flavour is not None and not kontext_tiny:
+        print("error: --flavour applies to --family flux2, and to FLUX.1's tiny-model as kontext (FLUX.1's tiny and "
+              "random models have one shape)")
         return 2
     if args.cmd == "tiny-model":
         from flux_ray.core.tiny import write_tiny_flux
 
-        print(write_tiny_flux(args.directory, seed=args.seed, overwrite=args.overwrite))
+        print(write_tiny_flux(args.directory, seed=args.seed, overwrite=args.overwrite, kontext=kontext_tiny))
         return 0
     if args.cmd == "random-model":
         from flux_ray.core.full_size import write_random_flux

@@ -251,11 +251,13 @@ class DatasetSpec(_Section):
     model's own prediction with the adapter off, not towards their images; mixed into batches like any dataset."""
     dataset_type: Literal["image", "eval", "conditioning"] = "image"
     conditioning_type: Literal["mask", "controlnet", "reference_strict", "reference_loose"] | None = None
-    """For dataset_type conditioning. mask: loss masks (white trains, black is ignored), one per image of the
-    dataset that links it, matched by file name (data/masks.py)."""
+    """For dataset_type conditioning, one file per image of the dataset that links it, matched by file name. mask:
+    loss masks (white trains, black is ignored; data/masks.py). reference_strict / reference_loose (model_flavour
+    kontext): reference images, VAE-encoded and given to the transformer as extra image tokens
+    (data/references.py); strict crops each with its image's own plan, loose buckets and crops it on its own."""
     conditioning_data: str | list[str] | None = None
-    """Id of the conditioning dataset paired with this image dataset (SimpleTuner's name; a list of one is read
-    the same)."""
+    """Id(s) of the conditioning dataset(s) paired with this image dataset (SimpleTuner's name): at most one mask
+    dataset and one reference dataset."""
 
     @field_validator("type", mode="before")
     @classmethod
@@ -300,21 +302,26 @@ class DatasetSpec(_Section):
         if self.dataset_type != "conditioning":
             if self.conditioning_type is not None:
                 raise ValueError("conditioning_type applies to dataset_type conditioning only")
-            if len(self.conditioning_ids) > 1:
-                raise ValueError("conditioning_data: one conditioning dataset per image dataset (a mask dataset)")
+            if len(self.conditioning_ids) > 2:
+                raise ValueError("conditioning_data: at most two conditioning datasets per image dataset (a mask "
+                                 "dataset and a reference dataset)")
             return self
         if self.conditioning_type is None:
-            raise ValueError("a dataset_type conditioning dataset needs conditioning_type (mask)")
-        if self.conditioning_type != "mask":
-            raise ValueError(f"conditioning_type {self.conditioning_type} is not supported (ControlNet and Kontext "
-                             "reference training are not built): only mask")
+            raise ValueError("a dataset_type conditioning dataset needs conditioning_type (mask, reference_strict or "
+                             "reference_loose)")
+        if self.conditioning_type == "controlnet":
+            raise ValueError("conditioning_type controlnet is not supported (ControlNet training is not built): use "
+                             "mask, reference_strict or reference_loose")
         if self.conditioning_data is not None:
-            raise ValueError("conditioning_data is set on the image dataset that uses the masks, not on the masks")
+            raise ValueError("conditioning_data is set on the image dataset that uses the conditioning images, not on "
+                             "the conditioning dataset")
         ignored = [k for k in CONDITIONING_IGNORED_KEYS
                    if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)}: a mask dataset takes its crop, bucket and schedule from the image "
-                             "dataset that links it (masks have no captions): set these on the image dataset")
+            what = "mask" if self.conditioning_type == "mask" else "reference"
+            raise ValueError(f"{', '.join(ignored)}: a {what} dataset takes its crop, bucket and schedule from the "
+                             f"image dataset that links it ({what}s have no captions: the image's caption trains): "
+                             "set these on the image dataset")
         return self
 
     @model_validator(mode="after")
@@ -543,6 +550,9 @@ class EvalSpec(_Section):
     pretrained_evaluation_model_name_or_path: str = CLIP_EVAL_DEFAULT
     """SimpleTuner's key: the CLIP model (a transformers CLIPModel folder or hub id; default SimpleTuner's) read
     with evaluation_type: clip."""
+    validation_reference_image: str | None = None
+    """model_flavour kontext: the image that validation edits (FluxKontextPipeline's ``image``), resized to each
+    validation size. flux_ray's own key: SimpleTuner samples its references from the datasets instead."""
 
     @field_validator("validation_resolution")
     @classmethod
@@ -693,10 +703,7 @@ class JobSpec(_Section):
             raise ValueError(f"is_regularisation_data cannot be used with lora.lora_init_type {init}: that init "
                              "moves part of the base weights into the adapter, so the adapter-off model "
                              "is not the base model; use lora_init_type default or gaussian")
-        if self.model.model_flavour == "kontext":
-            raise ValueError("model.model_flavour kontext: Kontext training needs reference (conditioning) images, "
-                             "which the data path does not supply yet; training it without them would be plain "
-                             "dev-style training of the Kontext weights. Use model_flavour dev or krea")
+        self._check_kontext()
         if self.flow.flow_schedule_auto_shift and self.flow.flow_schedule_shift is not None:
             raise ValueError("flow.flow_schedule_shift is ignored when flow.flow_schedule_auto_shift is true (the "
                              "shift then follows each image's resolution): set one or the other")
@@ -726,10 +733,59 @@ class JobSpec(_Section):
             raise ValueError(f"conditioning datasets {unused} are not linked by any image dataset's conditioning_data,"
                              " so they would be ignored: link them or remove them")
 
+        for d in self.datasets:
+            kinds = [by_id[c].conditioning_type.split("_")[0] for c in d.conditioning_ids]
+            if len(set(kinds)) < len(kinds):
+                raise ValueError(f"dataset {d.id!r}: conditioning_data links two {kinds[0]} datasets; link one mask "
+                                 "dataset and/or one reference dataset")
+
+    def _check_kontext(self) -> None:
+        """Kontext trains on (image, reference) pairs; references mean nothing to the other flavours."""
+        kontext = self.model.model_flavour == "kontext"
+        latent_sets = [d for d in self.datasets if not d.disabled and d.dataset_type != "conditioning"]
+        if not kontext:
+            linked = [d.id for d in latent_sets if self.reference_dataset(d) is not None]
+            if linked:
+                raise ValueError(f"datasets {linked} link reference (conditioning) images, which only Kontext reads: "
+                                 "set model.model_flavour kontext, or remove the reference datasets")
+            if self.eval.validation_reference_image:
+                raise ValueError("eval.validation_reference_image is the reference image of Kontext validation: set "
+                                 "model.model_flavour kontext, or remove it")
+            return
+        missing = [d.id for d in latent_sets if self.reference_dataset(d) is None]
+        if missing:
+            raise ValueError(f"model.model_flavour kontext: datasets {missing} link no reference dataset; Kontext "
+                             "trains on (edited image, reference image) pairs: add a dataset_type conditioning dataset "
+                             "with conditioning_type reference_strict (or reference_loose) and name it in each one's "
+                             "conditioning_data")
+        if self.train.tread_config is not None:
+            raise ValueError("train.tread_config with model_flavour kontext: TREAD's token routing does not know the "
+                             "reference tokens yet; remove train.tread_config")
+        loose = [d.id for d in latent_sets if self.reference_dataset(d).conditioning_type == "reference_loose"]
+        if loose and self.train.train_batch_size > 1:
+            raise ValueError(f"datasets {loose}: reference_loose references have their own aspect buckets, so a batch "
+                             "of several images cannot hold their references in one tensor: use "
+                             "train.train_batch_size 1 (with gradient_accumulation_steps), or reference_strict")
+        ev = self.eval
+        if ev.validation_step_interval and (ev.validation_prompt or ev.user_prompt_library) \
+                and not ev.validation_reference_image:
+            raise ValueError("model.model_flavour kontext: validation edits a reference image; set "
+                             "eval.validation_reference_image (an image file), or remove eval.validation_step_interval")
+        ref = ev.validation_reference_image
+        if ref and not ref.startswith("s3://") and not os.path.isfile(os.path.expanduser(ref)):
+            raise ValueError(f"eval.validation_reference_image {ref!r}: no such file")
+
+    def _conditioning_dataset(self, ds: DatasetSpec, types: tuple[str, ...]) -> DatasetSpec | None:
+        by_id = {d.id: d for d in self.datasets}
+        return next((by_id[c] for c in ds.conditioning_ids if c in by_id and by_id[c].conditioning_type in types), None)
+
     def mask_dataset(self, ds: DatasetSpec) -> DatasetSpec | None:
         """The mask (conditioning) dataset an image or eval dataset links, or None."""
-        ids = ds.conditioning_ids
-        return next((d for d in self.datasets if d.id == ids[0]), None) if ids else None
+        return self._conditioning_dataset(ds, ("mask",))
+
+    def reference_dataset(self, ds: DatasetSpec) -> DatasetSpec | None:
+        """The Kontext reference (conditioning) dataset an image or eval dataset links, or None."""
+        return self._conditioning_dataset(ds, ("reference_strict", "reference_loose"))
 
     def latent_datasets(self) -> list[DatasetSpec]:
         """Enabled datasets whose images are VAE-encoded (image and eval; not conditioning)."""

@@ -77,6 +77,8 @@ EFFECT_TESTS: dict[str, str] = {
     "datasets.dataset_type": f"{SPEC}::test_refusals_leave_the_working_forms_alone",
     "datasets.conditioning_type": "tests/data/test_masks.py::test_masks_are_cached_reported_and_weigh_the_training_loss",
     "datasets.conditioning_data": "tests/data/test_masks.py::test_masks_are_cached_reported_and_weigh_the_training_loss",
+    "eval.validation_reference_image":
+        "tests/data/test_references.py::test_kontext_validation_and_the_exported_lora_load_in_the_kontext_pipeline",
     "storage.aws_endpoint_url": "tests/test_storage.py::test_s3_explicit_endpoint_beats_storage_spec",
     "storage.aws_region_name": "tests/test_storage.py::test_s3_explicit_endpoint_beats_storage_spec",
     "cache.uri": f"{CACHE}::test_adding_images_encodes_only_the_new_ones",

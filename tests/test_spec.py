@@ -218,8 +218,33 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
     (lambda d: d["datasets"].append(dict(d["datasets"][0], id="m", dataset_type="conditioning")),
      "needs conditioning_type"),
     (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="controlnet",
+        conditioning_data=None)), "conditioning_type controlnet is not supported"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
         d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="reference_strict",
-        conditioning_data=None)), "conditioning_type reference_strict is not supported"),
+        conditioning_data=None)), "link reference (conditioning) images, which only Kontext reads"),
+    (lambda d: d["datasets"][0].update(conditioning_data=["m", "n"]) or d["datasets"].extend([dict(
+        d["datasets"][0], id=i, dataset_type="conditioning", conditioning_type="reference_strict",
+        conditioning_data=None) for i in "mn"]) or d["model"].update(model_flavour="kontext"),
+     "conditioning_data links two reference datasets"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="reference_loose",
+        conditioning_data=None)) or d["model"].update(model_flavour="kontext") or d.update(
+        train={"train_batch_size": 2}), "use train.train_batch_size 1"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="reference_strict",
+        conditioning_data=None)) or d["model"].update(model_flavour="kontext") or d.update(
+        eval={"validation_step_interval": 5, "validation_prompt": "x"}), "set eval.validation_reference_image"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="reference_strict",
+        conditioning_data=None)) or d["model"].update(model_flavour="kontext") or d.update(
+        eval={"validation_reference_image": "/no/such.png"}), "eval.validation_reference_image '/no/such.png'"),
+    (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
+        d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="reference_strict",
+        conditioning_data=None)) or d["model"].update(model_flavour="kontext") or d.update(
+        train={"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 1}]}}),
+     "TREAD's token routing does not know the reference tokens"),
+    (lambda d: d.update(eval={"validation_reference_image": "x.png"}), "is the reference image of Kontext"),
     (lambda d: d["datasets"][0].update(conditioning_data="m") or d["datasets"].append(dict(
         d["datasets"][0], id="m", dataset_type="conditioning", conditioning_type="mask", conditioning_data=None,
         crop=True)), "crop: a mask dataset takes its crop"),
@@ -230,7 +255,7 @@ def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir)
     (lambda d: d["datasets"][0].update(maximum_image_size=2048, target_downsample_size=1024),
      "maximum_image_size and target_downsample_size act only with crop: true"),
     (lambda d: d["datasets"][0].update(crop=True, maximum_image_size=2048), "maximum_image_size needs target_downsample"),
-    (lambda d: d["model"].update(model_flavour="kontext"), "Kontext training needs reference"),
+    (lambda d: d["model"].update(model_flavour="kontext"), "link no reference dataset; Kontext trains on"),
     (lambda d: d.update(flow={"flow_schedule_auto_shift": True, "flow_schedule_shift": 3.0}),
      "flow.flow_schedule_shift is ignored when flow.flow_schedule_auto_shift is true"),
     (lambda d: d["lora"].update(lora_type="lycoris", lora_rank=4), "lora.lora_rank: LyCORIS takes its shape"),

@@ -37,6 +37,26 @@ def latent_image_ids(latent_h: int, latent_w: int, device=None, dtype=torch.floa
     return ids.reshape(-1, 3)
 
 
+def reference_image_ids(latent_h: int, latent_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Kontext's reference-image ids: ``latent_image_ids`` of the reference's grid with the first coordinate 1
+    (``FluxKontextPipeline.prepare_latents``: ``image_ids[..., 0] = 1``), telling them from the target's (0)."""
+    ids = latent_image_ids(latent_h, latent_w, device=device, dtype=dtype)
+    ids[:, 0] = 1
+    return ids
+
+
+def with_reference_tokens(noisy_packed: torch.Tensor, img_ids: torch.Tensor,
+                          reference_bchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kontext's transformer input: the target's (noisy) tokens, then the packed clean reference latents, and
+    their ids in the same order (``FluxKontextPipeline.__call__``: ``torch.cat([latents, image_latents], dim=1)``
+    and ``torch.cat([latent_ids, image_ids], dim=0)``). The prediction's first ``noisy_packed.shape[1]`` tokens
+    are the target's."""
+    _, _, rh, rw = reference_bchw.shape
+    reference = pack_latents(reference_bchw).to(noisy_packed.dtype)
+    ids = reference_image_ids(rh, rw, device=img_ids.device, dtype=img_ids.dtype)
+    return torch.cat([noisy_packed, reference], dim=1), torch.cat([img_ids, ids], dim=0)
+
+
 def text_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(seq_len, 3, device=device, dtype=dtype)
 

@@ -33,7 +33,7 @@ def ensure_base_model(model_spec) -> str:
     if model_spec.make_tiny_if_missing and is_local_path(path) and not (Path(path) / "model_index.json").exists():
         from flux_ray.core.tiny import ensure_tiny_flux
 
-        ensure_tiny_flux(path)
+        ensure_tiny_flux(path, kontext=model_spec.model_flavour == "kontext")
     return path
 
 

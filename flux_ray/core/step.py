@@ -36,8 +36,9 @@ class FluxBatch:
     text_mask: torch.Tensor | None = None  # (B, L) T5 attention mask
     loss_mask: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1]: weights the per-pixel loss (masked loss)
     prior_rows: tuple[int, ...] = ()       # regularisation samples: their target is the adapter-off prediction
+    reference_latents: torch.Tensor | None = None  # (B, 16, rh, rw) normalised Kontext reference latents, or None
 
-    TENSORS = ("latents", "prompt_embeds", "pooled", "text_mask", "loss_mask")
+    TENSORS = ("latents", "prompt_embeds", "pooled", "text_mask", "loss_mask", "reference_latents")
 
     def map_tensors(self, fn) -> FluxBatch:
         """A copy with ``fn`` applied to every tensor field (None stays None)."""
@@ -106,19 +107,23 @@ class FluxLossFn:
         b, _, h, w = batch.latents.shape
         device = batch.latents.device
         kwargs = {}
+        img_ids, txt_ids = self._position_ids(h, w, batch.prompt_embeds.shape[1], device)
+        tokens = noisy_packed
+        if batch.reference_latents is not None:  # Kontext: the reference's tokens follow the target's
+            tokens, img_ids = F.with_reference_tokens(noisy_packed, img_ids, batch.reference_latents)
         if self.masked and batch.text_mask is not None:
             kwargs["joint_attention_kwargs"] = {
-                "attention_mask": F.joint_attention_mask(batch.text_mask, noisy_packed.shape[1])}
+                "attention_mask": F.joint_attention_mask(batch.text_mask, tokens.shape[1])}
         if self.guidance_embeds:
             kwargs["guidance"] = to_device(guidance, device)
-        img_ids, txt_ids = self._position_ids(h, w, batch.prompt_embeds.shape[1], device)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         ctx = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx, attention_context(self.attention_backend, device), _lora_input_cast_disabled(self._uncast_lora):
-            return self.transformer(hidden_states=noisy_packed, encoder_hidden_states=batch.prompt_embeds,
+            pred = self.transformer(hidden_states=tokens, encoder_hidden_states=batch.prompt_embeds,
                                     pooled_projections=batch.pooled, timestep=sigmas.to(noisy_packed.dtype),
                                     img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **kwargs)[0]
+        return pred if tokens is noisy_packed else pred[:, :noisy_packed.shape[1]]  # loss on the target only
 
     def __call__(self, batch: FluxBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training loss with freshly sampled noise, sigmas and guidance."""

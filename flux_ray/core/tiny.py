@@ -45,9 +45,11 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = True):
-    """A FluxPipeline of tiny random modules (fp32)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = True, kontext: bool = False):
+    """A FluxPipeline of tiny random modules (fp32); ``kontext``: a FluxKontextPipeline of the same modules (FLUX.1
+    Kontext is the FLUX.1 transformer with guidance embeddings; the reference image enters as extra tokens)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline,
+                           FluxTransformer2DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -60,7 +62,8 @@ def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = True):
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "guidance_embeds": guidance_embeds})
     vae = AutoencoderKL(**TINY_VAE)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=clip,
+    pipeline = FluxKontextPipeline if kontext else FluxPipeline
+    return pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=clip,
                         tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
 
 
@@ -85,7 +88,7 @@ def write_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def write_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, kontext: bool = False) -> Path:
     """Save the tiny Flux in diffusers layout at ``directory`` (atomically: temp dir, then rename)."""
     out = Path(directory).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -93,7 +96,7 @@ def write_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-flux-", dir=out.parent))
     try:
-        build_tiny_pipeline(seed, guidance_embeds).save_pretrained(tmp, safe_serialization=True)
+        build_tiny_pipeline(seed, guidance_embeds, kontext).save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -102,13 +105,13 @@ def write_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds
     return out
 
 
-def ensure_tiny_flux(directory: str | os.PathLike) -> Path:
-    """Write the tiny Flux at ``directory`` unless a model is already there."""
+def ensure_tiny_flux(directory: str | os.PathLike, kontext: bool = False) -> Path:
+    """Write the tiny Flux (``kontext``: the tiny FLUX.1 Kontext) at ``directory`` unless a model is already there."""
     path = Path(directory).expanduser().resolve()
     if (path / "model_index.json").exists():
         return path
     try:
-        return write_tiny_flux(path)
+        return write_tiny_flux(path, kontext=kontext)
     except FileExistsError:  # another process wrote it first
         if (path / "model_index.json").exists():
             return path

@@ -54,20 +54,40 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def load_reference_image(uri: str | None, storage_spec=None) -> Image.Image | None:
+    """eval.validation_reference_image as RGB (local path or s3://), or None."""
+    if not uri:
+        return None
+    return Image.open(io.BytesIO(storage.read_bytes(uri, storage_spec))).convert("RGB")
+
+
+def reference_kwargs(reference: Image.Image | None, width: int, height: int) -> dict:
+    """FluxKontextPipeline's reference arguments at one validation size: the reference resized to that size (as
+    reference_strict trains), no snapping to Kontext's preferred resolutions (``_auto_resize=False``), and the
+    output kept at that size (``max_area``: the pipeline otherwise rescales every output to 1024² pixels)."""
+    if reference is None:
+        return {}
+    return {"image": reference.resize((width, height), Image.Resampling.LANCZOS), "_auto_resize": False,
+            "max_area": width * height}
+
+
 class Validator:
-    """Renders the prompt library at each validation size with the training transformer."""
+    """Renders the prompt library at each validation size with the training transformer (Kontext: through
+    FluxKontextPipeline, editing ``eval.validation_reference_image``)."""
 
     def __init__(self, spec, transformer, device: torch.device, write: bool = True):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
 
         from flux_ray.core.model import load_text_encoders, load_vae
 
         self.spec, self.device, self.write = spec, device, write
         self.prompts = prompt_library(spec.eval, spec.validation_trigger_word)
+        self.reference = load_reference_image(spec.eval.validation_reference_image, spec.storage)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tok, clip, tok2, t5 = load_text_encoders(spec.model, dtype=dtype, device=device)
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.model.base_path, subfolder="scheduler")
-        self.pipe = FluxPipeline(scheduler=sched, vae=load_vae(spec.model, dtype=dtype, device=device),
+        pipeline = FluxKontextPipeline if spec.model.model_flavour == "kontext" else FluxPipeline
+        self.pipe = pipeline(scheduler=sched, vae=load_vae(spec.model, dtype=dtype, device=device),
                                  text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
                                  transformer=transformer)
         self.pipe.set_progress_bar_config(disable=True)
@@ -80,11 +100,11 @@ class Validator:
         ev, out = self.spec.eval, []
         for name, prompt in self.prompts.items():
             for w, h in ev.validation_sizes:
-                kwargs = {}
+                kwargs = reference_kwargs(self.reference, w, h)
                 if ev.validation_guidance_real > 1:
-                    kwargs = {"true_cfg_scale": ev.validation_guidance_real,
-                              "negative_prompt": ev.validation_negative_prompt}
-                img = self.pipe(prompt, width=w, height=h, num_inference_steps=ev.validation_num_inference_steps,
+                    kwargs.update(true_cfg_scale=ev.validation_guidance_real,
+                                  negative_prompt=ev.validation_negative_prompt)
+                img = self.pipe(prompt=prompt, width=w, height=h, num_inference_steps=ev.validation_num_inference_steps,
                                 guidance_scale=ev.validation_guidance, max_sequence_length=self.spec.model.t5_max_length,
                                 generator=torch.Generator().manual_seed(ev.validation_seed), **kwargs).images[0]
                 out.append((f"{name}-{w}x{h}", img))

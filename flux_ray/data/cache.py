@@ -205,14 +205,30 @@ def list_dataset(spec, ds_spec) -> Listing:
     return Listing(refs, captions, source, auto.captioned if auto else 0, auto.uri if auto else None)
 
 
+def vae_stage(pipe, spec):
+    """``pipe`` (rows of uint8 pixels, ``bucket_w/h``, ``skip_reason``) through the VAE actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    from flux_ray.data.encoders import VaeEncoder
+
+    return pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size * spec.cache.vae_bucket_window,
+                            fn_constructor_kwargs={"model_spec": spec.model, "storage": spec.storage,
+                                                   "latent_dtype": spec.cache.latent_dtype,
+                                                   "batch_size": spec.cache.vae_batch_size,
+                                                   "use_gpu": spec.scaling.use_gpu,
+                                                   "channels_last": spec.cache.vae_channels_last,
+                                                   "compile_backend": spec.cache.encoder_compile_backend(
+                                                       spec.scaling.use_gpu)},
+                            compute=ActorPoolStrategy(size=spec.cache.num_vae_actors), **_ray_resources(spec))
+
+
 def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listing: Listing) -> dict:
     """Encode what is missing for one dataset (``listing``: list_dataset's); returns its committed manifest."""
     import ray
 
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     from flux_ray.data.decode import decode_row
-    from flux_ray.data.encoders import VaeEncoder
 
     st = spec.storage
     key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
@@ -237,15 +253,7 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
         pipe = pipe.map(decode_row, fn_kwargs={"dataset_spec": listing.source, "storage_spec": st,
                                                "seed": spec.train.seed},
                         compute=TaskPoolStrategy(size=_decode_concurrency(spec)), num_cpus=1)
-        pipe = pipe.map_batches(VaeEncoder, batch_size=spec.cache.vae_batch_size * spec.cache.vae_bucket_window,
-                                fn_constructor_kwargs={"model_spec": spec.model, "storage": spec.storage,
-                                                       "latent_dtype": spec.cache.latent_dtype,
-                                                       "batch_size": spec.cache.vae_batch_size,
-                                                       "use_gpu": spec.scaling.use_gpu,
-                                                       "channels_last": spec.cache.vae_channels_last,
-                                                       "compile_backend": spec.cache.encoder_compile_backend(
-                                                           spec.scaling.use_gpu)},
-                                compute=ActorPoolStrategy(size=spec.cache.num_vae_actors), **_ray_resources(spec))
+        pipe = vae_stage(pipe, spec)
         written = _write_and_commit(pipe, uri, st, manifest, min(spec.cache.min_rows_per_file, spec.cache.commit_every),
                                     spec.cache.commit_every, f"dataset {ds_spec.id} ({len(todo)} to encode)")
         manifest = written.manifest
@@ -299,22 +307,8 @@ def _dataset_stats(uri: str, st, manifest: dict, seen: int, encoded_now: int, se
             "seconds": round(seconds, 2), "images_per_s": round(encoded_now / seconds, 2) if seconds else 0.0}
 
 
-def cache_masks(spec, ds_spec, mask_ds, vae_config: dict, image_manifest: dict, summary: CacheSummary,
-                mask_refs: list) -> dict:
-    """The loss masks of one image dataset (data/masks.py): a row per usable image, made for the images whose
-    (image, mask file) pair no committed row holds; empty and missing masks are skip rows, reported with the
-    dataset's bad images and subtracted from its usable count. Returns the committed mask manifest."""
-    from ray.data import TaskPoolStrategy
-
-    from flux_ray.data.masks import mask_row, match_masks
-
-    st = spec.storage
-    image_key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
-    image_uri = CachePaths(spec.cache.uri).latents(image_key)
-    key = mask_key(image_key, mask_ds)
-    uri = CachePaths(spec.cache.uri).masks(key)
-    storage.ensure_bucket(uri, st)
-    manifest = _read_manifest(uri, st, "masks", key, {"dataset_id": ds_spec.id, "mask_dataset_id": mask_ds.id})
+def usable_image_rows(image_uri: str, image_manifest: dict, st) -> dict[str, dict]:
+    """sample_id -> (rel_path, sizes, latent grid) of the image dataset's current, usable rows."""
     current = set(pq.read_table(storage.resolve(storage.join(image_uri, image_manifest["index"]), st)[1],
                                 filesystem=storage.resolve(image_uri, st)[0]).column("sample_id").to_pylist())
     images = {}
@@ -324,13 +318,59 @@ def cache_masks(spec, ds_spec, mask_ds, vae_config: dict, image_manifest: dict, 
                                   "latent_w"]).to_pylist():
             if r["sample_id"] in current and not r["skip_reason"]:
                 images[r["sample_id"]] = r
-    matched = match_masks([r["rel_path"] for r in images.values()], mask_refs)
+    return images
+
+
+def paired_rows(images: dict[str, dict], refs: list, prefix: str, make_id) -> list[dict]:
+    """One row per usable image with its conditioning file matched by name (``<prefix>_uri``, ``_rel_path``,
+    ``_size``, ``_mtime_ns``; empty without one) and ``<prefix>_id = make_id(sample_id, ref or None)``."""
+    from flux_ray.data.masks import match_by_name
+
+    matched = match_by_name([r["rel_path"] for r in images.values()], refs)
     rows = []
     for sid, r in sorted(images.items()):
         ref = matched.get(r["rel_path"])
-        rows.append(dict(r, mask_id=mask_id(sid, ref) if ref else mask_id(sid, None), mask_uri=ref.uri if ref else "",
-                         mask_rel_path=ref.rel_path if ref else "", mask_size=ref.size if ref else 0,
-                         mask_mtime_ns=ref.mtime_ns if ref else 0))
+        rows.append(dict(r, **{f"{prefix}_id": make_id(sid, ref), f"{prefix}_uri": ref.uri if ref else "",
+                               f"{prefix}_rel_path": ref.rel_path if ref else "",
+                               f"{prefix}_size": ref.size if ref else 0,
+                               f"{prefix}_mtime_ns": ref.mtime_ns if ref else 0}))
+    return rows
+
+
+def report_paired_skips(uri: str, manifest: dict, st, id_column: str, wanted: set, stats: dict) -> int:
+    """Add the skip rows (of ``wanted`` ids) of a conditioning cache to a dataset's summary: counted by reason,
+    listed by file, subtracted from its usable count. Returns how many were skipped."""
+    skipped, skipped_files = Counter(), {}
+    for shard in manifest["shards"]:
+        for r in read_shard_rows(storage.join(uri, shard["file"]), st,
+                                 [id_column, "rel_path", "skip_reason"]).to_pylist():
+            if r[id_column] in wanted and r["skip_reason"]:
+                skipped[r["skip_reason"]] += 1
+                skipped_files[r["rel_path"]] = r["skip_reason"]
+    for reason, n in skipped.items():
+        stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
+    stats["skipped_files"].update(skipped_files)
+    stats["usable"] -= sum(skipped.values())
+    return sum(skipped.values())
+
+
+def cache_masks(spec, ds_spec, mask_ds, vae_config: dict, image_manifest: dict, summary: CacheSummary,
+                mask_refs: list) -> dict:
+    """The loss masks of one image dataset (data/masks.py): a row per usable image, made for the images whose
+    (image, mask file) pair no committed row holds; empty and missing masks are skip rows, reported with the
+    dataset's bad images and subtracted from its usable count. Returns the committed mask manifest."""
+    from ray.data import TaskPoolStrategy
+
+    from flux_ray.data.masks import mask_row
+
+    st = spec.storage
+    image_key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
+    image_uri = CachePaths(spec.cache.uri).latents(image_key)
+    key = mask_key(image_key, mask_ds)
+    uri = CachePaths(spec.cache.uri).masks(key)
+    storage.ensure_bucket(uri, st)
+    manifest = _read_manifest(uri, st, "masks", key, {"dataset_id": ds_spec.id, "mask_dataset_id": mask_ds.id})
+    rows = paired_rows(usable_image_rows(image_uri, image_manifest, st), mask_refs, "mask", mask_id)
     done = _committed_column(uri, manifest, st, "mask_id")
     todo = [r for r in rows if r["mask_id"] not in done]
     written = _Written(manifest, pipe=None)
@@ -345,21 +385,10 @@ def cache_masks(spec, ds_spec, mask_ds, vae_config: dict, image_manifest: dict, 
                                     f"masks of {ds_spec.id} ({len(todo)} to make)")
     index = pa.table({"sample_id": [r["sample_id"] for r in rows], "mask_id": [r["mask_id"] for r in rows]})
     manifest = _commit(uri, st, written.manifest, [], index)
-    wanted = {r["mask_id"] for r in rows}
-    skipped, skipped_files = Counter(), {}
-    for shard in manifest["shards"]:
-        for r in read_shard_rows(storage.join(uri, shard["file"]), st,
-                                 ["mask_id", "rel_path", "skip_reason"]).to_pylist():
-            if r["mask_id"] in wanted and r["skip_reason"]:
-                skipped[r["skip_reason"]] += 1
-                skipped_files[r["rel_path"]] = r["skip_reason"]
     stats = summary.datasets[ds_spec.id]
-    for reason, n in skipped.items():
-        stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
-    stats["skipped_files"].update(skipped_files)
-    stats["usable"] -= sum(skipped.values())
+    n_skipped = report_paired_skips(uri, manifest, st, "mask_id", {r["mask_id"] for r in rows}, stats)
     stats["bytes_written"] += written.bytes
-    stats["masks"] = {"key": key, "mask_dataset": mask_ds.id, "with_mask": len(rows) - sum(skipped.values()),
+    stats["masks"] = {"key": key, "mask_dataset": mask_ds.id, "with_mask": len(rows) - n_skipped,
                       "made_this_run": len(todo), "bytes_written": written.bytes}
     return manifest
 
@@ -432,6 +461,12 @@ def run_cache(spec) -> CacheSummary:
                 if mask_ds is not None:
                     cache_masks(spec, ds_spec, mask_ds, vae_config, manifest, summary,
                                 sources.list_images(mask_ds, spec.storage))
+                reference_ds = spec.reference_dataset(ds_spec)
+                if reference_ds is not None:
+                    from flux_ray.data.cache_references import cache_references
+
+                    cache_references(spec, ds_spec, reference_ds, vae_config, manifest, summary,
+                                     sources.list_images(reference_ds, spec.storage))
                 if summary.datasets[ds_spec.id]["usable"] == 0:
                     raise ValueError(f"dataset {ds_spec.id!r}: no usable images after decoding "
                                      f"(skipped: {summary.datasets[ds_spec.id]['skipped']})")

@@ -10,6 +10,8 @@ Layout under ``cache.uri``::
     masks/<mask_key>/manifest.json           loss masks of one image dataset (conditioning_type: mask)
     masks/<mask_key>/shards/part-*.parquet   mask_id -> uint8 mask at latent resolution
     masks/<mask_key>/index-v<N>.parquet      sample_id -> mask_id (rewritten each run)
+    references/<reference_key>/...           Kontext reference latents of one image dataset (same layout:
+                                             reference_id -> VAE mean/std; index sample_id -> reference_id)
     <shard>.parquet.rows.parquet             the shard's small columns (ids, buckets, sizes), one GET
 
 Format 2: every shard is written with one row per Parquet row group, so a reader fetches exactly the
@@ -90,6 +92,19 @@ def mask_id(image_sample_id: str, mask_ref) -> str:
     return hashlib.sha256(f"{image_sample_id}\0{mask}".encode()).hexdigest()[:24]
 
 
+def reference_key(image_key: str, reference_ds) -> str:
+    """Hash of the image dataset's cache key, the reference dataset's source and its conditioning_type (strict
+    crops with the image's plan, loose on its own). Datasets without references keep their keys and caches."""
+    source = {k: getattr(reference_ds, k) for k in SOURCE_KEYS}
+    return digest({"v": CACHE_FORMAT_VERSION, "image": image_key, "references": source,
+                   "type": reference_ds.conditioning_type})
+
+
+def reference_id(image_sample_id: str, reference_ref) -> str:
+    """A reference row is its image's sample and the reference file's identity (as ``mask_id``)."""
+    return mask_id(image_sample_id, reference_ref)
+
+
 def sample_id(ref) -> str:
     """A sample is its source file's identity (path, size, mtime) within a dataset key."""
     return hashlib.sha256(f"{ref.rel_path}\0{ref.size}\0{ref.mtime_ns}".encode()).hexdigest()[:24]
@@ -107,6 +122,9 @@ class CachePaths:
 
     def masks(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/masks/{key}"
+
+    def references(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/references/{key}"
 
 
 def empty_manifest(kind: str, key: str, meta: dict) -> dict:

@@ -28,7 +28,7 @@ from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
 from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MASK_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS,
                                        CachePaths, bytes_to_tensor, check_format, dataset_key, mask_key, nbytes,
-                                       rows_file, text_key)
+                                       reference_key, rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
@@ -55,6 +55,10 @@ class Sample:
     mask_row: int = -1
     caption_ids: tuple[str, ...] = ()
     """Every caption of the image when it has several; ``caption_id`` is the first until an epoch draws one."""
+    reference_id: str = ""  # its Kontext reference latents' row (conditioning_type reference_*), "" without one
+    reference_shard: str = ""
+    reference_row: int = -1
+    reference_hw: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,11 @@ class TextRow:
 @dataclass
 class WindowData:
     """Decoded rows of one window, in the cache dtype: sample_id -> (mean, std), caption_id -> (T5, CLIP, mask),
-    mask_id -> uint8 loss mask (h, w)."""
+    mask_id -> uint8 loss mask (h, w), reference_id -> (mean, std) of the Kontext reference."""
     latents: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
 
 
 class CacheReader:
@@ -96,7 +101,10 @@ class CacheReader:
             self.latent_norm[ds.id] = (manifest["shift_factor"], manifest["scaling_factor"])
             mask_ds = spec.mask_dataset(ds)
             masks = self._index_masks(paths.masks(mask_key(key, mask_ds)), ds) if mask_ds else None
-            self.samples[ds.id] = self._index_dataset(ds, uri, manifest, masks)
+            reference_ds = spec.reference_dataset(ds)
+            references = (self._index_references(paths.references(reference_key(key, reference_ds)), ds)
+                          if reference_ds else None)
+            self.samples[ds.id] = self._index_dataset(ds, uri, manifest, masks, references)
         turi = paths.text(text_key(spec.model, spec.cache.text_embed_dtype))
         self.text_manifest = self._manifest(turi, "the captions")
         self.text_rows: dict[str, TextRow] = {}
@@ -129,7 +137,24 @@ class CacheReader:
                     rows[index[r["mask_id"]]] = (r["mask_id"], suri, i)
         return rows
 
-    def _index_dataset(self, ds, uri: str, manifest: dict, masks: dict | None = None) -> list[Sample]:
+    def _index_references(self, uri: str, ds) -> dict[str, dict]:
+        """sample_id -> Sample fields of the dataset's usable Kontext references (data/references.py)."""
+        manifest = self._manifest(uri, f"the references of dataset {ds.id!r}")
+        index = {r["reference_id"]: r["sample_id"] for r in
+                 read_table(storage.join(uri, manifest["index"]), self.st, ["sample_id", "reference_id"]).to_pylist()}
+        rows = {}
+        for shard in manifest["shards"]:
+            suri = storage.join(uri, shard["file"])
+            cols = ["reference_id", "skip_reason", "latent_h", "latent_w"]
+            for i, r in enumerate(read_table(rows_file(suri), self.st, cols).to_pylist()):
+                if not r["skip_reason"] and r["reference_id"] in index:
+                    rows[index[r["reference_id"]]] = {
+                        "reference_id": r["reference_id"], "reference_shard": suri, "reference_row": i,
+                        "reference_hw": (int(r["latent_h"]), int(r["latent_w"]))}
+        return rows
+
+    def _index_dataset(self, ds, uri: str, manifest: dict, masks: dict | None = None,
+                       references: dict | None = None) -> list[Sample]:
         table = read_table(storage.join(uri, manifest["index"]), self.st)  # small: one row per image
         has_variants = INDEX_CAPTION_IDS in table.column_names
         index = table.select(["sample_id", "caption_id", "rel_path"] + [INDEX_CAPTION_IDS] * has_variants).to_pylist()
@@ -146,13 +171,16 @@ class CacheReader:
                 if r["skip_reason"] or r["sample_id"] not in captions:
                     continue
                 mask = ("", "", -1) if masks is None else masks.get(r["sample_id"])
-                if mask is None:  # an empty or missing mask: reported by the cache job, not trained
+                reference = {} if references is None else references.get(r["sample_id"])
+                if mask is None or reference is None:  # empty or missing: reported by the cache job, not trained
                     continue
                 hw = (int(r["latent_h"]), int(r["latent_w"]))
                 size = 2 * nbytes(self.latent_dtype, 16, *hw) + (hw[0] * hw[1] if mask[0] else 0)
+                if reference:
+                    size += 2 * nbytes(self.latent_dtype, 16, *reference["reference_hw"])
                 out.append(Sample(r["sample_id"], ds.id, (r["bucket_w"], r["bucket_h"]), captions[r["sample_id"]],
                                   suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]], size, hw,
-                                  *mask, variants.get(r["sample_id"], ())))
+                                  *mask, variants.get(r["sample_id"], ()), **reference))
         return sorted(out, key=lambda s: s.order_key)
 
     def split(self, eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
@@ -189,7 +217,13 @@ class CacheReader:
         reuse = reuse or WindowData()
         out = WindowData({s.sample_id: reuse.latents[s.sample_id] for s in samples if s.sample_id in reuse.latents},
                          {c: reuse.text[c] for c in caption_ids if c in reuse.text},
-                         {s.mask_id: reuse.masks[s.mask_id] for s in samples if s.mask_id in reuse.masks})
+                         {s.mask_id: reuse.masks[s.mask_id] for s in samples if s.mask_id in reuse.masks},
+                         {s.reference_id: reuse.references[s.reference_id] for s in samples
+                          if s.reference_id in reuse.references})
+        reference_jobs: dict[str, dict[int, Sample]] = defaultdict(dict)
+        for s in samples:
+            if s.reference_id and s.reference_id not in out.references:
+                reference_jobs[s.reference_shard][s.reference_row] = s
         mask_jobs: dict[str, dict[int, Sample]] = defaultdict(dict)
         for s in samples:
             if s.mask_id and s.mask_id not in out.masks:
@@ -206,6 +240,8 @@ class CacheReader:
         jobs = [(self._read_latents, uri, dict(chunk)) for uri, rows in lat_jobs.items() for chunk in _chunks(rows)]
         jobs += [(self._read_text, uri, dict(chunk)) for uri, rows in text_jobs.items() for chunk in _chunks(rows)]
         jobs += [(self._read_masks, uri, dict(chunk)) for uri, rows in mask_jobs.items() for chunk in _chunks(rows)]
+        jobs += [(self._read_references, uri, dict(chunk)) for uri, rows in reference_jobs.items()
+                 for chunk in _chunks(rows)]
         with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flux_ray-read") as pool:
             for kind, got in pool.map(lambda j: j[0](j[1], j[2]), jobs):
                 getattr(out, kind).update(got)
@@ -221,6 +257,17 @@ class CacheReader:
             got[rows[r].sample_id] = (bytes_to_tensor(mean[i].as_buffer(), self.latent_dtype, shape),
                                       bytes_to_tensor(std[i].as_buffer(), self.latent_dtype, shape))
         return "latents", got
+
+    def _read_references(self, uri: str, rows: dict[int, Sample]) -> tuple[str, dict]:
+        order = sorted(rows)
+        t = read_rows(uri, self.st, order, list(LATENT_BLOBS), self.counter, self.footers)
+        mean, std = t.column("latent_mean"), t.column("latent_std")
+        got = {}
+        for i, r in enumerate(order):
+            shape = (16, *rows[r].reference_hw)
+            got[rows[r].reference_id] = (bytes_to_tensor(mean[i].as_buffer(), self.latent_dtype, shape),
+                                         bytes_to_tensor(std[i].as_buffer(), self.latent_dtype, shape))
+        return "references", got
 
     def _read_masks(self, uri: str, rows: dict[int, Sample]) -> tuple[str, dict]:
         order = sorted(rows)
@@ -260,7 +307,22 @@ class CacheReader:
             emb.append(e.float()), pooled.append(pl.float()), mask.append(m)
         return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask),
                          loss_mask=_loss_mask(data, samples),
-                         prior_rows=tuple(i for i, s in enumerate(samples) if s.is_regularisation))
+                         prior_rows=tuple(i for i, s in enumerate(samples) if s.is_regularisation),
+                         reference_latents=self._reference_latents(data, samples, generator))
+
+    def _reference_latents(self, data: WindowData, samples: list[Sample],
+                           generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B, 16, rh, rw) Kontext reference latents, sampled and normalised like the targets (their draws come
+        after the targets', so a batch's target latents do not depend on its references), or None."""
+        if not any(s.reference_id for s in samples):
+            return None
+        out = []
+        for s in samples:
+            mean, std = data.references[s.reference_id]
+            mean = mean.float()
+            raw = mean if generator is None else mean + std.float() * torch.randn(mean.shape, generator=generator)
+            out.append(normalize_latents(raw, *self.latent_norm[s.dataset_id]))
+        return torch.stack(out)
 
     def batch(self, samples: list[Sample], generator: torch.Generator | None = None,
               caption_dropout: dict[str, float] | None = None, rng: random.Random | None = None) -> FluxBatch:

@@ -25,9 +25,10 @@ def _stem(rel_path: str) -> str:
     return posixpath.splitext(rel_path)[0]
 
 
-def match_masks(image_rel_paths: list[str], mask_refs: list) -> dict[str, object]:
-    """image rel_path -> its mask ref: the same path without extension (``a/b.jpg`` <- ``a/b.png``), else the same
-    base name anywhere in the mask dataset when that name is unique there; images without one are left out."""
+def match_by_name(image_rel_paths: list[str], mask_refs: list) -> dict[str, object]:
+    """image rel_path -> its mask (or reference) ref: the same path without extension (``a/b.jpg`` <- ``a/b.png``),
+    else the same base name anywhere in the conditioning dataset when that name is unique there; images without
+    one are left out."""
     by_stem = {_stem(r.rel_path): r for r in mask_refs}
     by_base: dict[str, list] = {}
     for r in mask_refs:
@@ -41,6 +42,9 @@ def match_masks(image_rel_paths: list[str], mask_refs: list) -> dict[str, object
         if ref is not None:
             out[rel] = ref
     return out
+
+
+match_masks = match_by_name
 
 
 def prepare_mask(data: bytes, image_rel_path: str, image_ds, seed: int, orig_w: int, orig_h: int,

@@ -329,7 +329,7 @@ def test_lycoris_lokr_saved_loads_through_lycoris_into_the_pipeline(cached, tiny
 
 
 # krea trains exactly as dev (the flavour only picks the hub id and export metadata: tests/test_spec.py and
-# tests/core/test_lora_export.py); kontext is refused until reference images are implemented (tests/test_spec.py).
+# tests/core/test_lora_export.py); kontext trains on reference pairs (tests/data/test_references.py).
 @pytest.mark.parametrize("flavour", ["dev"])
 def test_guidance_flavours_train(cached, flavour):
     parts = build_loop_parts(cached([f"model.model_flavour={flavour}"]), CPU, 0, 1)
