@@ -143,7 +143,7 @@ def _run(spec: JobSpec, sender, *, do_cache: bool, parent_run_id: str | None, ex
         write_run_summary(spec, summary)
     if outcome.final_loss is not None:
         mlflow_run.log_metrics(uri, run_id, {"final_train_loss": outcome.final_loss}, outcome.steps)
-    summary = _publish(spec, summary, publish, write_run_summary)
+    summary = _publish(spec, summary)
     mlflow_run.finish_run(uri, run_id)
     return summary
 

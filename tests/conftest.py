@@ -121,7 +121,7 @@ class _Recorder:
         self.server.server_close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def webhook_receiver():
     """Factory: ``webhook_receiver(fail_first=0)`` -> a recorder whose first ``fail_first`` POSTs get a 503."""
     made = []
@@ -174,6 +174,9 @@ def _hub_answer(hub):
     return answer
 
 
+HF_TEST_TOKEN = "hf_fakeTOKEN1234567890"
+
+
 @dataclass
 class LocalHub:
     url: str
@@ -181,8 +184,8 @@ class LocalHub:
     requests: list
 
 
-@pytest.fixture
-def local_hub(monkeypatch):
+@pytest.fixture(scope="module")
+def local_hub():
     """A Hub stand-in on 127.0.0.1; HF_ENDPOINT points at it and HF_TOKEN is a fake token."""
     import huggingface_hub.constants as hf_constants
 
@@ -190,11 +193,12 @@ def local_hub(monkeypatch):
     rec = _Recorder(None)
     rec.answer = _hub_answer(hub)
     hub.url, hub.requests = rec.url, rec.requests
-    monkeypatch.setenv("HF_ENDPOINT", rec.url)
-    monkeypatch.setattr(hf_constants, "ENDPOINT", rec.url)  # read at import time
-    monkeypatch.setenv("HF_TOKEN", "hf_fakeTOKEN1234567890")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    yield hub
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", rec.url)
+        mp.setattr(hf_constants, "ENDPOINT", rec.url)  # read at import time
+        mp.setenv("HF_TOKEN", HF_TEST_TOKEN)
+        mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield hub
     rec.close()
 
 
