@@ -80,3 +80,22 @@ def test_raw_json_carries_the_event_data():
     assert ctype == "application/json"
     data = json.loads(body)
     assert data["event"] == "finished" and data["job"] == "job" and data["lora"] == "s3://b/lora"
+
+
+def test_the_notify_section_sets_prefix_and_retries(webhook_receiver, tmp_path, demo_data_dir):
+    from flux_ray.spec import load_spec
+
+    rec = webhook_receiver(fail_first=1)
+    base = {"name": "job-a", "datasets": [{"id": "d", "instance_data_dir": demo_data_dir}],
+            "output": {"uri": str(tmp_path / "out")}, "cache": {"uri": str(tmp_path / "cache")}}
+    no_retry = load_spec(data={**base, "notify": {"webhook_url": rec.url, "webhook_max_retries": 0}})
+    sender = WebhookSender.from_spec(no_retry)
+    sender.send(Event("started", "job-a", "started"))
+    sender.close()
+    assert sender.delivered == [] and sender.dropped == [("started", "HTTP 503")]  # no second try
+    prefixed = load_spec(data={**base, "notify": {"webhook_url": rec.url, "message_prefix": "team-a"}})
+    sender = WebhookSender.from_spec(prefixed)
+    sender.send(Event("started", "job-a", "started"))
+    sender.close()
+    assert json.loads(rec.requests[-1]["body"])["message"] == "team-a: started"
+    assert WebhookSender.from_spec(load_spec(data=base)) is None  # no URL, no sender
