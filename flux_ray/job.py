@@ -10,31 +10,54 @@ from flux_ray.spec import JobSpec
 log = logging.getLogger("flux_ray")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
 
     A local Ray gets more logical CPUs than the machine has cores: each Train worker holds one and
-    Ray Data's budget excludes it, so a 2-core machine would otherwise stall.
+    Ray Data's budget excludes it, so a 2-core machine would otherwise stall. ``verbose=False`` (``flux-ray``
+    without ``-v``): Ray's own INFO lines off, the workers quiet (flux_ray/quiet.py); their errors still show.
     """
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, **quiet)
+        _quiet_ray_data(verbose)
         return
     # Train v2 workers block in report() until the controller polls (default every 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     context = ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-                       log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.pin_ray_address"})
+                       log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.setup_worker"}, **quiet)
     if not context.dashboard_url:
         # Train v2's PlacementGroupCleaner polls the State API, which the dashboard serves: without it every
         # poll logs "Failed to query Ray Train Controller actor state" (seen on a GPU image without ray[default]).
         log.warning("Ray's dashboard is not running (is ray[default] installed?): Ray Train's placement-group "
                     "cleaner cannot read actor state and will log a warning every second")
+    _quiet_ray_data(verbose)
+
+
+def _quiet_ray_data(verbose: bool) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    if not verbose:
+        from flux_ray.quiet import quiet_process
+
+        quiet_process()  # after Ray Data's import configured its loggers
+
+
+def setup_worker() -> None:
+    """Worker setup hook: pin Ray's address; quiet the worker when the driver is (FLUX_RAY_QUIET)."""
+    from flux_ray.quiet import is_quiet, quiet_process, quiet_train_worker
+
+    pin_ray_address()
+    if is_quiet():
+        import torch  # noqa: F401  (torch sets its loggers' levels at import: quiet them after)
+
+        quiet_process()
+        quiet_train_worker()
 
 
 def pin_ray_address() -> None:

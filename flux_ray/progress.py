@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import timedelta
 
-PROGRESS_LINE = re.compile(r"^step +\d+/\d+ ")
+PROGRESS_LINE = re.compile(r"^(trial \S+ +)?step +\d+/\d+ ")
 SUMMARY_PREFIX = "done:"
 
 
