@@ -8,12 +8,11 @@ FLAVOUR_NAMES = {"dev": "FLUX.1 [dev]", "krea": "FLUX.1 Krea [dev]", "schnell": 
 
 
 def trigger_word(spec) -> str | None:
-    """The dataset's trigger word (``trigger_word`` where the spec has one), else its instance prompt."""
-    for d in spec.enabled_datasets("image"):
-        word = getattr(d, "trigger_word", None) or d.instance_prompt
-        if word:
-            return word
-    return None
+    """The image datasets' trigger words (``datasets[].trigger_word``, comma-joined when several), else the first
+    instance prompt (``caption_strategy: instanceprompt`` trains on it alone)."""
+    if spec.trigger_words:
+        return ", ".join(spec.trigger_words)
+    return next((d.instance_prompt for d in spec.enabled_datasets("image") if d.instance_prompt), None)
 
 
 def settings(spec) -> dict:
@@ -50,8 +49,13 @@ def render(spec, summary: dict, lora_files: list[str], validation_files: list[st
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
               if v is not None]
     if validation_files:
-        prompt = spec.eval.validation_prompt
-        lines += ["", "## Validation", ""] + ([f"Prompt: `{prompt}`", ""] if prompt else [])
+        from flux_ray.core.validation import prompt_library
+
+        try:
+            prompts = prompt_library(spec.eval, spec.validation_trigger_word)  # as rendered: trigger word applied
+        except (OSError, ValueError):  # a library the driver cannot read (s3://): the card goes without it
+            prompts = {}
+        lines += ["", "## Validation", ""] + [f"- {nick}: `{p}`" for nick, p in prompts.items()] + [""]
         lines += [f"![{f.rsplit('/', 1)[-1]}]({f})" for f in validation_files]
     main = next((f for f in lora_files if "/" not in f), None)
     if main:
