@@ -29,7 +29,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
     # Train v2 workers block in report() until the controller polls (default every 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     context = ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-                       log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.setup_worker"}, **quiet)
+                       log_to_driver=True, runtime_env={"worker_process_setup_hook": "flux_ray.job.setup_worker"},
+                       **quiet)
     if not context.dashboard_url:
         # Train v2's PlacementGroupCleaner polls the State API, which the dashboard serves: without it every
         # poll logs "Failed to query Ray Train Controller actor state" (seen on a GPU image without ray[default]).

@@ -4,8 +4,9 @@ A CPU demo printed hundreds of lines before: library warnings in every Ray worke
 transformers, torch's pytree), Ray Data's execution plans, Ray Train's per-report INFO lines. Quiet mode keeps
 flux_ray's own INFO lines, the progress lines and every ERROR; ``-v`` shows everything as before.
 
-Ray Train's own lines follow RunConfig's LoggingConfig (train/driver.py). Workers get the rest two ways: environment variables that libraries read at import (inherited by a local Ray's
-workers), and ``quiet_process`` run by the worker setup hook (``flux_ray.job.setup_worker``).
+Ray Train's own lines follow RunConfig's LoggingConfig (train/driver.py). Workers get the rest two ways:
+environment variables that libraries read at import (inherited by a local Ray's workers), and ``quiet_process``
+run by the worker setup hook (``flux_ray.job.setup_worker``).
 """
 from __future__ import annotations
 

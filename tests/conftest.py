@@ -302,7 +302,8 @@ def demo_spec(shared_demo_cache):
 # Longest modules first, so that `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) hands out
 # the short ones last and both workers finish together. Measured on 2 cores; order within a module is unchanged.
 LONGEST_FIRST = ("tests/deploy/test_multi_node.py", "tests/train/test_distributed.py", "tests/tune/test_sweep.py", "tests/deploy/test_job_submit.py",
-                 "tests/data/test_cache.py", "tests/test_demo_job.py", "tests/train/test_loop.py",
+                 "tests/data/test_cache.py", "tests/test_demo_job.py", "tests/test_delivery.py", "tests/test_progress.py",
+                 "tests/train/test_loop.py",
                  "tests/tracking/test_mlflow_server.py", "tests/test_import_simpletuner.py", "tests/core/test_fp8.py")
 
 

@@ -153,7 +153,8 @@ EFFECT_TESTS: dict[str, str] = {
     "output.publish.hub_model_id": "tests/test_delivery.py::test_published_to_the_hub_through_huggingface_hub",
     "output.publish.hub_private": "tests/test_delivery.py::test_published_to_the_hub_through_huggingface_hub",
     "notify.webhook_url": "tests/test_delivery.py::test_webhook_events_arrive_in_order",
-    "notify.webhook_type": "tests/notify/test_webhooks.py::test_discord_gets_the_validation_image_as_multipart_and_slack_gets_text",
+    "notify.webhook_type":
+        "tests/notify/test_webhooks.py::test_discord_gets_the_validation_image_as_multipart_and_slack_gets_text",
     "notify.message_prefix": "tests/notify/test_webhooks.py::test_the_notify_section_sets_prefix_and_retries",
     "notify.webhook_max_retries": "tests/notify/test_webhooks.py::test_the_notify_section_sets_prefix_and_retries",
     "tune.param_space.type": "tests/tune/test_space.py::test_space_maps_to_tune_domains_and_applies_by_dotted_key",
