@@ -111,8 +111,13 @@ def fetch_remote_source(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # flux_ray's INFO lines stay; Ray's and the libraries' noise goes (flux_ray/quiet.py)
+        from flux_ray import quiet
+
+        logging.getLogger("flux_ray").setLevel(logging.INFO)
+        quiet.enable(verbose=False)
     try:
         return _dispatch(args)
     except SpecError as e:
@@ -186,7 +191,7 @@ def _dispatch(args) -> int:
         from flux_ray.train.run_identity import plan_run
 
         plan_run(spec)  # a refused rerun fails here, before Ray starts (job.run plans again, with --restart)
-    job.init_ray(args.num_cpus)
+    job.init_ray(args.num_cpus, verbose=args.verbose)
     check_placement(spec)  # before any work: local paths other nodes cannot see, a head-only MLflow store
     if ray_job_submission_id():
         print(f"outputs:     run {spec.run_uri}  cache {spec.cache.uri}", flush=True)
@@ -200,10 +205,14 @@ def _dispatch(args) -> int:
         result = run_sweep(spec)
         print(json.dumps(result, indent=1, default=str))
         return 0
+    from flux_ray.progress import summary_line
+
     summary = job.run(spec, do_cache=args.cmd == "run", restart=args.restart)
-    print(f"\n{summary['rerun_message']}\nLoRA:        {summary['lora']}\ncache:       {summary['cache_uri']}\n"
+    published = "".join(f"published:   {where}\n" for where in summary.get("published", {}).values())
+    print(f"{summary_line(summary)}\n\n{summary['rerun_message']}\nLoRA:        {summary['lora']}\n"
+          f"cache:       {summary['cache_uri']}\n"
           f"MLflow:      {summary['mlflow']['tracking_uri']} run {summary['mlflow']['run_id']}\n"
-          f"steps:       {summary['steps']}  final loss {summary['final_loss']}\n"
+          f"steps:       {summary['steps']}  final loss {summary['final_loss']}\n{published}"
           f"summary:     {summary['run_uri']}/run_summary.json")
     return 0
 

@@ -94,9 +94,17 @@ def relative_outputs(spec_path: str, overrides: list[str]) -> list[str]:
 
 
 def output_lines(logs: str) -> list[str]:
-    """The lines a job prints about where its outputs are (`flux-ray run|train` on the cluster)."""
-    return [line for line in logs.splitlines(keepends=True)
-            if line.startswith(("outputs:", "LoRA:", "cache:", "MLflow:", "summary:"))]
+    """The lines a job prints about where its outputs are (`flux-ray run|train` on the cluster), and its progress:
+    the latest progress line (flux_ray/progress.py) and the closing summary once there is one."""
+    from flux_ray.progress import PROGRESS_LINE, SUMMARY_PREFIX
+
+    lines = logs.splitlines(keepends=True)
+    progress = [line for line in lines if PROGRESS_LINE.match(line)]
+    shown = [line for line in lines if line.startswith(("outputs:", "LoRA:", "cache:", "MLflow:", "published:",
+                                                        "summary:", SUMMARY_PREFIX))]
+    if progress and not any(line.startswith(SUMMARY_PREFIX) for line in shown):
+        shown.insert(1 if shown and shown[0].startswith("outputs:") else 0, progress[-1])
+    return shown
 
 
 def describe_env(renv: dict) -> dict:

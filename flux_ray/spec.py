@@ -39,7 +39,9 @@ CONDITIONING_IGNORED_KEYS = ("caption_strategy", "instance_prompt", "prepend_ins
                              "maximum_image_size", "target_downsample_size", "crop", "crop_style", "crop_aspect",
                              "repeats", "is_regularisation_data")
 """DatasetSpec keys a mask (conditioning) dataset would ignore: they must keep their defaults there."""
-SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
+SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential", "webhook_url")
+"""Keys whose values are never logged: dropped from MLflow params and the run identity, masked in job_spec.yaml
+(a Discord or Slack webhook URL carries its token in the path)."""
 T5_COMPILE_MIN_CAPTIONS = 4096  # cache.compile_encoders: fewer captions encode faster eager than compile + encode
 
 
@@ -604,10 +606,54 @@ class TrackingSpec(_Section):
     register_model_name: str | None = None
 
 
+ExportFormat = Literal["diffusers", "comfyui", "kohya"]
+
+
+class PublishSpec(_Section):
+    """Where the finished LoRA is delivered (publish/): its files, a model card (README.md) and the validation grid."""
+    uri: str | None = None
+    """A storage prefix (s3://bucket/prefix or a local folder); the run goes to <uri>/<name>/."""
+    hub_model_id: str | None = None
+    """A Hugging Face Hub model repo (SimpleTuner's name), created if missing; the token comes from HF_TOKEN."""
+    hub_private: bool = True
+    """Create the Hub repo private."""
+    formats: list[ExportFormat] | None = None
+    """LoRA formats to publish (each must be in output.export_formats); default: every exported format."""
+
+
 class OutputSpec(_Section):
     uri: str = "./flux_ray_runs/output"
     """Runs go to <uri>/<name>: LoRA, checkpoints, validation images, run_summary.json."""
-    export_formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(default_factory=lambda: ["diffusers"])
+    export_formats: list[ExportFormat] = Field(default_factory=lambda: ["diffusers"])
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+
+    @model_validator(mode="after")
+    def _check_publish(self) -> OutputSpec:
+        missing = sorted(set(self.publish.formats or []) - set(self.export_formats))
+        if missing:
+            raise ValueError(f"output.publish.formats {missing} are not exported: add them to output.export_formats")
+        if self.publish.hub_model_id is not None and self.publish.hub_model_id.count("/") != 1:
+            raise ValueError(f"output.publish.hub_model_id {self.publish.hub_model_id!r}: expected 'owner/name'")
+        return self
+
+
+class NotifySpec(_Section):
+    """Webhook events (notify/): started, validation, checkpoint, finished, failed; delivered in the background."""
+    webhook_url: str | None = None
+    """Where events are POSTed; never logged (a Discord or Slack URL holds its token)."""
+    webhook_type: Literal["raw", "discord", "slack"] = "raw"
+    """raw: generic JSON (SimpleTuner's name); discord: message + validation image as multipart; slack: text."""
+    message_prefix: str | None = None
+    """Put before every message (SimpleTuner's name); default: the job's name."""
+    webhook_max_retries: int = Field(5, ge=0)
+    """Retries of a failed delivery, with exponential backoff (1 s, 2 s, 4 s ... up to 60 s)."""
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
 
 
 class SearchDimension(_Section):
@@ -655,6 +701,7 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    notify: NotifySpec = Field(default_factory=NotifySpec)
     tune: TuneSpec | None = None
 
     @model_validator(mode="after")
@@ -994,9 +1041,17 @@ def check_local_inputs(spec: JobSpec, source: str = "") -> None:
         raise SpecError(f"invalid job spec {source}:\n  model.pretrained_model_name_or_path: {base!r} does not exist")
 
 
-def spec_to_yaml(spec: JobSpec) -> str:
-    """The effective spec with every default filled in."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+def spec_to_yaml(spec: JobSpec, redact: bool = False) -> str:
+    """The effective spec with every default filled in; ``redact`` masks secret-looking values (to log it)."""
+    data = spec.model_dump(mode="json")
+    return yaml.safe_dump(_masked(data) if redact else data, sort_keys=False)
+
+
+def _masked(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: "***" if v is not None and any(s in str(k).lower() for s in SECRET_KEY_PARTS) else _masked(v)
+                for k, v in data.items()}
+    return [_masked(x) for x in data] if isinstance(data, list) else data
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -81,6 +81,127 @@ def s3_server():
                 os.environ[k] = v
 
 
+# ---------------------------------------------------------------- local HTTP receivers (webhooks, Hub stand-in)
+
+class _Recorder:
+    """A ThreadingHTTPServer on 127.0.0.1 recording every request; ``answer(method, path, body, headers)``
+    returns (status, content type, body bytes)."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+
+        recorder = self
+        self.requests: list[dict] = []
+        self.answer = answer
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _serve(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                req = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                recorder.requests.append(req)
+                status, ctype, data = recorder.answer(req)
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def webhook_receiver():
+    """Factory: ``webhook_receiver(fail_first=0)`` -> a recorder whose first ``fail_first`` POSTs get a 503."""
+    made = []
+
+    def make(fail_first: int = 0):
+        def answer(req):
+            failed = sum(1 for r in rec.requests[:-1] if r.get("status") == 503)
+            req["status"] = 503 if failed < fail_first else 204
+            return req["status"], "text/plain", b""
+        rec = _Recorder(answer)
+        made.append(rec)
+        return rec
+
+    yield make
+    for rec in made:
+        rec.close()
+
+
+def _hub_answer(hub):
+    """Just enough of the Hugging Face Hub's API for create_repo + upload_folder (preupload, commit):
+    every file is committed "regular" (inline, base64), so no LFS or Xet transfer is involved."""
+    import base64
+    import json
+
+    def answer(req):
+        path = req["path"].split("?")[0]
+        ok = lambda obj: (200, "application/json", json.dumps(obj).encode())  # noqa: E731
+        if path == "/api/repos/create":
+            body = json.loads(req["body"])
+            repo = f"{body.get('organization')}/{body['name']}"
+            hub.repos[repo] = {"visibility": body.get("visibility"), "files": {}}
+            return ok({"url": f"{hub.url}/{repo}"})
+        if path == "/api/validate-yaml":
+            return ok({"errors": [], "warnings": []})
+        parts = path.split("/")  # /api/models/<org>/<name>/<verb>/<revision>
+        if path.startswith("/api/models/") and len(parts) == 7 and parts[5] in ("preupload", "commit"):
+            repo = f"{parts[3]}/{parts[4]}"
+            if repo not in hub.repos:
+                return 404, "application/json", b'{"error": "Repository not found"}'
+            if parts[5] == "preupload":
+                files = json.loads(req["body"])["files"]
+                return ok({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                     for f in files]})
+            for line in req["body"].splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    hub.repos[repo]["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return ok({"commitUrl": f"{hub.url}/{repo}/commit/0123abcd", "commitOid": "0123abcd"})
+        return 404, "application/json", b'{"error": "not in the stand-in"}'
+    return answer
+
+
+HF_TEST_TOKEN = "hf_fakeTOKEN1234567890"
+
+
+@dataclass
+class LocalHub:
+    url: str
+    repos: dict
+    requests: list
+
+
+@pytest.fixture(scope="module")
+def local_hub():
+    """A Hub stand-in on 127.0.0.1; HF_ENDPOINT points at it and HF_TOKEN is a fake token."""
+    import huggingface_hub.constants as hf_constants
+
+    hub = LocalHub(url="", repos={}, requests=[])
+    rec = _Recorder(None)
+    rec.answer = _hub_answer(hub)
+    hub.url, hub.requests = rec.url, rec.requests
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", rec.url)
+        mp.setattr(hf_constants, "ENDPOINT", rec.url)  # read at import time
+        mp.setenv("HF_TOKEN", HF_TEST_TOKEN)
+        mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield hub
+    rec.close()
+
+
 # ---------------------------------------------------------------- tiny model, demo data, local Ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +302,8 @@ def demo_spec(shared_demo_cache):
 # Longest modules first, so that `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) hands out
 # the short ones last and both workers finish together. Measured on 2 cores; order within a module is unchanged.
 LONGEST_FIRST = ("tests/deploy/test_multi_node.py", "tests/train/test_distributed.py", "tests/tune/test_sweep.py", "tests/deploy/test_job_submit.py",
-                 "tests/data/test_cache.py", "tests/test_demo_job.py", "tests/train/test_loop.py",
+                 "tests/data/test_cache.py", "tests/test_demo_job.py", "tests/test_delivery.py", "tests/test_progress.py",
+                 "tests/train/test_loop.py",
                  "tests/tracking/test_mlflow_server.py", "tests/test_import_simpletuner.py", "tests/core/test_fp8.py")
 
 

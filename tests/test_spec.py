@@ -348,3 +348,35 @@ def test_auto_captioning_and_archive_specs_parse(tmp_path, demo_data_dir):
     assert ds.archive_suffix == ".zip" and ds.trigger_word == "ohwx"
     assert os.path.isabs(ds.captioner.model_name) and ds.captioner.model_name.endswith("models/blip")
     assert ds.captioner.query_str == "<MORE_DETAILED_CAPTION>" and ds.captioner.num_actors == 2
+
+
+@pytest.mark.parametrize("section, value, expected", [
+    ("output", {"export_formats": ["diffusers"], "publish": {"uri": "s3://b/p", "formats": ["kohya"]}},
+     "output.publish.formats ['kohya'] are not exported: add them to output.export_formats"),
+    ("output", {"publish": {"hub_model_id": "just-a-name"}}, "expected 'owner/name'"),
+    ("notify", {"webhook_url": "discord.com/api/webhooks/1/abc"}, "notify.webhook_url: must be an http"),
+    ("notify", {"webhook_url": "https://x", "webhook_type": "teams"}, "notify.webhook_type: Input should be"),
+    ("notify", {"webhook_max_retries": -1}, "notify.webhook_max_retries"),
+])
+def test_publish_and_notify_refuse_bad_values(tmp_path, demo_data_dir, section, value, expected):
+    data = _minimal(tmp_path, demo_data_dir)
+    data.setdefault(section, {}).update(value)
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert expected in str(e.value)
+
+
+def test_webhook_url_never_reaches_params_identity_or_logged_spec(tmp_path, demo_data_dir):
+    from flux_ray.train.run_identity import split_keys
+
+    data = _minimal(tmp_path, demo_data_dir)
+    url = "https://discord.com/api/webhooks/123/SECRET-TOKEN"
+    data["notify"] = {"webhook_url": url, "webhook_type": "discord", "message_prefix": "team-a"}
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.notify.webhook_url == url
+    params = flat_params(spec)
+    assert "notify.webhook_url" not in params and params["notify.webhook_type"] == "discord"
+    assert "SECRET-TOKEN" not in str(split_keys(spec))
+    logged = spec_to_yaml(spec, redact=True)
+    assert "SECRET-TOKEN" not in logged and "webhook_url: '***'" in logged
+    assert "SECRET-TOKEN" in spec_to_yaml(spec)  # `flux-ray validate` shows the user's own spec

@@ -56,7 +56,8 @@ def U(key, note, scope="config") -> Rule:  # noqa: N802
 DS, DC = "dataset", "dataset+config"
 CACHE = "flux_ray caches VAE latents and text embeddings itself, content-addressed under cache.uri"
 NO_EMA = "flux_ray has no EMA of the LoRA weights yet"
-NO_HUB = "flux_ray has no Hub upload; it logs the LoRA to MLflow (tracking.register_model_name registers it)"
+NO_HUB = ("not converted: set output.publish.hub_model_id (final LoRA, model card and validation grid; "
+          "no checkpoint pushes)")
 TRACKING = "flux_ray logs to MLflow (tracking section)"
 VALIDATION = "flux_ray's validation renders eval.validation_prompt / user_prompt_library only"
 QUANTIZED = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb", "int8-torchao", "fp8-torchao")
@@ -225,7 +226,8 @@ TABLE: tuple[Rule, ...] = (
     M("tracker_project_name", "tracking.experiment_name"),
     D("report_to", TRACKING), D("logging_dir", TRACKING), D("tracker_image_layout", TRACKING),
     U("push_to_hub", NO_HUB), U("push_checkpoints_to_hub", NO_HUB), U("hub_model_id", NO_HUB),
-    U("webhook_config", "flux_ray reports to MLflow; no webhooks"),
+    U("webhook_config", "not converted (a JSON file or list): set notify.webhook_url, notify.webhook_type "
+                        "(raw | discord | slack) and notify.message_prefix"),
     # dataset keys (multidatabackend.json; DC ones may also sit in config.json as the default for every dataset)
     M("id", "id", convert=dataset_id, note="letters, digits, _ . - only", scope=DS),
     M("type", "type", convert=dataset_type_backend, note="aws -> s3", scope=DS),

@@ -71,7 +71,7 @@ def start_run(spec, *, run_name: str | None = None, parent_run_id: str | None = 
     log_params(uri, run.info.run_id, flat_params(spec))
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "job_spec.yaml"
-        p.write_text(spec_to_yaml(spec))
+        p.write_text(spec_to_yaml(spec, redact=True))
         c.log_artifact(run.info.run_id, str(p))
     return uri, run.info.run_id
 

@@ -35,14 +35,17 @@ def scaling_config(spec: JobSpec):
 
 
 def run_config(spec: JobSpec, callbacks: list | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    from flux_ray.quiet import is_quiet
 
     fs, path = storage.resolve(spec.output.uri, spec.storage)
     storage.ensure_bucket(spec.output.uri, spec.storage)
     is_remote = "://" in spec.output.uri and not spec.output.uri.startswith("file://")
     return RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs if is_remote else None,
                      checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_total_limit),
-                     failure_config=FailureConfig(max_failures=spec.scaling.max_failures), callbacks=callbacks or [])
+                     failure_config=FailureConfig(max_failures=spec.scaling.max_failures), callbacks=callbacks or [],
+                     logging_config=LoggingConfig(log_level="WARNING" if is_quiet() else "INFO"))
 
 
 def build_trainer(spec: JobSpec, callbacks: list | None = None):

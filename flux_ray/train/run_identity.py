@@ -32,7 +32,7 @@ IDENTITY_FILE = "run_identity.json"
 PREVIOUS_PREFIX = "previous-"
 RESTART_MODES = ("keep", "discard")
 RESUMABLE_KEYS = (
-    "name", "tune", "tune.*", "output.*", "tracking.*", "storage.*",
+    "name", "tune", "tune.*", "output.*", "notify.*", "tracking.*", "storage.*",
     "train.max_train_steps", "train.log_every", "train.checkpointing_steps", "train.checkpoints_total_limit",
     "train.resume_from_checkpoint", "train.compile", "train.attention_backend", "train.gradient_checkpointing",
     "train.gradient_checkpointing_interval",

@@ -36,6 +36,9 @@ def run_sweep(spec: JobSpec) -> dict:
 
     t0 = time.time()
     space.check_space(spec)
+    if spec.notify.webhook_url or spec.output.publish.uri or spec.output.publish.hub_model_id:
+        raise SpecError("notify.webhook_url and output.publish act on `flux-ray run` and `train`, not yet on a sweep "
+                        "(its best LoRA is under <sweep>/best/): remove them from the sweep's spec")
     spec = spec.model_copy(deep=True)
     spec.tracking.mlflow_tracking_uri = mlflow_run.tracking_uri(spec)  # trials log to the sweep's store
     storage.ensure_bucket(spec.output.uri, spec.storage)
@@ -154,7 +157,9 @@ def _tuner(spec: JobSpec, ctx):
     import ray
     from ray import tune
 
+    from flux_ray.quiet import is_quiet
     from flux_ray.tracking.tune_callback import MlflowTrialStatusCallback
+    from flux_ray.tune.progress_callback import TrialProgressCallback
     from flux_ray.tune.trial import run_trial
 
     base = spec.model_dump(mode="json")
@@ -177,7 +182,9 @@ def _tuner(spec: JobSpec, ctx):
                                   scheduler=space.build_scheduler(spec), trial_name_creator=name_fn,
                                   trial_dirname_creator=name_fn)
     run_config = tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=remote_fs,
-                                callbacks=[MlflowTrialStatusCallback(ctx)], verbose=1)
+                                callbacks=[MlflowTrialStatusCallback(ctx),
+                                           TrialProgressCallback(spec.train.max_train_steps)],
+                                verbose=0 if is_quiet() else 1)  # quiet: our lines instead of Tune's tables
     return tune.Tuner(trainable, param_space=space.param_space(spec), tune_config=tune_config, run_config=run_config)
 
 
