@@ -40,6 +40,15 @@ CONDITIONING_IGNORED_KEYS = ("caption_strategy", "instance_prompt", "prepend_ins
                              "repeats", "is_regularisation_data")
 """DatasetSpec keys a mask (conditioning) dataset would ignore: they must keep their defaults there."""
 SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential", "webhook_url")
+"""Key parts that mark a value as a credential: whole ``_``-separated words of the key (``hf_token``,
+``aws_secret_access_key``) or, for the two-word ones, substrings; ``max_new_tokens`` and ``tokenizer_max_length``
+are not secrets."""
+
+
+def is_secret_key(key: object) -> bool:
+    k = str(key).lower()
+    words = set(k.split("_"))
+    return any(part in words if "_" not in part else part in k for part in SECRET_KEY_PARTS)
 """Keys whose values are never logged: dropped from MLflow params and the run identity, masked in job_spec.yaml
 (a Discord or Slack webhook URL carries its token in the path)."""
 T5_COMPILE_MIN_CAPTIONS = 4096  # cache.compile_encoders: fewer captions encode faster eager than compile + encode
@@ -1042,15 +1051,15 @@ def check_local_inputs(spec: JobSpec, source: str = "") -> None:
 
 
 def spec_to_yaml(spec: JobSpec, redact: bool = False) -> str:
-    """The effective spec with every default filled in; ``redact`` masks secret-looking values (to log it)."""
+    """The effective spec with every default filled in; ``redact`` drops secret values (to log it: the logged spec
+    still loads, e.g. for ``flux-ray export``, without them)."""
     data = spec.model_dump(mode="json")
     return yaml.safe_dump(_masked(data) if redact else data, sort_keys=False)
 
 
 def _masked(data: Any) -> Any:
     if isinstance(data, dict):
-        return {k: "***" if v is not None and any(s in str(k).lower() for s in SECRET_KEY_PARTS) else _masked(v)
-                for k, v in data.items()}
+        return {k: None if is_secret_key(k) else _masked(v) for k, v in data.items()}
     return [_masked(x) for x in data] if isinstance(data, list) else data
 
 
@@ -1059,7 +1068,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(data, dict):
         for k, v in data.items():
-            if any(s in str(k).lower() for s in SECRET_KEY_PARTS):
+            if is_secret_key(k):
                 continue
             out.update(flatten(v, f"{prefix}{k}."))
     elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):

@@ -378,5 +378,14 @@ def test_webhook_url_never_reaches_params_identity_or_logged_spec(tmp_path, demo
     assert "notify.webhook_url" not in params and params["notify.webhook_type"] == "discord"
     assert "SECRET-TOKEN" not in str(split_keys(spec))
     logged = spec_to_yaml(spec, redact=True)
-    assert "SECRET-TOKEN" not in logged and "webhook_url: '***'" in logged
+    assert "SECRET-TOKEN" not in logged and "webhook_url: null" in logged
+    # the logged spec still loads (flux-ray export reads it back), and only credentials were dropped
+    from flux_ray.spec import is_secret_key
+
+    again = JobSpec.model_validate(yaml.safe_load(logged))
+    assert again.notify.webhook_url is None and again.model.tokenizer_max_length == spec.model.tokenizer_max_length
+    assert "model.tokenizer_max_length" in params
+    assert [k for k in ("hf_token", "aws_secret_access_key", "aws_access_key_id", "password", "max_new_tokens",
+                        "tokenizer_max_length", "webhook_url") if is_secret_key(k)] == \
+        ["hf_token", "aws_secret_access_key", "aws_access_key_id", "password", "webhook_url"]
     assert "SECRET-TOKEN" in spec_to_yaml(spec)  # `flux-ray validate` shows the user's own spec

@@ -20,7 +20,7 @@ from flux_ray.simpletuner.table import (BACKENDS_UNSUPPORTED, DATASET_KINDS_DROP
                                         rules_for)
 from flux_ray.simpletuner.values import (AlreadyDefault, Context, Refused, Unsupported, WrongType, dataset_id,
                                          parquet_leftovers)
-from flux_ray.spec import (SECRET_KEY_PARTS, DatasetSpec, JobSpec, SpecError, TrainSpec, check_local_inputs,
+from flux_ray.spec import (DatasetSpec, JobSpec, SpecError, TrainSpec, check_local_inputs, is_secret_key,
                            load_spec)
 
 MAPPED, DROPPED, UNSUPPORTED = "mapped", "dropped", "unsupported"
@@ -46,7 +46,7 @@ class Entry:
     """Where the value sits in the spec dict (removed again if the spec refuses it)."""
 
     def line(self) -> str:
-        shown = "***" if any(s in self.key.lower() for s in SECRET_KEY_PARTS) else _short(self.value)
+        shown = "***" if is_secret_key(self.key) else _short(self.value)
         where = f"{Path(self.file).name}: {self.where + ': ' if self.where else ''}{self.key} = {shown}"
         if self.status == MAPPED:
             text = f"{where} -> {self.target} = {_short(self.converted)}"
