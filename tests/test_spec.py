@@ -128,7 +128,10 @@ def test_flat_params_drop_secrets(tmp_path, demo_data_dir):
     flat = flat_params(spec)
     assert flat["train.learning_rate"] == 1e-4
     assert flat["datasets.d.resolution"] == 1024
-    assert not any("secret" in k or "token" in k for k in flat)
+    from flux_ray.spec import is_secret_key
+
+    assert not any(is_secret_key(part) for k in flat for part in k.split("."))
+    assert flat["model.tokenizer_max_length"] == spec.model.tokenizer_max_length  # a "token" word, not a secret
 
 
 def test_tread_config_parses_simpletuner_form(tmp_path, demo_data_dir):
