@@ -299,6 +299,40 @@ def demo_spec(shared_demo_cache):
     return make
 
 
+@pytest.fixture(scope="session")
+def images_rendered_with_encoders():
+    """Factory: ``render(spec, transformer) -> [uint8 HxWx3]``, validation's images as they were rendered before the
+    prompt embeddings were cached: a (Kontext) pipeline holding CLIP + T5, called with the prompt texts."""
+    import numpy as np
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+
+    from flux_ray.core import model as M
+    from flux_ray.core.validation import load_reference_image, prompt_library, reference_kwargs
+
+    def render(spec, transformer):
+        tok, clip, tok2, t5 = M.load_text_encoders(spec.model)
+        cls = FluxKontextPipeline if spec.model.model_flavour == "kontext" else FluxPipeline
+        pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(spec.model.base_path, subfolder="scheduler"),
+                   vae=M.load_vae(spec.model), text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
+                   transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        ev, reference, out = spec.eval, load_reference_image(spec.eval.validation_reference_image), []
+        for prompt in prompt_library(ev, spec.validation_trigger_word).values():
+            for w, h in ev.validation_sizes:
+                kwargs = reference_kwargs(reference, w, h)
+                if ev.validation_guidance_real > 1:
+                    kwargs.update(true_cfg_scale=ev.validation_guidance_real, negative_prompt=ev.validation_negative_prompt)
+                with torch.no_grad():
+                    img = pipe(prompt=prompt, width=w, height=h, num_inference_steps=ev.validation_num_inference_steps,
+                               guidance_scale=ev.validation_guidance, max_sequence_length=spec.model.t5_max_length,
+                               generator=torch.Generator().manual_seed(ev.validation_seed), **kwargs).images[0]
+                out.append(np.asarray(img))
+        return out
+
+    return render
+
+
 # Longest modules first, so that `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) hands out
 # the short ones last and both workers finish together. Measured on 2 cores; order within a module is unchanged.
 LONGEST_FIRST = ("tests/deploy/test_multi_node.py", "tests/train/test_distributed.py", "tests/tune/test_sweep.py", "tests/deploy/test_job_submit.py",

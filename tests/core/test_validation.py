@@ -1,6 +1,8 @@
-"""Validation images: prompt library nicknames name the files, a grid per step, true CFG changes the image."""
+"""Validation images: prompt library nicknames name the files, a grid per step, true CFG changes the image; the
+prompts are encoded once at the first validation and the text encoders freed, with the same images."""
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -110,3 +112,41 @@ def test_clip_scores_of_the_validation_images(demo_spec, tiny_model_dir, demo_da
     assert json.loads(open(out["validation_clip_scores"]).read()) == pytest.approx(
         {k: v for k, v in out.items() if k.startswith("clip_score")})
     assert Validator(spec, validator.pipe.transformer, torch.device("cpu"), write=False)(4) == {}  # other ranks
+
+
+def _live(cls) -> int:
+    gc.collect()
+    return sum(isinstance(o, cls) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("ev", [{}, {"validation_guidance_real": 4.0, "validation_negative_prompt": "blurry",
+                                    "user_prompt_library": None, "validation_resolution": "64x64"}],
+                         ids=["library", "true-cfg"])
+def test_validation_renders_from_cached_embeddings_as_with_the_encoders(
+        demo_spec, tiny_model_dir, demo_data_dir, tmp_path, images_rendered_with_encoders, ev):
+    """Nothing loaded before the first validation; after it, the text encoders are gone (no T5 or CLIP text model
+    alive, none in the pipeline) and only the embeddings of each prompt (and the negative one) are kept; the images
+    equal those of a pipeline that holds the encoders and is given the prompt texts, at that and later validations."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    spec = _spec(demo_spec, tiny_model_dir, demo_data_dir, tmp_path, **ev)
+    tr = M.load_transformer(spec.model, torch.float32)
+    expected = images_rendered_with_encoders(spec, tr)
+    held = M.load_text_encoders(spec.model)  # noqa: F841 (alive: shows that the count sees a live encoder)
+    t5s, clips = _live(T5EncoderModel), _live(CLIPTextModel)
+    assert t5s >= 1 and clips >= 1
+    validator = Validator(spec, tr, torch.device("cpu"), write=False)
+    assert validator.pipe is None and not validator.embeds  # lazy
+    first = validator.render_for_step()
+    assert [n for n, _ in first] == [f"{n}-{w}x{h}" for n in validator.prompts for w, h in spec.eval.validation_sizes]
+    for (_, img), want in zip(first, expected, strict=True):
+        assert np.array_equal(np.asarray(img), want)
+    comps = validator.pipe.components
+    assert comps["text_encoder"] is None and comps["text_encoder_2"] is None and comps["tokenizer_2"] is None
+    assert _live(T5EncoderModel) == t5s and _live(CLIPTextModel) == clips  # the validator's encoders were freed
+    prompts = {*validator.prompts.values(), *([ev["validation_negative_prompt"]] if ev else [])}
+    assert set(validator.embeds) == prompts
+    assert all(e.device.type == "cpu" and e.shape[1] == spec.model.t5_max_length and p.ndim == 2
+               for e, p in validator.embeds.values())
+    again = validator.render_for_step()  # a later validation: the same images from the same embeddings
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(first, again, strict=True))

@@ -154,9 +154,10 @@ def test_kontext_validation_and_the_exported_lora_load_in_the_kontext_pipeline(
                          validation_num_inference_steps=2, validation_reference_image=reference)
     run_cache(spec)
     parts = build_loop_parts(spec, CPU, 0, 1)
-    assert type(parts.validate.pipe).__name__ == "FluxKontextPipeline"
+    assert parts.validate.pipe is None  # built at the first validation
     reports = []
     train_loop(parts, lambda m, c: reports.append(m))
+    assert type(parts.validate.pipe).__name__ == "FluxKontextPipeline"
     grid = Path(spec.run_uri, "validation", "step-000002.png")
     assert grid.exists() and Image.open(grid).size == (64, 64)
 
@@ -176,3 +177,23 @@ def test_kontext_validation_and_the_exported_lora_load_in_the_kontext_pipeline(
     pipe.load_lora_weights(os.path.dirname(path) if os.path.isfile(path) else path)
     after = render()
     assert (after - before).abs().max() > 1e-4
+
+
+def test_kontext_validation_from_cached_embeddings_equals_the_pipeline_with_encoders(
+        kontext_model_dir, demo_data_dir, demo_spec, reference_dir, tmp_path, images_rendered_with_encoders):
+    """Kontext validation with the prompts encoded once (encoders freed) renders the reference edit exactly as a
+    FluxKontextPipeline holding the encoders does, true CFG included."""
+    from flux_ray.core import model as M
+    from flux_ray.core.validation import Validator
+
+    reference = str(sorted(Path(reference_dir).glob("*.png"))[-1])
+    spec = _kontext_spec(demo_spec, kontext_model_dir, demo_data_dir, tmp_path, reference_dir,
+                         validation_step_interval=2, validation_prompt="a red circle", validation_resolution="64x64",
+                         validation_num_inference_steps=2, validation_reference_image=reference,
+                         validation_guidance_real=3.0, validation_negative_prompt="blurry")
+    tr = M.load_transformer(spec.model, torch.float32)
+    validator = Validator(spec, tr, CPU, write=False)
+    [(name, img)] = validator.render()
+    assert name == "validation-64x64" and type(validator.pipe).__name__ == "FluxKontextPipeline"
+    assert validator.pipe.text_encoder is None and validator.pipe.text_encoder_2 is None
+    assert np.array_equal(np.asarray(img), images_rendered_with_encoders(spec, tr)[0])
