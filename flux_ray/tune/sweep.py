@@ -158,7 +158,7 @@ def _tuner(spec: JobSpec, ctx):
     from ray import tune
 
     from flux_ray.quiet import is_quiet
-    from flux_ray.tracking.tune_callback import MlflowTrialStatusCallback
+    from flux_ray.tune.mlflow_callback import MlflowTrialStatusCallback
     from flux_ray.tune.progress_callback import TrialProgressCallback
     from flux_ray.tune.trial import run_trial
 
