@@ -1,4 +1,4 @@
-"""Ray-free callables for the cache pipeline: decode+crop (data/decode.py, torch-free), VAE encode, text encode.
+"""Ray-free callables for the cache pipeline's encode stages: VAE encode, text encode (decode+crop is data/decode.py).
 
 Each is a class that loads what it needs in ``__init__`` and maps ``dict[str, ndarray] -> dict``
 batches, so Ray Data runs it on an actor pool and tests call it directly.
@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from flux_ray.core.model import DTYPES
-from flux_ray.data.cache_layout import TORCH_TO_NP_VIEW, bytes_to_tensor, tensor_to_bytes  # noqa: F401 - the format
-from flux_ray.data.decode import DecodeAndCrop, decode_row, hash_int  # noqa: F401 - the pipeline's three stages
+from flux_ray.data.cache_layout import tensor_to_bytes
 
 
 def pick_device(use_gpu: bool) -> torch.device:

@@ -26,9 +26,9 @@ from flux_ray import storage
 from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MASK_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS,
-                                       CachePaths, bytes_to_tensor, check_format, dataset_key, mask_key, nbytes,
-                                       reference_key, rows_file, text_key)
+from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MANIFEST_FILE, MASK_BLOBS, SHARD_TARGET_BYTES,
+                                       TEXT_BLOBS, CachePaths, bytes_to_tensor, check_format, dataset_key, mask_key,
+                                       nbytes, reference_key, rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 
@@ -117,7 +117,7 @@ class CacheReader:
                                                           size + r["seq_len"])
 
     def _manifest(self, uri: str, what: str) -> dict:
-        mpath = storage.join(uri, "manifest.json")
+        mpath = storage.join(uri, MANIFEST_FILE)
         if not storage.exists(mpath, self.st):
             raise FileNotFoundError(f"{what} has no cache at {uri}: run `flux-ray cache` first")
         manifest = storage.read_json(mpath, self.st)
