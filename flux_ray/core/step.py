@@ -78,7 +78,7 @@ class FluxLossFn:
 
     def __init__(self, transformer, flow_spec, *, scheduler_config: dict | None, fast_schedule: bool,
                  masked_attention: bool = False, autocast_dtype: torch.dtype | None = None,
-                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False):
+                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False, uncast_lora: bool = True):
         self.transformer = transformer
         self.flow = flow_spec
         self.scheduler_config = scheduler_config or {}
@@ -93,7 +93,8 @@ class FluxLossFn:
         base = getattr(transformer, "module", transformer)
         self.guidance_embeds = bool(getattr(base.config, "guidance_embeds", False))
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._uncast_lora = _dropout_free_lora_layers(base) if autocast_dtype is not None else []
+        # uncast_lora=False keeps PEFT's casts (bench/train_step_bench.py's uncast=0 lever)
+        self._uncast_lora = _dropout_free_lora_layers(base) if autocast_dtype is not None and uncast_lora else []
         self._adapters: AdapterSwitch | None = None  # found on the first regularisation batch
 
     def _position_ids(self, h: int, w: int, text_len: int, device: torch.device):
