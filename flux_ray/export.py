@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux_ray.core.lora import LORA_WEIGHT_NAME
-from flux_ray.core.lora_export import export_lora_file, lora_info, merge_and_save, read_lora
+from flux_ray.core.lora_export import lora_info, read_lora
+from flux_ray.families import get_family
 from flux_ray.spec import ModelSpec, load_spec
 from flux_ray.train.checkpoint import LORA_FILE, STATE_FILE
 
@@ -34,13 +35,14 @@ def export_cli(args) -> int:
             model_spec = ModelSpec(pretrained_model_name_or_path=info["base_model"],
                                    model_flavour=info.get("model_flavour", "krea"))
         out = Path(args.out) if args.out else default_out(src, "merged_transformer")
-        print(merge_and_save(src.lora_file, model_spec, out, spec=spec))
+        print(get_family(model_spec.model_family).merge_and_save(src.lora_file, model_spec, out, spec=spec))
         return 0
     out = Path(args.out) if args.out else default_out(src, args.format)
     filename = None
     if out.suffix == ".safetensors":
         out, filename = out.parent, out.name
-    print(export_lora_file(src.lora_file, args.format, out, spec=spec, metadata=metadata, filename=filename))
+    family = get_family(spec.model.model_family if spec is not None else ModelSpec().model_family)
+    print(family.export_lora_file(src.lora_file, args.format, out, spec=spec, metadata=metadata, filename=filename))
     return 0
 
 

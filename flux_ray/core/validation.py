@@ -75,21 +75,17 @@ class Validator:
     """Renders the prompt library at each validation size with the training transformer (Kontext: through
     FluxKontextPipeline, editing ``eval.validation_reference_image``)."""
 
-    def __init__(self, spec, transformer, device: torch.device, write: bool = True):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    def __init__(self, spec, transformer, device: torch.device, write: bool = True, family=None):
+        """``family`` (flux_ray.families) builds the pipeline; default: the spec's ``model.model_family``."""
+        if family is None:  # the registry sits on core's floor; imported here so core's modules load without it
+            from flux_ray.families import get_family
 
-        from flux_ray.core.model import load_text_encoders, load_vae
-
+            family = get_family(spec.model.model_family)
         self.spec, self.device, self.write = spec, device, write
         self.prompts = prompt_library(spec.eval, spec.validation_trigger_word)
         self.reference = load_reference_image(spec.eval.validation_reference_image, spec.storage)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tok, clip, tok2, t5 = load_text_encoders(spec.model, dtype=dtype, device=device)
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.model.base_path, subfolder="scheduler")
-        pipeline = FluxKontextPipeline if spec.model.model_flavour == "kontext" else FluxPipeline
-        self.pipe = pipeline(scheduler=sched, vae=load_vae(spec.model, dtype=dtype, device=device),
-                                 text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
-                                 transformer=transformer)
+        self.pipe = family.validation_pipeline(spec.model, transformer, dtype, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.scorer = None
         if write and spec.eval.evaluation_type == "clip":  # loaded at the first validation, on this rank only

@@ -438,13 +438,15 @@ def run_cache(spec) -> CacheSummary:
     ``cache.gpus_per_actor`` 0.5, the VAE and T5 actors share it; model loads and compiles overlap)."""
     from pathlib import Path
 
-    from flux_ray.core.model import ensure_base_model, load_vae_config
+    from flux_ray.core.model import ensure_base_model
+    from flux_ray.families import get_family
     from flux_ray.data.demo import write_demo_data
     from flux_ray.node_cache import localize_model
 
     t0 = time.time()
     ensure_base_model(spec.model)
-    vae_config = load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
+    family = get_family(spec.model.model_family)
+    vae_config = family.load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
     summary = CacheSummary(cache_uri=spec.cache.uri)
     listings = {}
     for ds_spec in spec.latent_datasets():

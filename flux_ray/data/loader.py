@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from flux_ray import storage
-from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
 from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MANIFEST_FILE, MASK_BLOBS, SHARD_TARGET_BYTES,
@@ -31,6 +30,7 @@ from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MANIFES
                                        nbytes, reference_key, rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
+from flux_ray.families import get_family
 
 EMPTY_CAPTION_ID = caption_id("")
 READ_THREADS = 4
@@ -93,12 +93,13 @@ class CacheReader:
         self.counter = ByteCounter()
         self.footers: dict = {}  # shard uri -> Parquet footer, read once
         self.samples: dict[str, list[Sample]] = {}
-        self.latent_norm: dict[str, tuple[float, float]] = {}
+        self.family = get_family(spec.model.model_family)
+        self.latent_norm: dict[str, dict] = {}  # dataset id -> the VAE factors its manifest recorded
         for ds in spec.latent_datasets():
             key = dataset_key(ds, spec.model, vae_config, spec.cache.latent_dtype)
             uri = paths.latents(key)
             manifest = self._manifest(uri, f"dataset {ds.id!r}")
-            self.latent_norm[ds.id] = (manifest["shift_factor"], manifest["scaling_factor"])
+            self.latent_norm[ds.id] = {k: manifest[k] for k in ("shift_factor", "scaling_factor")}
             mask_ds = spec.mask_dataset(ds)
             masks = self._index_masks(paths.masks(mask_key(key, mask_ds)), ds) if mask_ds else None
             reference_ds = spec.reference_dataset(ds)
@@ -298,7 +299,7 @@ class CacheReader:
             mean, std = data.latents[s.sample_id]
             mean = mean.float()
             raw = mean if generator is None else mean + std.float() * torch.randn(mean.shape, generator=generator)
-            lat.append(normalize_latents(raw, *self.latent_norm[s.dataset_id]))
+            lat.append(self.family.normalize_latents(raw, self.latent_norm[s.dataset_id]))
             cid = s.caption_id
             p = (caption_dropout or {}).get(s.dataset_id, 0.0)
             if p and rng is not None and rng.random() < p:

@@ -11,6 +11,7 @@ from flux_ray.core.adapters import attach_adapter
 from flux_ray.core.step import FluxLossFn
 from flux_ray.core.tread import TokenRouter
 from flux_ray.data.loader import CacheReader
+from flux_ray.families import get_family
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
 from flux_ray.train.state_io import StateIO
@@ -28,7 +29,7 @@ def build_transformer(spec: JobSpec, device: torch.device):
     """Load the spec's base transformer and prepare it (:func:`prepare_base`)."""
     if spec.model.base_compute_dtype == "fp8":  # before the load: refuse a device without FP8 tensor cores early
         _fp8_module().check_fp8_supported(device)
-    transformer = M.load_transformer(spec.model, dtype=base_dtype(spec, device))
+    transformer = get_family(spec.model.model_family).load_transformer(spec.model, dtype=base_dtype(spec, device))
     return prepare_base(transformer, spec, device)
 
 
@@ -117,8 +118,9 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
         stepper = DeepSpeedStepper(model)
     else:
         stepper = TorchStepper(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
-    loss_fn = build_loss_fn(spec, model, M.load_scheduler_config(local.model), tread)
-    reader = CacheReader(spec, M.load_vae_config(local.model))
+    family = get_family(spec.model.model_family)
+    loss_fn = build_loss_fn(spec, model, family.load_scheduler_config(local.model), tread)
+    reader = CacheReader(spec, family.load_vae_config(local.model))
     train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
     if not train_samples:
         raise ValueError("the cache holds no usable training images")
@@ -128,7 +130,7 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
     if (rank == 0 or sharded) and spec.eval.validation_step_interval and (spec.eval.validation_prompt or spec.eval.user_prompt_library):
         from flux_ray.core.validation import Validator
 
-        validate = Validator(local, transformer, device, write=rank == 0)
+        validate = Validator(local, transformer, device, write=rank == 0, family=family)
     return LoopParts(spec=spec, model=model, params=params, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,
