@@ -19,6 +19,7 @@ import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MANIFES
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
 from flux_ray.families import get_family
+
+if TYPE_CHECKING:
+    from flux_ray.spec import JobSpec
 
 EMPTY_CAPTION_ID = caption_id("")
 READ_THREADS = 4
@@ -84,7 +88,7 @@ class WindowData:
 class CacheReader:
     """Index of one job's cache (from the shards' side files); reads the rows a window or batch needs."""
 
-    def __init__(self, spec, vae_config: dict):
+    def __init__(self, spec: JobSpec, vae_config: dict):
         self.spec, self.st = spec, spec.storage
         paths = CachePaths(spec.cache.uri)
         self.latent_dtype = DTYPES[spec.cache.latent_dtype]

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from flux_ray.core import lora
-from flux_ray.core import model as M
+from flux_ray.core.model import DTYPES
 from flux_ray.core.adapters import attach_adapter
 from flux_ray.core.step import FluxLossFn
 from flux_ray.core.tread import TokenRouter
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def base_dtype(spec: JobSpec, device: torch.device) -> torch.dtype:
-    return M.DTYPES[spec.model.base_model_default_dtype]
+    return DTYPES[spec.model.base_model_default_dtype]
 
 
 def build_transformer(spec: JobSpec, device: torch.device):
