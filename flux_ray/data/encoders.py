@@ -37,8 +37,8 @@ class VaeEncoder:
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.use(get_family(model_spec.model_family).load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last,
-                 compile_backend, batch_size)
+        vae = get_family(model_spec.model_family).load_vae(model_spec, dtype=compute, device=self.device)
+        self.use(vae, compute, DTYPES[latent_dtype], channels_last, compile_backend, batch_size)
 
     def use(self, vae, compute: torch.dtype, latent_dtype: torch.dtype, channels_last: bool = False,
             compile_backend: str | None = None, batch_size: int | None = None) -> None:
