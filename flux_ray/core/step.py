@@ -100,6 +100,10 @@ class FluxLossFn:
     def fast_schedule(self) -> bool:
         return self.schedule.fast
 
+    @property
+    def scheduler_config(self) -> dict:
+        return self.schedule.scheduler_config
+
     def _position_ids(self, h: int, w: int, text_len: int, device: torch.device):
         key = (h, w, text_len, str(device))
         if key not in self._ids:
