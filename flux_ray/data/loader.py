@@ -326,7 +326,7 @@ class CacheReader:
             mean, std = data.references[s.reference_id]
             mean = mean.float()
             raw = mean if generator is None else mean + std.float() * torch.randn(mean.shape, generator=generator)
-            out.append(normalize_latents(raw, *self.latent_norm[s.dataset_id]))
+            out.append(self.family.normalize_latents(raw, self.latent_norm[s.dataset_id]))
         return torch.stack(out)
 
     def batch(self, samples: list[Sample], generator: torch.Generator | None = None,
