@@ -2,12 +2,14 @@
 
 The floors, lowest first (README "Layout" lists the same order):
 
-0. spec      ``spec.py`` and ``job_home.py`` (where a job's relative paths resolve; the spec calls it)
+0. spec      ``spec.py``, ``job_home.py`` (where a job's relative paths resolve; the spec calls it) and
+             ``quiet.py`` (the console's quiet switch; no flux_ray imports)
 1. storage   ``storage.py`` and ``node_cache.py`` (per-node copies of storage inputs)
 2. core      ``core/`` (pure torch) and ``families/`` (one module per model family over core)
 3. data      ``data/``
 4. train     ``train/`` and ``tracking/`` (MLflow driver-side callbacks that Ray Train calls)
-5. job       ``job.py`` and ``placement.py`` (where a job's processes run)
+5. job       ``job.py``, ``placement.py`` (where a job's processes run), ``progress.py``, ``notify/``
+             (webhooks) and ``publish/`` (delivery of the finished LoRA): what a job does around training
 6. tune      ``tune/``
 7. cli       ``cli.py``, ``export.py``, ``jobs_client.py``, ``simpletuner/`` (command-line front ends)
 
@@ -25,12 +27,12 @@ import flux_ray
 
 PACKAGE = Path(flux_ray.__file__).parent
 FLOORS = {  # first path part under flux_ray/ (module or package name) -> floor
-    "__init__": 0, "spec": 0, "job_home": 0,
+    "__init__": 0, "spec": 0, "job_home": 0, "quiet": 0,
     "storage": 1, "node_cache": 1,
     "core": 2, "families": 2,
     "data": 3,
     "train": 4, "tracking": 4,
-    "job": 5, "placement": 5,
+    "job": 5, "placement": 5, "progress": 5, "notify": 5, "publish": 5,
     "tune": 6,
     "cli": 7, "export": 7, "jobs_client": 7, "simpletuner": 7,
 }
