@@ -31,7 +31,8 @@ def main() -> None:
     from flux_ray.data.cache import run_cache
     from flux_ray.data.cache_layout import sample_id
     from flux_ray.data.demo import write_demo_data
-    from flux_ray.data.encoders import DecodeAndCrop, TextEncoder, VaeEncoder
+    from flux_ray.data.decode import DecodeAndCrop
+    from flux_ray.data.encoders import TextEncoder, VaeEncoder
     from flux_ray.spec import load_spec
 
     work = Path(args.workdir)

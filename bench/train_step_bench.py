@@ -1,11 +1,11 @@
 """Times flux_ray's own LoRA training step on the full-size FLUX.1-dev transformer, against the stock recipe.
 
 The model is built from its config with random bf16 weights directly on the GPU (step time does not
-depend on weight values; nothing is downloaded). The step is the trainer's: ``quantize_base``,
-``add_lora``, ``apply_gradient_checkpointing``, ``compile_blocks``, ``build_optimizer``,
-``build_lr_scheduler`` and ``FluxLossFn`` are imported from flux_ray, and each step runs the body of
-``train/loop.py``'s step (batch to device, loss / accum, backward, clip_grad_norm_, optimizer, scheduler,
-zero_grad; ``train/stepper.py``'s TorchStepper where present) on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings).
+depend on weight values; nothing is downloaded). The step is the trainer's: the variant becomes a
+``JobSpec``, the base is prepared by ``train/build.py``'s ``prepare_base`` (quantize or offload, LoRA,
+FP8, checkpointing) and its loss by ``build_loss_fn``; ``compile_blocks``, ``build_optimizer``,
+``build_lr_scheduler`` and ``TorchStepper`` are the trainer's too, and each step is ``train/loop.py``'s
+``train_step`` on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings).
 
 Two commands:
   run SPEC          one variant in this process; prints one JSON line (start each variant in its own
@@ -96,73 +96,70 @@ def checkpointed_blocks(interval: int) -> int:
 
 # ---------------------------------------------------------------- one variant (run) -------------------------
 
+def bench_spec(v: dict):
+    """The variant as a JobSpec: the trainer's own builders read it (no dataset is opened)."""
+    from flux_ray.spec import JobSpec
+
+    start, end = TREAD_BLOCKS[v["model"]]
+    tread = ({"routes": [{"selection_ratio": float(v["tread"]), "start_layer_idx": start, "end_layer_idx": end}]}
+             if float(v["tread"]) else None)
+    spec = JobSpec.model_validate({
+        "datasets": [{"id": "bench", "instance_data_dir": "/nonexistent"}],
+        "model": dict(base_model_precision=QUANT[v["quant"]], base_compute_dtype="fp8" if v["fp8"] else "bf16",
+                      **offload_options(v["offload"])),
+        "lora": dict(lora_rank=v["rank"], flux_lora_target=v["targets"]),
+        "scaling": {"use_gpu": True},  # the spec checks FP8 against GPUs; on a CPU the bench emulates FP8
+        "train": dict(optimizer="adamw_bf16" if v["lora_dtype"] == "bf16" else "adamw",
+                      gradient_checkpointing=int(v["ckpt"]) > 0, gradient_checkpointing_interval=max(1, int(v["ckpt"])),
+                      compile=bool(v["compile"]), tread_config=tread)})
+    # The spec refuses eager cuDNN attention (it crashed H200 steps) and CUDA graphs where unmeasured; the
+    # bench may still time them.
+    spec.train = spec.train.model_copy(update={"attention_backend": v["attn"], "dynamo_mode": v["dynamo_mode"]})
+    return spec
+
+
 def build(v: dict):
-    """The trainer's parts on a random full-size (or tiny) transformer: (model, params, opt, sched, loss_fn)."""
+    """The trainer's parts on a random full-size (or tiny) transformer, built by train/build.py's functions:
+    (model, params, opt, sched, StepParts, train_spec)."""
     import torch
 
-    from flux_ray.core.checkpointing import apply_gradient_checkpointing
-    from flux_ray.core.compile import compile_blocks
-    from flux_ray.core.lora import add_lora
     from flux_ray.core.model import FLUX_DEV_TRANSFORMER, build_transformer_from_config
-    from flux_ray.core.quantize import quantize_base
-    from flux_ray.core.step import FluxLossFn
     from flux_ray.core.tiny import FLUX_SCHEDULER, TINY_TRANSFORMER
-    from flux_ray.spec import FlowSpec, LoraSpec, ModelSpec, TrainSpec
+    from flux_ray.core.tread import TokenRouter
+    from flux_ray.train.build import build_loss_fn, compile_model, prepare_base
+    from flux_ray.train.loop import StepParts
     from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
+    from flux_ray.train.stepper import TorchStepper
 
     device = torch.device(v["device"])
     config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
-    transformer = build_transformer_from_config(config, device, torch.bfloat16)
-    model_spec = ModelSpec(base_model_precision=QUANT[v["quant"]], **offload_options(v["offload"]))
-    lora_spec = LoraSpec(lora_rank=v["rank"], flux_lora_target=v["targets"])
-    if v["fp8"] and (model_spec.enable_group_offload or model_spec.base_model_precision != "no_change"):
+    spec = bench_spec(v)
+    if v["fp8"] and (spec.model.enable_group_offload or spec.model.base_model_precision != "no_change"):
         raise ValueError("fp8=1 needs quant=none and offload=none (as the spec requires)")
-    if model_spec.enable_group_offload:  # as train/build.py: offload the base, then the adapter on the device
-        from flux_ray.core.offload import apply_group_offload, keep_unowned_on_device
-
-        apply_group_offload(transformer, model_spec, device)
-        params = add_lora(transformer, lora_spec)
-        keep_unowned_on_device(transformer, device)
-    else:
-        transformer = quantize_base(transformer, model_spec, device)
-        params = add_lora(transformer, lora_spec)
-    if v["fp8"]:  # after the adapter, as train/build.py does
-        from flux_ray.core.fp8 import convert_base_to_fp8
-
-        convert_base_to_fp8(transformer, device, emulate=device.type == "cpu")
+    transformer = build_transformer_from_config(config, device, torch.bfloat16)
+    transformer, _, _ = prepare_base(transformer, spec, device, emulate_fp8=device.type == "cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    router = None
-    if float(v["tread"]):  # hooks before checkpointing and compile, as train/build.py does
-        from flux_ray.core.tread import TokenRouter
-        from flux_ray.spec import TreadConfig, TreadRoute
-
-        start, end = TREAD_BLOCKS[v["model"]]
-        router = TokenRouter.from_spec(transformer, TreadConfig(routes=[TreadRoute(
-            selection_ratio=float(v["tread"]), start_layer_idx=start, end_layer_idx=end)]))
-    interval = int(v["ckpt"])
-    if interval:
-        apply_gradient_checkpointing(transformer, interval)
-    if v["compile"]:
-        compile_blocks(transformer, mode=None if v["dynamo_mode"] == "default" else v["dynamo_mode"])
-    train_spec = TrainSpec(optimizer="adamw_bf16" if v["lora_dtype"] == "bf16" else "adamw")
+    router = TokenRouter.from_spec(transformer, spec.train.tread_config)  # as build_loop_parts: before compile
+    train_spec = spec.train
     params = [p for p in transformer.parameters() if p.requires_grad]
+    if v["opt"] == "foreach" and v["lora_dtype"] == "bf16":
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+    elif v["opt"] != "foreach":
+        cast_trainable_params(train_spec, params)
+    if v["compile"]:  # as build_loop_parts: after the cast, before the optimizer
+        compile_model(transformer, spec)
     if v["opt"] == "foreach":  # lever: torch's default multi-tensor AdamW instead of the project's fused one
-        if v["lora_dtype"] == "bf16":
-            for p in params:
-                p.data = p.data.to(torch.bfloat16)
         opt = torch.optim.AdamW(params, lr=train_spec.learning_rate, betas=(0.9, 0.999),
                                 weight_decay=train_spec.adam_weight_decay, foreach=True)
     else:
-        cast_trainable_params(train_spec, params)
         opt = build_optimizer(train_spec, params, device)
     sched = build_lr_scheduler(train_spec, opt)
-    loss_fn = FluxLossFn(transformer, FlowSpec(), scheduler_config=dict(FLUX_SCHEDULER), fast_schedule=False,
-                         autocast_dtype=torch.bfloat16, attention_backend=v["attn"], tread=router,
-                         cuda_graphs=bool(v["compile"]) and v["dynamo_mode"] in ("reduce-overhead", "max-autotune"))
-    if not v["uncast"]:
-        loss_fn._uncast_lora = []
-    return transformer, params, opt, sched, loss_fn, train_spec
+    loss_fn = build_loss_fn(spec, transformer, dict(FLUX_SCHEDULER), router, uncast_lora=bool(v["uncast"]))
+    parts = StepParts(loss_fn=loss_fn, stepper=TorchStepper(transformer, params, opt, sched, train_spec.max_grad_norm),
+                      device=device)
+    return transformer, params, opt, sched, parts, train_spec
 
 
 def host_batches(v: dict, n: int, config: dict):
@@ -187,40 +184,28 @@ def run_variant(v: dict) -> dict:
 
     from flux_ray.core.model import FLUX_DEV_TRANSFORMER
     from flux_ray.core.tiny import TINY_TRANSFORMER
-    from flux_ray.train.loop import step_generator
+    from flux_ray.train.checkpoint import Position
+    from flux_ray.train.loop import step_generator, train_step
 
     cuda = v["device"] == "cuda"
     t0 = time.time()
-    transformer, params, opt, sched, loss_fn, train_spec = build(v)
+    transformer, params, opt, sched, parts, train_spec = build(v)
+    loss_fn = parts.loss_fn
     build_s = time.time() - t0
     config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
     batches = host_batches(v, 4, config)
     device = torch.device(v["device"])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step_no, losses = [0], []
+    position, losses = Position(), []
 
-    try:  # the trainer's own optimizer-step code (train/stepper.py), where this tree has it
-        from flux_ray.train.stepper import TorchStepper
+    def next_batch():  # the same host batches and step generators in every process
+        while True:
+            yield batches[position.step % len(batches)].to(device), step_generator(train_spec.seed, position.step, 0, 0)
 
-        stepper = TorchStepper(transformer, params, opt, sched, train_spec.max_grad_norm)
-    except ImportError:
-        stepper = None
+    feed = next_batch()
 
-    def step():  # train/loop.py's step body, gradient_accumulation_steps=1
-        batch = batches[step_no[0] % len(batches)].to(device)
-        gen = step_generator(train_spec.seed, step_no[0], 0, 0)
-        loss = loss_fn(batch, gen)
-        if stepper is not None:
-            stepper.micro_step(loss, 0, 1)
-            stepper.finish_step()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, train_spec.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        step_no[0] += 1
-        losses.append(loss.detach())  # read at the end: no sync per step
+    def step():  # train/loop.py's train_step, gradient_accumulation_steps=1
+        losses.append(train_step(parts, feed, position))  # read at the end: no sync per step
         return losses[-1]
 
     if cuda:

@@ -167,7 +167,7 @@ def _dispatch(args) -> int:
         print(f"wrote {n} images to {args.directory}")
         return 0
     if args.cmd == "export":
-        from flux_ray.core.lora_export import export_cli
+        from flux_ray.export import export_cli
         from flux_ray.storage import is_s3
 
         return export_cli(fetch_remote_source(args) if is_s3(args.source) else args)

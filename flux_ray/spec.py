@@ -51,6 +51,8 @@ def is_secret_key(key: object) -> bool:
     return any(part in words if "_" not in part else part in k for part in SECRET_KEY_PARTS)
 """Keys whose values are never logged: dropped from MLflow params and the run identity, masked in job_spec.yaml
 (a Discord or Slack webhook URL carries its token in the path)."""
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+"""Image files a dataset folder may hold: the spec checks a local folder has one, the source lister lists them."""
 T5_COMPILE_MIN_CAPTIONS = 4096  # cache.compile_encoders: fewer captions encode faster eager than compile + encode
 
 
@@ -1023,8 +1025,6 @@ def load_spec(path: str | os.PathLike | None = None, overrides: list[str] | None
 
 def check_local_inputs(spec: JobSpec, source: str = "") -> None:
     """Fail before Ray starts when a local dataset or model folder is missing or empty."""
-    from flux_ray.data.sources import IMAGE_EXTENSIONS  # light import: no torch, no ray
-
     for i, d in enumerate(spec.datasets):
         if d.disabled or d.type != "local" or d.make_demo_if_missing and not Path(d.instance_data_dir).exists():
             continue

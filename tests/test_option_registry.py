@@ -19,6 +19,7 @@ SOURCES, FLOW, VALID = "tests/data/test_sources.py", "tests/core/test_flow.py", 
 AUTO = "tests/data/test_auto_captions.py"
 
 EFFECT_TESTS: dict[str, str] = {
+    "model.model_family": "tests/test_families.py::test_model_family_picks_the_family",
     "model.model_flavour": f"{SPEC}::test_schnell_defaults",
     "model.pretrained_model_name_or_path": "tests/core/test_model_and_lora.py::test_components_load_through_model_spec",
     "model.pretrained_transformer_model_name_or_path":
@@ -173,7 +174,6 @@ EFFECT_TESTS: dict[str, str] = {
 
 NO_EFFECT: dict[str, str] = {
     "name": "names the run directory and MLflow run; identity and resume: tests/train/test_run_identity.py",
-    "model.model_family": "a single-value Literal (flux): documents the family, nothing to choose",
     "datasets.id": "a label (cache keys, summaries, --set addressing by id)",
     "datasets.disabled": "drops the dataset from enabled_datasets(): every consumer reads that list",
     "datasets.aws_region_name": "passed to the S3 client with the endpoint; moto answers any region",

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from flux_ray.core import lora as L
+from flux_ray.core import lora
 
 LYCORIS_FLUX_PRESET = {"target_module": ["FluxTransformerBlock", "FluxSingleTransformerBlock"]}
 
@@ -15,10 +15,10 @@ class PeftAdapter:
 
     def __init__(self, transformer: torch.nn.Module, lora_spec):
         self.transformer = transformer
-        self.params = L.add_lora(transformer, lora_spec)
+        self.params = lora.add_lora(transformer, lora_spec)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return L.peft_state_dict(self.transformer)
+        return lora.peft_state_dict(self.transformer)
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict

@@ -7,6 +7,8 @@ Each function mirrors a diffusers reference (tests compare them): ``FluxPipeline
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -126,6 +128,33 @@ def eval_sigmas(num: int, flow, *, image_seq_len: int, scheduler_config: dict | 
     sigmas = torch.linspace(1.0, 1.0 / num, num)
     shift = effective_shift(flow, image_seq_len, scheduler_config)
     return shift_sigmas(sigmas, shift) if shift is not None else sigmas
+
+
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """The sigma schedule, resolved once from its three sources: the spec's ``flow`` options (shift, auto
+    shift, distribution), the model folder's scheduler config (auto shift's sequence lengths and shifts)
+    and whether the fast (schnell) schedule applies (``JobSpec.fast_schedule``). Each call then takes
+    only what varies per batch."""
+    flow: Any
+    """The spec's FlowSpec."""
+    scheduler_config: dict = field(default_factory=dict)
+    fast: bool = False
+
+    def shift(self, image_seq_len: int) -> float | None:
+        return None if self.fast else effective_shift(self.flow, image_seq_len, self.scheduler_config)
+
+    def sample(self, batch_size: int, image_seq_len: int, generator: torch.Generator | None = None,
+               device=None) -> torch.Tensor:
+        """Training sigmas (:func:`sample_sigmas`)."""
+        return sample_sigmas(batch_size, self.flow, image_seq_len=image_seq_len,
+                             scheduler_config=self.scheduler_config, fast_schedule=self.fast, generator=generator,
+                             device=device)
+
+    def eval_grid(self, num: int, image_seq_len: int) -> torch.Tensor:
+        """The eval loss's fixed sigmas (:func:`eval_sigmas`)."""
+        return eval_sigmas(num, self.flow, image_seq_len=image_seq_len, scheduler_config=self.scheduler_config,
+                           fast_schedule=self.fast)
 
 
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flux_ray.core import flow as F
+from flux_ray.core import flow
 from flux_ray.core.adapters import AdapterSwitch
 
 
@@ -78,11 +78,10 @@ class FluxLossFn:
 
     def __init__(self, transformer, flow_spec, *, scheduler_config: dict | None, fast_schedule: bool,
                  masked_attention: bool = False, autocast_dtype: torch.dtype | None = None,
-                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False):
+                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False, uncast_lora: bool = True):
         self.transformer = transformer
         self.flow = flow_spec
-        self.scheduler_config = scheduler_config or {}
-        self.fast_schedule = fast_schedule
+        self.schedule = flow.SigmaSchedule(flow_spec, scheduler_config or {}, fast_schedule)  # resolved once
         self.masked = masked_attention
         self.autocast_dtype = autocast_dtype
         self.attention_backend = attention_backend
@@ -93,13 +92,22 @@ class FluxLossFn:
         base = getattr(transformer, "module", transformer)
         self.guidance_embeds = bool(getattr(base.config, "guidance_embeds", False))
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._uncast_lora = _dropout_free_lora_layers(base) if autocast_dtype is not None else []
+        # uncast_lora=False keeps PEFT's casts (bench/train_step_bench.py's uncast=0 lever)
+        self._uncast_lora = _dropout_free_lora_layers(base) if autocast_dtype is not None and uncast_lora else []
         self._adapters: AdapterSwitch | None = None  # found on the first regularisation batch
+
+    @property
+    def fast_schedule(self) -> bool:
+        return self.schedule.fast
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.schedule.scheduler_config
 
     def _position_ids(self, h: int, w: int, text_len: int, device: torch.device):
         key = (h, w, text_len, str(device))
         if key not in self._ids:
-            self._ids[key] = (F.latent_image_ids(h, w, device=device), F.text_ids(text_len, device=device))
+            self._ids[key] = (flow.latent_image_ids(h, w, device=device), flow.text_ids(text_len, device=device))
         return self._ids[key]
 
     def predict(self, batch: FluxBatch, noisy_packed: torch.Tensor, sigmas: torch.Tensor,
@@ -110,10 +118,10 @@ class FluxLossFn:
         img_ids, txt_ids = self._position_ids(h, w, batch.prompt_embeds.shape[1], device)
         tokens = noisy_packed
         if batch.reference_latents is not None:  # Kontext: the reference's tokens follow the target's
-            tokens, img_ids = F.with_reference_tokens(noisy_packed, img_ids, batch.reference_latents)
+            tokens, img_ids = flow.with_reference_tokens(noisy_packed, img_ids, batch.reference_latents)
         if self.masked and batch.text_mask is not None:
             kwargs["joint_attention_kwargs"] = {
-                "attention_mask": F.joint_attention_mask(batch.text_mask, tokens.shape[1])}
+                "attention_mask": flow.joint_attention_mask(batch.text_mask, tokens.shape[1])}
         if self.guidance_embeds:
             kwargs["guidance"] = to_device(guidance, device)
         if self.cuda_graphs:
@@ -129,21 +137,20 @@ class FluxLossFn:
         """Training loss with freshly sampled noise, sigmas and guidance."""
         b, _, h, w = batch.latents.shape
         seq = (h // 2) * (w // 2)
-        latents = F.pack_latents(batch.latents)
-        sigmas = F.sample_sigmas(b, self.flow, image_seq_len=seq, scheduler_config=self.scheduler_config,
-                                 fast_schedule=self.fast_schedule, generator=generator)
+        latents = flow.pack_latents(batch.latents)
+        sigmas = self.schedule.sample(b, seq, generator)
         sigmas = to_device(sigmas, latents.device)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         noise = to_device(noise, latents.device).to(latents.dtype)
-        guidance = F.guidance_values(b, self.flow, generator)
-        noisy = F.noisy_latents(latents, noise, sigmas)
+        guidance = flow.guidance_values(b, self.flow, generator)
+        noisy = flow.noisy_latents(latents, noise, sigmas)
         target = self.target(batch, noisy, noise - latents, sigmas, guidance)
         routing = contextlib.nullcontext()
         if self.tread is not None:  # drawn after noise and sigmas, so those match a run without TREAD
             routing = self.tread.active(self.tread.plan(batch.prompt_embeds.shape[1], seq, generator, latents.device))
         with routing:
             pred = self.predict(batch, noisy, sigmas, guidance)
-        return F.velocity_loss(pred, target, self.flow.loss_type, self.flow.huber_c, weight=packed_loss_mask(batch))
+        return flow.velocity_loss(pred, target, self.flow.loss_type, self.flow.huber_c, weight=packed_loss_mask(batch))
 
     def target(self, batch: FluxBatch, noisy_packed: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor,
                guidance: torch.Tensor | None) -> torch.Tensor:
@@ -166,9 +173,8 @@ class FluxLossFn:
     def eval_loss(self, batch: FluxBatch, noise_seeds: list[int], num_sigmas: int) -> torch.Tensor:
         """Per-sample loss averaged over a fixed sigma grid with fixed per-sample noise (deterministic)."""
         b, _, h, w = batch.latents.shape
-        latents = F.pack_latents(batch.latents)
-        sigma_grid = F.eval_sigmas(num_sigmas, self.flow, image_seq_len=(h // 2) * (w // 2),
-                                   scheduler_config=self.scheduler_config, fast_schedule=self.fast_schedule)
+        latents = flow.pack_latents(batch.latents)
+        sigma_grid = self.schedule.eval_grid(num_sigmas, (h // 2) * (w // 2))
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s))
                              for s in noise_seeds]).to(latents.device, latents.dtype)
         guidance = torch.full((b,), float(self.flow.flux_guidance_value))
@@ -176,9 +182,9 @@ class FluxLossFn:
         total = torch.zeros(b, device=latents.device)
         for sigma in sigma_grid.tolist():
             sigmas = torch.full((b,), sigma, device=latents.device)
-            pred = self.predict(batch, F.noisy_latents(latents, noise, sigmas), sigmas, guidance)
-            total += F.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c, reduce=False,
-                                 weight=weight)
+            pred = self.predict(batch, flow.noisy_latents(latents, noise, sigmas), sigmas, guidance)
+            total += flow.flow_loss(pred, noise, latents, self.flow.loss_type, self.flow.huber_c, reduce=False,
+                                    weight=weight)
         return total / len(sigma_grid)
 
 
@@ -186,7 +192,7 @@ def packed_loss_mask(batch: FluxBatch) -> torch.Tensor | None:
     """The batch's (B, 1, h, w) loss mask as weights of the packed tokens' channels (B, h/2 * w/2, 64), or None."""
     if batch.loss_mask is None:
         return None
-    return F.pack_latents(batch.loss_mask.expand(-1, batch.latents.shape[1], -1, -1).contiguous())
+    return flow.pack_latents(batch.loss_mask.expand(-1, batch.latents.shape[1], -1, -1).contiguous())
 
 
 def _dropout_free_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -82,8 +82,13 @@ class Validator:
     (~160 MB in bf16) stays on the CPU between validations and visits the device while images render, as the CLIP
     scorer does."""
 
-    def __init__(self, spec, transformer, device: torch.device, write: bool = True):
-        self.spec, self.transformer, self.device, self.write = spec, transformer, device, write
+    def __init__(self, spec, transformer, device: torch.device, write: bool = True, family=None):
+        """``family`` (flux_ray.families) builds the pipeline; default: the spec's ``model.model_family``."""
+        if family is None:  # the registry sits on core's floor; imported here so core's modules load without it
+            from flux_ray.families import get_family
+
+            family = get_family(spec.model.model_family)
+        self.spec, self.transformer, self.device, self.write, self.family = spec, transformer, device, write, family
         self.prompts = prompt_library(spec.eval, spec.validation_trigger_word)
         self.reference = load_reference_image(spec.eval.validation_reference_image, spec.storage)
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -101,19 +106,10 @@ class Validator:
 
     def _build(self) -> None:
         """The pipeline (VAE on the CPU) and the prompt embeddings, encoded once by text encoders that are freed."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
-
-        from flux_ray.core.model import load_text_encoders, load_vae
-
         model = self.spec.model
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(model.base_path, subfolder="scheduler",
-                                                                revision=model.revision)
-        tok, clip, tok2, t5 = load_text_encoders(model, dtype=self.dtype, device=self.device)
-        pipeline = FluxKontextPipeline if model.model_flavour == "kontext" else FluxPipeline
-        pipe = pipeline(scheduler=sched, vae=load_vae(model, dtype=self.dtype), text_encoder=clip, tokenizer=tok,
-                        text_encoder_2=t5, tokenizer_2=tok2, transformer=self.transformer)
+        pipe = self.family.validation_pipeline(model, self.transformer, self.dtype, self.device)
+        pipe.vae.to("cpu")  # moved to the device only while images render
         pipe.set_progress_bar_config(disable=True)
-        del clip, t5
         texts = [*self.prompts.values(), *([self.negative_prompt] if self.negative_prompt is not None else [])]
         with torch.no_grad():
             for text in dict.fromkeys(texts):

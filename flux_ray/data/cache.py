@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,10 @@ import pyarrow.parquet as pq
 
 from flux_ray import storage
 from flux_ray.data import sources
-from flux_ray.data.cache_layout import (BLOB_COLUMNS, INDEX_CAPTION_IDS, ROWS_PER_ROW_GROUP, SHARD_TARGET_BYTES,
-                                       CachePaths, check_format, dataset_key, empty_manifest, mask_id, mask_key,
-                                       rows_file, sample_id, text_key, vae_identity)
+from flux_ray.data.cache_layout import (BLOB_COLUMNS, INDEX_CAPTION_IDS, MANIFEST_FILE, ROWS_PER_ROW_GROUP,
+                                       SHARD_TARGET_BYTES, CachePaths, check_format, dataset_key, empty_manifest,
+                                       index_file, mask_id, mask_key, new_run_id, rows_file, sample_id, shard_file,
+                                       text_key, vae_identity)
 
 log = logging.getLogger("flux_ray.cache")
 EMPTY_CAPTION = ""
@@ -47,7 +47,7 @@ class CacheSummary:
 
 
 def _read_manifest(uri: str, st, kind: str, key: str, meta: dict) -> dict:
-    path = storage.join(uri, "manifest.json")
+    path = storage.join(uri, MANIFEST_FILE)
     if not storage.exists(path, st):
         return empty_manifest(kind, key, meta)
     manifest = storage.read_json(path, st)
@@ -79,7 +79,7 @@ def write_shard(table: pa.Table, uri: str, storage_spec, run: str) -> dict:
     out: dict = {"file": [], "rows": [], "bytes": []}
     for start in range(0, table.num_rows, rows):
         part = table.slice(start, rows)
-        rel = f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
+        rel = shard_file(run)
         fs, path = storage.resolve(storage.join(uri, rel), storage_spec)
         if fs.type_name == "local":
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -103,7 +103,7 @@ def _write_and_commit(pipe, uri: str, st, manifest: dict, rows_per_file: int, co
     """Append a ``write_shard`` stage to ``pipe``, run it, and commit the written shards to the manifest
     every ``commit_every`` rows and at the end (a killed run loses at most one uncommitted chunk)."""
     pipe = pipe.map_batches(write_shard, batch_size=rows_per_file, batch_format="pyarrow",
-                            fn_kwargs={"uri": uri, "storage_spec": st, "run": f"run-{uuid.uuid4().hex[:12]}"})
+                            fn_kwargs={"uri": uri, "storage_spec": st, "run": new_run_id()})
     out, t0 = _Written(manifest, pipe), time.perf_counter()
     pending: list[dict] = []
 
@@ -127,11 +127,11 @@ def _write_and_commit(pipe, uri: str, st, manifest: dict, rows_per_file: int, co
 def _commit(uri: str, st, manifest: dict, new_entries: list[dict], index: pa.Table | None = None) -> dict:
     manifest = dict(manifest, shards=manifest["shards"] + new_entries, version=manifest["version"] + 1)
     if index is not None:
-        name = f"index-v{manifest['version']}.parquet"
+        name = index_file(manifest['version'])
         fs, path = storage.resolve(storage.join(uri, name), st)
         pq.write_table(index, path, filesystem=fs)
         manifest["index"] = name
-    storage.write_json_atomic(storage.join(uri, "manifest.json"), manifest, st)
+    storage.write_json_atomic(storage.join(uri, MANIFEST_FILE), manifest, st)
     return manifest
 
 
@@ -438,13 +438,15 @@ def run_cache(spec) -> CacheSummary:
     ``cache.gpus_per_actor`` 0.5, the VAE and T5 actors share it; model loads and compiles overlap)."""
     from pathlib import Path
 
-    from flux_ray.core.model import ensure_base_model, load_vae_config
+    from flux_ray.core.model import ensure_base_model
+    from flux_ray.families import get_family
     from flux_ray.data.demo import write_demo_data
     from flux_ray.node_cache import localize_model
 
     t0 = time.time()
     ensure_base_model(spec.model)
-    vae_config = load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
+    family = get_family(spec.model.model_family)
+    vae_config = family.load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
     summary = CacheSummary(cache_uri=spec.cache.uri)
     listings = {}
     for ds_spec in spec.latent_datasets():

@@ -1,18 +1,30 @@
-"""Cache identity and layout: content-addressed keys, manifests, committed shards. No Ray.
+"""The cache's on-disk format, in one place: paths, columns, byte codecs, version; and its content keys. No Ray.
+
+The writer (data/cache.py with data/encoders.py) and the reader (data/loader.py) both import it from here.
 
 Layout under ``cache.uri``::
 
-    latents/<dataset_key>/manifest.json      committed shards + caption index, version
-    latents/<dataset_key>/shards/part-*.parquet
-    latents/<dataset_key>/index-v<N>.parquet  sample_id -> caption_id, caption_ids (rewritten each run)
+    latents/<dataset_key>/manifest.json                  committed shards + caption index, version
+    latents/<dataset_key>/shards/<run>/<id>.parquet      one row per sample (LATENT_COLUMNS)
+    latents/<dataset_key>/index-v<N>.parquet             sample_id -> caption_id, caption_ids (rewritten each commit)
     text/<text_key>/manifest.json
-    text/<text_key>/shards/part-*.parquet    caption_id -> T5 + CLIP embeddings
-    masks/<mask_key>/manifest.json           loss masks of one image dataset (conditioning_type: mask)
-    masks/<mask_key>/shards/part-*.parquet   mask_id -> uint8 mask at latent resolution
-    masks/<mask_key>/index-v<N>.parquet      sample_id -> mask_id (rewritten each run)
-    references/<reference_key>/...           Kontext reference latents of one image dataset (same layout:
-                                             reference_id -> VAE mean/std; index sample_id -> reference_id)
-    <shard>.parquet.rows.parquet             the shard's small columns (ids, buckets, sizes), one GET
+    text/<text_key>/shards/<run>/<id>.parquet            one row per caption (TEXT_COLUMNS)
+    masks/<mask_key>/manifest.json                       loss masks of one image dataset (conditioning_type: mask)
+    masks/<mask_key>/shards/<run>/<id>.parquet           mask_id -> uint8 mask at latent resolution
+    masks/<mask_key>/index-v<N>.parquet                  sample_id -> mask_id (rewritten each commit)
+    references/<reference_key>/...                       Kontext reference latents of one image dataset (same
+                                                         layout: reference_id -> VAE mean/std; index
+                                                         sample_id -> reference_id)
+    <shard>.parquet.rows.parquet                         the shard's small columns (ids, buckets, sizes), one GET
+
+``<run>`` is ``run-<12 hex>``, one per cache run, and ``<id>`` 16 hex digits (:func:`shard_file`).
+
+Columns: a latent row holds the decode stage's ids, bucket and crop columns (data/decode.py) plus
+``latent_mean`` / ``latent_std`` (bytes, [C, h, w] in the latent dtype) and ``latent_h`` / ``latent_w``;
+a text row holds ``caption_id``, ``caption``, ``prompt_embeds`` (bytes, [seq_len, embed_dim]), ``pooled``
+(bytes, [pooled_dim]), ``text_mask`` (int8 bytes, [seq_len]) and ``seq_len`` / ``embed_dim`` / ``pooled_dim``;
+a mask row holds ``loss_mask`` (MASK_BLOBS). The blob columns (BLOB_COLUMNS) are :func:`tensor_to_bytes` of
+the tensor, read back with :func:`bytes_to_tensor`; everything else also goes to the ``.rows.parquet`` side file.
 
 Format 2: every shard is written with one row per Parquet row group, so a reader fetches exactly the
 rows it needs with range reads (``ParquetFile.read_row_groups``, coalesced by pyarrow's pre_buffer), and
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +56,12 @@ SHARD_TARGET_BYTES = 16 * 2**20
 embeddings would make 1 GiB objects, and a range read costs more on stores that serve a range by reading the
 object (moto: 7 ms for a row of a 16 MiB object, 140 ms of a 64 MiB one; bench/RESULTS.md, ingest)."""
 ROWS_SUFFIX = ".rows.parquet"
+MANIFEST_FILE = "manifest.json"
 LATENT_BLOBS = ("latent_mean", "latent_std")
+LATENT_COLUMNS = LATENT_BLOBS + ("latent_h", "latent_w")
+"""What the VAE stage adds to a decoded row (see the module docstring for the decode stage's columns)."""
 TEXT_BLOBS = ("prompt_embeds", "pooled", "text_mask")
+TEXT_COLUMNS = ("caption_id", "caption") + TEXT_BLOBS + ("seq_len", "embed_dim", "pooled_dim")
 MASK_BLOBS = ("loss_mask",)
 BLOB_COLUMNS = LATENT_BLOBS + TEXT_BLOBS + MASK_BLOBS
 TORCH_TO_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
@@ -130,6 +147,21 @@ class CachePaths:
 def empty_manifest(kind: str, key: str, meta: dict) -> dict:
     return {"format": CACHE_FORMAT_VERSION, "kind": kind, "key": key, "version": 0, "shards": [], "index": None,
             **meta}
+
+
+def new_run_id() -> str:
+    """One cache run's folder under ``shards/``: shards of concurrent runs never collide."""
+    return f"run-{uuid.uuid4().hex[:12]}"
+
+
+def shard_file(run: str) -> str:
+    """A new shard's path relative to its cache root: ``shards/<run>/<16 hex>.parquet``."""
+    return f"shards/{run}/{uuid.uuid4().hex[:16]}.parquet"
+
+
+def index_file(version: int) -> str:
+    """The caption index a manifest of this version names."""
+    return f"index-v{version}.parquet"
 
 
 def rows_file(shard_path: str) -> str:

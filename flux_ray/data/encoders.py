@@ -1,4 +1,4 @@
-"""Ray-free callables for the cache pipeline: decode+crop (data/decode.py, torch-free), VAE encode, text encode.
+"""Ray-free callables for the cache pipeline's encode stages: VAE encode, text encode (decode+crop is data/decode.py).
 
 Each is a class that loads what it needs in ``__init__`` and maps ``dict[str, ndarray] -> dict``
 batches, so Ray Data runs it on an actor pool and tests call it directly.
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from flux_ray.core.model import DTYPES
-from flux_ray.data.cache_layout import TORCH_TO_NP_VIEW, bytes_to_tensor, tensor_to_bytes  # noqa: F401 - the format
-from flux_ray.data.decode import DecodeAndCrop, decode_row, hash_int  # noqa: F401 - the pipeline's three stages
+from flux_ray.data.cache_layout import tensor_to_bytes
+from flux_ray.families import DEFAULT_FAMILY, ModelFamily, get_family
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -31,15 +31,14 @@ class VaeEncoder:
 
     def __init__(self, model_spec, latent_dtype: str = "bf16", use_gpu: bool = False, channels_last: bool = False,
                  compile_backend: str | None = None, batch_size: int | None = None, storage=None):
-        from flux_ray.core.model import load_vae
         from flux_ray.node_cache import localize_model
 
         model_spec = localize_model(model_spec, storage)  # an s3:// model: fetched once per node
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.use(load_vae(model_spec, dtype=compute, device=self.device), compute, DTYPES[latent_dtype], channels_last,
-                 compile_backend, batch_size)
+        vae = get_family(model_spec.model_family).load_vae(model_spec, dtype=compute, device=self.device)
+        self.use(vae, compute, DTYPES[latent_dtype], channels_last, compile_backend, batch_size)
 
     def use(self, vae, compute: torch.dtype, latent_dtype: torch.dtype, channels_last: bool = False,
             compile_backend: str | None = None, batch_size: int | None = None) -> None:
@@ -113,38 +112,36 @@ class TextEncoder:
 
     def __init__(self, model_spec, embed_dtype: str = "bf16", use_gpu: bool = False,
                  compile_backend: str | None = None, storage=None):
-        from flux_ray.core.model import load_text_encoders
         from flux_ray.node_cache import localize_model
 
         model_spec = localize_model(model_spec, storage)  # an s3:// model: fetched once per node
 
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.use(*load_text_encoders(model_spec, dtype=compute, device=self.device), model_spec.t5_max_length,
-                 DTYPES[embed_dtype], compile_backend)
+        family = get_family(model_spec.model_family)
+        self.use(*family.load_text_encoders(model_spec, dtype=compute, device=self.device), model_spec.t5_max_length,
+                 DTYPES[embed_dtype], compile_backend, family=family)
 
     def use(self, tok, clip, tok2, t5, max_len: int, embed_dtype: torch.dtype,
-            compile_backend: str | None = None) -> None:
-        """Take loaded tokenizers and encoders (``__init__``'s, or ones built in memory by bench/cache_bench.py)."""
+            compile_backend: str | None = None, family: ModelFamily | None = None) -> None:
+        """Take loaded tokenizers and encoders (``__init__``'s, or ones built in memory by bench/cache_bench.py);
+        ``family`` embeds with them (default: FLUX.1's CLIP + T5)."""
         self.tok, self.clip, self.tok2, self.t5, self.max_len, self.dtype = tok, clip, tok2, t5, max_len, embed_dtype
+        self.family = family or get_family(DEFAULT_FAMILY)
         if compile_backend:  # T5 sees one shape (padded to max_len) but for a last partial batch
             self.t5 = torch.compile(self.t5, backend=compile_backend)
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         captions = [str(c) for c in batch["caption"]]
-        clip_in = self.tok(captions, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
-                           return_tensors="pt")
-        pooled = self.clip(clip_in.input_ids.to(self.device), output_hidden_states=False).pooler_output
-        t5_in = self.tok2(captions, padding="max_length", max_length=self.max_len, truncation=True,
-                          return_tensors="pt")
-        embeds = self.t5(t5_in.input_ids.to(self.device), output_hidden_states=False)[0]
+        text = self.family.embed_text((self.tok, self.clip, self.tok2, self.t5), captions, self.max_len, self.device)
         n = len(captions)
-        embeds, pooled = embeds.to("cpu", self.dtype), pooled.to("cpu", self.dtype)
+        embeds, pooled = text["prompt_embeds"].to("cpu", self.dtype), text["pooled"].to("cpu", self.dtype)
+        mask = text["text_mask"].cpu()
         return {"caption_id": np.asarray(batch["caption_id"]), "caption": np.asarray(captions, dtype=object),
                 "prompt_embeds": np.array([tensor_to_bytes(embeds[i], self.dtype) for i in range(n)], dtype=object),
                 "pooled": np.array([tensor_to_bytes(pooled[i], self.dtype) for i in range(n)], dtype=object),
-                "text_mask": np.array([t5_in.attention_mask[i].to(torch.int8).numpy().tobytes() for i in range(n)],
+                "text_mask": np.array([mask[i].numpy().tobytes() for i in range(n)],
                                       dtype=object),
                 "seq_len": np.full(n, embeds.shape[1], np.int32), "embed_dim": np.full(n, embeds.shape[2], np.int32),
                 "pooled_dim": np.full(n, pooled.shape[1], np.int32)}

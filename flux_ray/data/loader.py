@@ -19,18 +19,22 @@ import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from flux_ray import storage
-from flux_ray.core.flow import normalize_latents
 from flux_ray.core.model import DTYPES
 from flux_ray.core.step import FluxBatch
-from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MASK_BLOBS, SHARD_TARGET_BYTES, TEXT_BLOBS,
-                                       CachePaths, bytes_to_tensor, check_format, dataset_key, mask_key, nbytes,
-                                       reference_key, rows_file, text_key)
+from flux_ray.data.cache_layout import (INDEX_CAPTION_IDS, LATENT_BLOBS, MANIFEST_FILE, MASK_BLOBS, SHARD_TARGET_BYTES,
+                                       TEXT_BLOBS, CachePaths, bytes_to_tensor, check_format, dataset_key, mask_key,
+                                       nbytes, reference_key, rows_file, text_key)
 from flux_ray.data.cache_read import ByteCounter, read_rows, read_table
 from flux_ray.data.sources import caption_id
+from flux_ray.families import get_family
+
+if TYPE_CHECKING:
+    from flux_ray.spec import JobSpec
 
 EMPTY_CAPTION_ID = caption_id("")
 READ_THREADS = 4
@@ -84,7 +88,7 @@ class WindowData:
 class CacheReader:
     """Index of one job's cache (from the shards' side files); reads the rows a window or batch needs."""
 
-    def __init__(self, spec, vae_config: dict):
+    def __init__(self, spec: JobSpec, vae_config: dict):
         self.spec, self.st = spec, spec.storage
         paths = CachePaths(spec.cache.uri)
         self.latent_dtype = DTYPES[spec.cache.latent_dtype]
@@ -93,12 +97,13 @@ class CacheReader:
         self.counter = ByteCounter()
         self.footers: dict = {}  # shard uri -> Parquet footer, read once
         self.samples: dict[str, list[Sample]] = {}
-        self.latent_norm: dict[str, tuple[float, float]] = {}
+        self.family = get_family(spec.model.model_family)
+        self.latent_norm: dict[str, dict] = {}  # dataset id -> the VAE factors its manifest recorded
         for ds in spec.latent_datasets():
             key = dataset_key(ds, spec.model, vae_config, spec.cache.latent_dtype)
             uri = paths.latents(key)
             manifest = self._manifest(uri, f"dataset {ds.id!r}")
-            self.latent_norm[ds.id] = (manifest["shift_factor"], manifest["scaling_factor"])
+            self.latent_norm[ds.id] = {k: manifest[k] for k in ("shift_factor", "scaling_factor")}
             mask_ds = spec.mask_dataset(ds)
             masks = self._index_masks(paths.masks(mask_key(key, mask_ds)), ds) if mask_ds else None
             reference_ds = spec.reference_dataset(ds)
@@ -117,7 +122,7 @@ class CacheReader:
                                                           size + r["seq_len"])
 
     def _manifest(self, uri: str, what: str) -> dict:
-        mpath = storage.join(uri, "manifest.json")
+        mpath = storage.join(uri, MANIFEST_FILE)
         if not storage.exists(mpath, self.st):
             raise FileNotFoundError(f"{what} has no cache at {uri}: run `flux-ray cache` first")
         manifest = storage.read_json(mpath, self.st)
@@ -298,7 +303,7 @@ class CacheReader:
             mean, std = data.latents[s.sample_id]
             mean = mean.float()
             raw = mean if generator is None else mean + std.float() * torch.randn(mean.shape, generator=generator)
-            lat.append(normalize_latents(raw, *self.latent_norm[s.dataset_id]))
+            lat.append(self.family.normalize_latents(raw, self.latent_norm[s.dataset_id]))
             cid = s.caption_id
             p = (caption_dropout or {}).get(s.dataset_id, 0.0)
             if p and rng is not None and rng.random() < p:
@@ -321,7 +326,7 @@ class CacheReader:
             mean, std = data.references[s.reference_id]
             mean = mean.float()
             raw = mean if generator is None else mean + std.float() * torch.randn(mean.shape, generator=generator)
-            out.append(normalize_latents(raw, *self.latent_norm[s.dataset_id]))
+            out.append(self.family.normalize_latents(raw, self.latent_norm[s.dataset_id]))
         return torch.stack(out)
 
     def batch(self, samples: list[Sample], generator: torch.Generator | None = None,

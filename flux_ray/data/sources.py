@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Callable
 
 from flux_ray import storage as _storage
 from flux_ray.core.trigger_word import apply_trigger_word
+from flux_ray.spec import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     from flux_ray.spec import DatasetSpec, StorageSpec
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 SIDECAR_READ_THREADS = 16
 
 

@@ -1,40 +1,45 @@
 """Builds the loop's parts on a worker: model, LoRA, optimizer, data. No Ray import."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from flux_ray.core import lora as L
+from flux_ray.core import lora
+from flux_ray.core.model import DTYPES
 from flux_ray.core.adapters import attach_adapter
-from flux_ray.core import model as M
 from flux_ray.core.step import FluxLossFn
 from flux_ray.core.tread import TokenRouter
 from flux_ray.data.loader import CacheReader
+from flux_ray.families import get_family
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import DeepSpeedStepper, TorchStepper, init_deepspeed
 
+if TYPE_CHECKING:
+    from flux_ray.spec import JobSpec
 
-def base_dtype(spec, device: torch.device) -> torch.dtype:
-    return M.DTYPES[spec.model.base_model_default_dtype]
+
+def base_dtype(spec: JobSpec, device: torch.device) -> torch.dtype:
+    return DTYPES[spec.model.base_model_default_dtype]
 
 
-def build_transformer(spec, device: torch.device):
-    """Frozen base (quantized or group-offloaded, optionally), LoRA attached, checkpointing set; returns
-    (model, adapter, its initial state when the init rewrote base weights)."""
+def build_transformer(spec: JobSpec, device: torch.device):
+    """Load the spec's base transformer and prepare it (:func:`prepare_base`)."""
+    if spec.model.base_compute_dtype == "fp8":  # before the load: refuse a device without FP8 tensor cores early
+        _fp8_module().check_fp8_supported(device)
+    transformer = get_family(spec.model.model_family).load_transformer(spec.model, dtype=base_dtype(spec, device))
+    return prepare_base(transformer, spec, device)
+
+
+def prepare_base(transformer: torch.nn.Module, spec: JobSpec, device: torch.device, *, emulate_fp8: bool = False):
+    """A loaded base transformer made trainable as the spec says: assistant LoRA fused, base quantized or
+    group-offloaded, LoRA attached, FP8 base Linears, gradient checkpointing. Returns (model, adapter, its
+    initial state when the init rewrote base weights). ``emulate_fp8``: bench/tests only, FP8 on a CPU."""
     from flux_ray.core.quantize import quantize_base
 
     fp8 = spec.model.base_compute_dtype == "fp8"
-    if fp8:  # before the load: refuse a device without FP8 tensor cores early
-        try:
-            from flux_ray.core.fp8 import check_fp8_supported, convert_base_to_fp8
-        except ImportError as e:
-            raise ValueError("model.base_compute_dtype fp8 needs the torchao package "
-                             "(pip install 'flux_ray[torchao]')") from e
-        check_fp8_supported(device)
-    transformer = M.load_transformer(spec.model, dtype=base_dtype(spec, device))
     if spec.model.assistant_lora_path:  # schnell's frozen assistant LoRA: fused into the base before training
         from flux_ray.core.lora_export import merge_lora
 
@@ -48,9 +53,9 @@ def build_transformer(spec, device: torch.device):
     else:
         transformer = quantize_base(transformer, spec.model, device)
         adapter = attach_adapter(transformer, spec.lora)
-    init_sd = adapter.state_dict() if L.moves_base_weights(spec.lora) else None
+    init_sd = adapter.state_dict() if lora.moves_base_weights(spec.lora) else None
     if fp8:  # after the adapter: PEFT holds each frozen Linear as base_layer, and its init may rewrite them
-        convert_base_to_fp8(transformer, device)
+        _fp8_module().convert_base_to_fp8(transformer, device, emulate=emulate_fp8)
     if spec.train.gradient_checkpointing:
         from flux_ray.core.checkpointing import apply_gradient_checkpointing
 
@@ -58,7 +63,35 @@ def build_transformer(spec, device: torch.device):
     return transformer, adapter, init_sd
 
 
-def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
+def _fp8_module():
+    try:
+        from flux_ray.core import fp8
+    except ImportError as e:
+        raise ValueError("model.base_compute_dtype fp8 needs the torchao package "
+                         "(pip install 'flux_ray[torchao]')") from e
+    return fp8
+
+
+def compile_model(model: torch.nn.Module, spec: JobSpec) -> None:
+    """Regional compile of the (possibly wrapped) transformer's blocks in ``train.dynamo_mode``."""
+    from flux_ray.core.compile import compile_blocks
+
+    compile_blocks(getattr(model, "module", model),
+                   mode=None if spec.train.dynamo_mode == "default" else spec.train.dynamo_mode)
+
+
+def build_loss_fn(spec: JobSpec, model: torch.nn.Module, scheduler_config: dict, tread: TokenRouter | None = None,
+                  *, uncast_lora: bool = True) -> FluxLossFn:
+    """The step's loss over ``model`` as the spec sets it (flow, precision, masking, attention backend).
+    ``uncast_lora=False``: keep PEFT's input casts (a bench lever; values are the same)."""
+    autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
+    return FluxLossFn(model, spec.flow, scheduler_config=scheduler_config, fast_schedule=spec.fast_schedule,
+                      masked_attention=spec.train.flux_attention_masked_training, autocast_dtype=autocast,
+                      attention_backend=spec.train.attention_backend, tread=tread,
+                      cuda_graphs=spec.train.uses_cuda_graphs, uncast_lora=uncast_lora)
+
+
+def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size: int,
                      wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
     from flux_ray.node_cache import localize
 
@@ -71,14 +104,12 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     model = wrap(transformer)
     artifacts = None
     if spec.train.compile:
-        from flux_ray.core.compile import compile_blocks
         from flux_ray.train.compile_cache import CompileArtifacts
 
         if spec.train.compile_cache:
             artifacts = CompileArtifacts(spec, dict(transformer.config), device, rank)
             artifacts.load()
-        compile_blocks(getattr(model, "module", model),
-                       mode=None if spec.train.dynamo_mode == "default" else spec.train.dynamo_mode)
+        compile_model(model, spec)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP
     optimizer = build_optimizer(spec.train, params, device)
     lr_scheduler = build_lr_scheduler(spec.train, optimizer)
@@ -87,12 +118,9 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
         stepper = DeepSpeedStepper(model)
     else:
         stepper = TorchStepper(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
-    autocast = torch.bfloat16 if spec.train.mixed_precision == "bf16" else None
-    loss_fn = FluxLossFn(model, spec.flow, scheduler_config=M.load_scheduler_config(local.model),
-                         fast_schedule=spec.fast_schedule, masked_attention=spec.train.flux_attention_masked_training,
-                         autocast_dtype=autocast, attention_backend=spec.train.attention_backend, tread=tread,
-                         cuda_graphs=spec.train.uses_cuda_graphs)
-    reader = CacheReader(spec, M.load_vae_config(local.model))
+    family = get_family(spec.model.model_family)
+    loss_fn = build_loss_fn(spec, model, family.load_scheduler_config(local.model), tread)
+    reader = CacheReader(spec, family.load_vae_config(local.model))
     train_samples, eval_samples = reader.split(spec.eval.eval_split_fraction)
     if not train_samples:
         raise ValueError("the cache holds no usable training images")
@@ -102,10 +130,11 @@ def build_loop_parts(spec, device: torch.device, rank: int, world_size: int,
     if (rank == 0 or sharded) and spec.eval.validation_step_interval and (spec.eval.validation_prompt or spec.eval.user_prompt_library):
         from flux_ray.core.validation import Validator
 
-        validate = Validator(local, transformer, device, write=rank == 0)
+        validate = Validator(local, transformer, device, write=rank == 0, family=family)
     return LoopParts(spec=spec, model=model, params=params, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,
+                     gradient_accumulation_steps=spec.train.gradient_accumulation_steps,
                      state_io=StateIO(model, adapter, optimizer, sharded=sharded,
                                       optimizer_state=spec.scaling.strategy != "deepspeed"),
                      stepper=stepper, lora_init=lora_init,

@@ -81,9 +81,9 @@ def export_final_lora(spec: JobSpec, checkpoint_dir: str, metrics: dict) -> str:
         for fmt in spec.output.export_formats:
             if fmt == "diffusers":
                 continue
-            from flux_ray.core.lora_export import export_lora_file
+            from flux_ray.families import get_family
 
-            p = export_lora_file(path, fmt, Path(d) / fmt, spec=spec, metadata=meta)
+            p = get_family(spec.model.model_family).export_lora_file(path, fmt, Path(d) / fmt, spec=spec, metadata=meta)
             storage.write_bytes_atomic(storage.join(out_uri, fmt, p.name), p.read_bytes(), spec.storage)
     return storage.join(out_uri, LORA_WEIGHT_NAME)
 

@@ -8,36 +8,50 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from flux_ray.core.step import FluxLossFn
+from flux_ray.core.step import FluxBatch, FluxLossFn
 from flux_ray.data.loader import CacheReader, Sample
 from flux_ray.data.prefetch import PREFETCH_BATCHES, BatchStream
 from flux_ray.train.checkpoint import Position, save_checkpoint
+from flux_ray.train.state_io import StateIO
+from flux_ray.train.stepper import Stepper
+
+if TYPE_CHECKING:
+    from flux_ray.spec import JobSpec
+
+Report = Callable[[dict, "str | None"], None]
+"""``report(metrics, checkpoint_dir_or_None)``: Ray Train's report on a worker, a list append in tests."""
 
 
-@dataclass
-class LoopParts:
-    """Everything the loop needs, built by the worker."""
-    spec: object
+@dataclass(kw_only=True)
+class StepParts:
+    """What one optimizer step needs; bench/train_step_bench.py builds only these."""
+    loss_fn: FluxLossFn
+    stepper: Stepper                                 # TorchStepper | DeepSpeedStepper
+    device: torch.device
+    gradient_accumulation_steps: int = 1
+    after_step: Callable[[int], None] | None = None  # e.g. profile.StepProfiler.after_step
+
+
+@dataclass(kw_only=True)
+class LoopParts(StepParts):
+    """Everything the loop needs, built by the worker (train/build.py)."""
+    spec: JobSpec
     model: torch.nn.Module            # possibly DDP/FSDP-wrapped transformer with LoRA
     params: list[torch.nn.Parameter]
-    lr_scheduler: object
-    loss_fn: FluxLossFn
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     reader: CacheReader
     train_samples: list[Sample]
     eval_samples: list[Sample]
-    device: torch.device
     rank: int = 0
     world_size: int = 1
-    state_io: object = None                         # StateIO: gather/restore LoRA + optimizer
-    stepper: object = None                          # TorchStepper | DeepSpeedStepper
+    state_io: StateIO | None = None                 # gather/restore LoRA + optimizer
     lora_init: dict | None = None                   # PiSSA/OLoRA/LoftQ initial adapter (export converts)
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
-    after_step: Callable[[int], None] | None = None  # e.g. profile.StepProfiler.after_step
     position: Position = field(default_factory=Position)
 
 
@@ -75,13 +89,42 @@ def evaluate(parts: LoopParts) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> dict:
+def train_step(parts: StepParts, batches: Iterator[tuple[FluxBatch, torch.Generator]],
+               position: Position) -> torch.Tensor:
+    """One optimizer step: ``gradient_accumulation_steps`` micro-batches (batch, generator) from ``batches``
+    through the loss and the stepper's backward, then its optimizer step. Advances ``position``; returns
+    the step's mean loss, detached and on the device (no host sync)."""
+    accum = parts.gradient_accumulation_steps
+    step_loss = torch.zeros((), device=parts.device)
+    for micro in range(accum):
+        with torch.profiler.record_function("flux_ray.batch"):  # the data wait (bench/ray_gpu_bench.py)
+            batch, gen = next(batches)
+        loss = parts.loss_fn(batch, gen)
+        parts.stepper.micro_step(loss, micro, accum)
+        step_loss += loss.detach() / accum
+    parts.stepper.finish_step()
+    position.step += 1
+    position.batch_index += accum
+    if parts.after_step:
+        parts.after_step(position.step)
+    return step_loss
+
+
+@dataclass
+class Tally:
+    """Steps since the last report: their losses, when the window began, samples seen on this rank."""
+    losses: list[torch.Tensor] = field(default_factory=list)
+    since: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    last: dict = field(default_factory=dict)  # the last reported metrics
+
+
+def train_loop(parts: LoopParts, report: Report) -> dict:
     """Run until max_train_steps; ``report(metrics, checkpoint_dir_or_None)`` is called on every rank."""
     spec, pos = parts.spec, parts.position
     tr, accum = spec.train, spec.train.gradient_accumulation_steps
     dropout = {d.id: d.caption_dropout_probability for d in spec.enabled_datasets()}
-    losses, t_last, samples_since = [], time.perf_counter(), 0
-    last: dict = {}
+    tally = Tally()
     parts.model.train()
     while pos.step < tr.max_train_steps:
         windows = parts.reader.plan(parts.train_samples, tr.train_batch_size, parts.world_size, tr.seed, pos.epoch,
@@ -99,70 +142,95 @@ def train_loop(parts: LoopParts, report: Callable[[dict, str | None], None]) -> 
 
         stream = BatchStream(parts.reader, windows, first, stop, keys, dropout, parts.device)
         try:
-            last, losses, t_last, samples_since = _run_epoch(parts, stream, usable, report, last, losses, t_last,
-                                                             samples_since)
+            batches = _counted(stream, tally)
+            while pos.batch_index < usable and pos.step < tr.max_train_steps:
+                tally.losses.append(train_step(parts, batches, pos))
+                report_step(parts, tally, report)
         finally:
             stream.close()
         if pos.batch_index >= usable:
             pos.epoch, pos.batch_index = pos.epoch + 1, 0
-    return last
+    return tally.last
 
 
-def _run_epoch(parts: LoopParts, stream: BatchStream, usable: int, report, last: dict, losses: list,
-               t_last: float, samples_since: int) -> tuple:
-    """Steps until the epoch's usable batches or max_train_steps run out; batches come ready from ``stream``."""
-    pos, tr, accum = parts.position, parts.spec.train, parts.spec.train.gradient_accumulation_steps
-    while pos.batch_index < usable and pos.step < tr.max_train_steps:
-        step_loss = torch.zeros((), device=parts.device)
-        for micro in range(accum):
-            with torch.profiler.record_function("flux_ray.batch"):  # the data wait (bench/ray_gpu_bench.py)
-                samples, batch, gen = stream.next()
-            loss = parts.loss_fn(batch, gen)
-            parts.stepper.micro_step(loss, micro, accum)
-            step_loss += loss.detach() / accum
-            samples_since += len(samples)
-        parts.stepper.finish_step()
-        pos.step += 1
-        pos.batch_index += accum
-        losses.append(step_loss)
-        if parts.after_step:
-            parts.after_step(pos.step)
-        metrics = _maybe_report(parts, report, losses, t_last, samples_since)
-        if metrics:
-            last, losses, t_last, samples_since = metrics, [], time.perf_counter(), 0
-    return last, losses, t_last, samples_since
+def _counted(stream: BatchStream, tally: Tally) -> Iterator[tuple[FluxBatch, torch.Generator]]:
+    """The stream's ready batches as ``train_step`` takes them, counting samples for samples_per_s."""
+    while True:
+        try:
+            samples, batch, gen = stream.next()
+        except StopIteration:  # an exhausted stream ends the generator (next() raises StopIteration again)
+            return
+        tally.samples += len(samples)
+        yield batch, gen
 
 
-def _maybe_report(parts: LoopParts, report, losses: list, t_last: float, samples: int) -> dict:
-    spec, pos = parts.spec, parts.position
-    step, done = pos.step, pos.step >= spec.train.max_train_steps
-    want_ckpt = step % spec.train.checkpointing_steps == 0 or done
-    want_eval = spec.eval.eval_steps_interval and (step % spec.eval.eval_steps_interval == 0 or done)
-    want_val = parts.validate and spec.eval.validation_step_interval and (
-        step % spec.eval.validation_step_interval == 0 or done)
-    if not (step % spec.train.log_every == 0 or want_ckpt or want_eval or want_val):
-        return {}
-    loss = _all_reduce_sum(torch.stack(losses).mean().detach().double()).item() / parts.world_size
-    dt = time.perf_counter() - t_last
-    metrics = {"step": step, "epoch": pos.epoch, "train_loss": loss, "learning_rate": parts.lr_scheduler.get_last_lr()[0],
-               "step_time_s": dt / len(losses), "samples_per_s": samples * parts.world_size / dt if dt else 0.0}
+@dataclass(frozen=True)
+class Due:
+    """What a finished step owes: a log line, an eval loss, validation images, a checkpoint."""
+    log: bool
+    evaluate: bool
+    validate: bool
+    checkpoint: bool
+
+    def any(self) -> bool:
+        return self.log or self.evaluate or self.validate or self.checkpoint
+
+
+def due_after(parts: LoopParts, step: int) -> Due:
+    """The spec's intervals at ``step``; the last step owes everything that is enabled."""
+    spec = parts.spec
+    done = step >= spec.train.max_train_steps
+    every = lambda n: bool(n) and (step % n == 0 or done)  # noqa: E731
+    return Due(log=step % spec.train.log_every == 0, evaluate=every(spec.eval.eval_steps_interval),
+               validate=parts.validate is not None and every(spec.eval.validation_step_interval),
+               checkpoint=step % spec.train.checkpointing_steps == 0 or done)
+
+
+def report_step(parts: LoopParts, tally: Tally, report: Report) -> None:
+    """After a step: when something is due, the training metrics, eval and validation, then one report
+    (with a checkpoint when one is due); resets the tally."""
+    due = due_after(parts, parts.position.step)
+    if not due.any():
+        return
+    metrics = training_metrics(parts, tally)
+    metrics.update(evaluation_metrics(parts, due))
+    save_and_report(parts, metrics, report) if due.checkpoint else report(metrics, None)
+    tally.last, tally.losses, tally.since, tally.samples = metrics, [], time.perf_counter(), 0
+
+
+def training_metrics(parts: LoopParts, tally: Tally) -> dict:
+    """Mean train loss over the window (all ranks), learning rate, step time, throughput, peak memory."""
+    pos = parts.position
+    loss = _all_reduce_sum(torch.stack(tally.losses).mean().detach().double()).item() / parts.world_size
+    dt = time.perf_counter() - tally.since
+    metrics = {"step": pos.step, "epoch": pos.epoch, "train_loss": loss,
+               "learning_rate": parts.lr_scheduler.get_last_lr()[0], "step_time_s": dt / len(tally.losses),
+               "samples_per_s": tally.samples * parts.world_size / dt if dt else 0.0}
     if parts.device.type == "cuda":
         metrics["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2**30
-    if want_eval:
+    return metrics
+
+
+def evaluation_metrics(parts: LoopParts, due: Due) -> dict:
+    """Eval loss and validation images where due (both collectives under sharding: every rank calls)."""
+    metrics: dict = {}
+    if due.evaluate:
         ev = evaluate(parts)
         if ev is not None:
             metrics["eval_loss"] = ev
-    if want_val:
-        metrics.update(parts.validate(step))
-    if want_ckpt:
-        lora_sd, optim_sd = parts.state_io.gather()  # a collective when sharded: every rank
-        with tempfile.TemporaryDirectory(prefix="flux_ray_ckpt_") as d:
-            ckpt = None
-            if parts.rank == 0:
-                save_checkpoint(d, lora_sd=lora_sd, optim_sd=optim_sd, lr_scheduler=parts.lr_scheduler,
-                                position=pos, extra={"metrics": metrics}, lora_init_sd=parts.lora_init)
-                ckpt = d
-            report(metrics, ckpt)
-    else:
-        report(metrics, None)
+    if due.validate:
+        metrics.update(parts.validate(parts.position.step))
     return metrics
+
+
+def save_and_report(parts: LoopParts, metrics: dict, report: Report) -> None:
+    """Gather LoRA + optimizer state (a collective when sharded), rank 0 writes the checkpoint folder,
+    every rank reports (Ray Train persists rank 0's folder before the temp dir goes)."""
+    lora_sd, optim_sd = parts.state_io.gather()
+    with tempfile.TemporaryDirectory(prefix="flux_ray_ckpt_") as d:
+        ckpt = None
+        if parts.rank == 0:
+            save_checkpoint(d, lora_sd=lora_sd, optim_sd=optim_sd, lr_scheduler=parts.lr_scheduler,
+                            position=parts.position, extra={"metrics": metrics}, lora_init_sd=parts.lora_init)
+            ckpt = d
+        report(metrics, ckpt)

@@ -3,10 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Protocol
 
 import torch
 
 log = logging.getLogger("flux_ray.train")
+
+
+class Stepper(Protocol):
+    """Turns micro-batch losses into one optimizer step (train/loop.py's ``train_step`` calls it)."""
+
+    def micro_step(self, loss: torch.Tensor, micro: int, accum: int) -> None:
+        """Backward of micro-batch ``micro`` of ``accum``."""
+
+    def finish_step(self) -> None:
+        """The optimizer and LR-scheduler step after the last micro-batch, gradients cleared."""
 
 
 class TorchStepper:

@@ -74,21 +74,22 @@ def cache_identity(spec: JobSpec) -> tuple:
     """What a spec reads from the cache: its root, every enabled dataset's key and the text key."""
     from flux_ray.data.cache_layout import dataset_key, text_key
 
-    vae = _vae_config(spec.model.pretrained_vae_model_name_or_path, spec.model.base_path, spec.model.revision)
+    vae = _vae_config(spec.model.model_family, spec.model.pretrained_vae_model_name_or_path, spec.model.base_path,
+                      spec.model.revision)
     keys = tuple(sorted((d.id, dataset_key(d, spec.model, vae, spec.cache.latent_dtype))
                         for d in spec.latent_datasets()))
     return spec.cache.uri, keys, text_key(spec.model, spec.cache.text_embed_dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def _vae_config(vae_path, base_path, revision) -> dict:
-    from flux_ray.core.model import load_vae_config
+def _vae_config(family, vae_path, base_path, revision) -> dict:
+    from flux_ray.families import get_family
+    from flux_ray.node_cache import localize_model
     from flux_ray.spec import ModelSpec
 
-    from flux_ray.node_cache import localize_model
-
-    return load_vae_config(localize_model(ModelSpec(pretrained_model_name_or_path=base_path, revision=revision,
-                                                    pretrained_vae_model_name_or_path=vae_path)))
+    model_spec = ModelSpec(model_family=family, pretrained_model_name_or_path=base_path, revision=revision,
+                           pretrained_vae_model_name_or_path=vae_path)
+    return get_family(family).load_vae_config(localize_model(model_spec))
 
 
 def manifest_state(spec: JobSpec, cache_summary) -> dict:
@@ -158,7 +159,7 @@ def _tuner(spec: JobSpec, ctx):
     from ray import tune
 
     from flux_ray.quiet import is_quiet
-    from flux_ray.tracking.tune_callback import MlflowTrialStatusCallback
+    from flux_ray.tune.mlflow_callback import MlflowTrialStatusCallback
     from flux_ray.tune.progress_callback import TrialProgressCallback
     from flux_ray.tune.trial import run_trial
 

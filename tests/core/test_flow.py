@@ -121,3 +121,17 @@ def test_joint_attention_mask_is_ones_over_image_tokens():
     m = F.joint_attention_mask(torch.tensor([[1, 1, 0]]), 4)
     assert m.shape == (1, 1, 1, 7)
     assert m.flatten().tolist() == [True, True, False, True, True, True, True]
+
+
+def test_sigma_schedule_is_the_sigma_functions_with_their_sources_bound():
+    """FluxLossFn's SigmaSchedule: flow options, scheduler config and the fast flag resolved once."""
+    cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    flow = FlowSpec(flow_schedule_auto_shift=True)
+    schedule = F.SigmaSchedule(flow, cfg)
+    a = schedule.sample(64, 1024, torch.Generator().manual_seed(3))
+    b = F.sample_sigmas(64, flow, image_seq_len=1024, scheduler_config=cfg, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.equal(schedule.eval_grid(8, 4096), F.eval_sigmas(8, flow, image_seq_len=4096, scheduler_config=cfg))
+    assert schedule.shift(4096) == pytest.approx(math.exp(1.15))
+    fast = F.SigmaSchedule(flow, cfg, fast=True)
+    assert fast.shift(4096) is None and torch.equal(fast.eval_grid(8, 4096), F.SCHNELL_SIGMAS)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from flux_ray.core import bfl_names
 from flux_ray.core.lora import add_lora, matching_modules, peft_state_dict, save_diffusers_lora
-from flux_ray.core.lora_export import export_cli, export_lora_file, merge_lora, read_lora
+from flux_ray.core.lora_export import export_lora_file, merge_lora, read_lora
+from flux_ray.export import export_cli
 from flux_ray.core.model import FLUX_DEV_TRANSFORMER
 from flux_ray.core.tiny import TINY_TRANSFORMER
 from flux_ray.spec import LORA_TARGET_PRESETS, LoraSpec, load_spec

@@ -10,17 +10,16 @@ import logging
 from ray.tune import Callback
 
 from flux_ray.tracking import mlflow_run
+from flux_ray.tune.trial import read_run_ref, trial_name
 
 log = logging.getLogger("flux_ray.tune")
 
 
 class MlflowTrialStatusCallback(Callback):
     def __init__(self, ctx):
-        self.ctx = ctx  # flux_ray.tune.trial.SweepContext
+        self.ctx = ctx  # a SweepContext
 
     def _close(self, trial, status: str, trial_status: str) -> None:
-        from flux_ray.tune.trial import read_run_ref, trial_name
-
         run_id = (trial.last_result or {}).get("mlflow_run_id") or read_run_ref(
             self.ctx, trial_name(self.ctx.sweep_name, trial.trial_id))
         if not run_id:
