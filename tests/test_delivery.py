@@ -1,11 +1,14 @@
-"""From training to delivery on the demo job: progress lines, webhook events in order (a failed run's too),
-the LoRA published to moto S3 and to a local Hub stand-in with a model card and the validation grid."""
+"""Issue 22 end to end, one job: a zip of photos without captions -> auto captions with a trigger word (a tiny
+random captioner on Ray Data) -> cache -> training with progress lines -> the LoRA published to moto S3 and a local
+Hub stand-in with a model card and the validation grid -> webhook events in order (a failed run's too)."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import logging
+import os
+import zipfile
 
 import pytest
 
@@ -15,15 +18,26 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 
 
+PHOTOS, TRIGGER = 8, "ohwx"
+
+
 @pytest.fixture(scope="module")
-def delivered(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_spec, s3_server, local_hub,
-              webhook_receiver):
+def delivered(ray_session, tiny_model_dir, tiny_captioner_dir, demo_data_dir, tmp_path_factory, demo_spec, s3_server,
+              local_hub, webhook_receiver):
     from flux_ray import job
 
     rec = webhook_receiver()
     out = tmp_path_factory.mktemp("delivery")
+    names = sorted(f for f in os.listdir(demo_data_dir) if f.endswith(".png"))[:PHOTOS]
+    archive = out / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # photos only: the demo's .txt captions stay out
+        for n in names:
+            zf.write(os.path.join(demo_data_dir, n), f"photos/{n}")
+    dataset = {"id": "photos", "instance_data_dir": str(archive), "caption_strategy": "auto",
+               "trigger_word": TRIGGER, "resolution": 128,
+               "captioner": {"model_name": tiny_captioner_dir, "query_str": "", "max_new_tokens": 4}}
     bucket = s3_server.create_bucket("published")
-    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="delivered",
+    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="delivered", datasets=[dataset],
                      train={"max_train_steps": STEPS, "log_every": 1, "checkpointing_steps": 2},
                      eval={"eval_steps_interval": 2, "validation_step_interval": STEPS},
                      storage={"aws_endpoint_url": s3_server.endpoint},
@@ -40,6 +54,24 @@ def delivered(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo
     finally:
         logging.getLogger().removeHandler(handler)
     return spec, summary, stdout.getvalue(), logs.getvalue(), rec
+
+
+def test_the_zip_was_captioned_once_with_the_trigger_word_and_cached(delivered):
+    from flux_ray.core.model import load_vae_config
+    from flux_ray.data.auto_captions import read_manifest
+    from flux_ray.data.cache_layout import CachePaths, dataset_key
+
+    import pyarrow.parquet as pq
+
+    spec, summary, _, _, _ = delivered
+    stats = summary["cache"]["datasets"]["photos"]
+    assert stats["usable"] == PHOTOS and stats["auto_captioned"] == PHOTOS and summary["steps"] == STEPS
+    captions = read_manifest(stats["caption_manifest"], None)  # visible and editable, next to the cache
+    assert len(captions) == PHOTOS and all(captions.values())
+    uri = CachePaths(spec.cache.uri).latents(dataset_key(spec.datasets[0], spec.model, load_vae_config(spec.model),
+                                                         spec.cache.latent_dtype))
+    index = pq.read_table(storage.join(uri, storage.read_json(storage.join(uri, "manifest.json"))["index"]))
+    assert sorted(index["caption"].to_pylist()) == sorted(f"{TRIGGER}, {c}" for c in captions.values())
 
 
 def test_progress_prints_one_line_per_report(delivered):
@@ -77,6 +109,7 @@ def test_published_to_s3_with_model_card_and_grid(delivered, s3_server):
     card = storage.read_bytes(f"{dest}/README.md", spec.storage).decode()
     assert card.startswith("---\nbase_model: ") and spec.model.base_path in card
     assert "| lora_rank | 8 |" in card and "| steps | 4 |" in card and "![step-000004.png]" in card
+    assert f"instance_prompt: {TRIGGER}" in card  # the trigger word, in the Hub's front matter
 
 
 def test_published_to_the_hub_through_huggingface_hub(delivered, local_hub):

@@ -150,32 +150,5 @@ def test_tar_dataset_on_s3_is_extracted_into_an_s3_cache(ray_session, s3_server,
     captions = [listing.captions[r.uri] for r in listing.refs]
     assert captions == [["first caption"]] + [[caption_from_filename(n)] for n in names[1:]]  # textfile, file name
 
-
-def test_a_zip_of_photos_without_captions_is_captioned_cached_and_trains(
-        ray_session, tiny_model_dir, tiny_captioner_dir, demo_data_dir, tmp_path, demo_spec):
-    """Issue 22's input half end to end: a zip of images without captions -> auto captions + trigger word -> cache
-    -> training."""
-    from flux_ray import job
-    from flux_ray.core.model import load_vae_config
-    from flux_ray.data.cache_layout import CachePaths, dataset_key
-
-    names = _images(demo_data_dir, 8)
-    archive = tmp_path / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for n in names:
-            zf.write(os.path.join(demo_data_dir, n), n)
-    ds = {"id": "photos", "instance_data_dir": str(archive), "caption_strategy": "auto", "trigger_word": "ohwx",
-          "resolution": 128, "captioner": {"model_name": tiny_captioner_dir, "query_str": "", "max_new_tokens": 4}}
-    spec = demo_spec(tiny_model_dir, demo_data_dir, tmp_path, datasets=[ds], cache={"uri": str(tmp_path / "cache")},
-                     train={"max_train_steps": 4, "log_every": 2, "checkpointing_steps": 4},
-                     eval={"eval_steps_interval": None, "validation_step_interval": None},
-                     tracking={"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
-    summary = job.run(spec)
-    stats = summary["cache"]["datasets"]["photos"]
-    assert stats["usable"] == 8 and stats["auto_captioned"] == 8 and summary["steps"] == 4
-    captions = read_manifest(stats["caption_manifest"], None)
-    assert sorted(captions) == names and all(captions.values())
-    uri = CachePaths(spec.cache.uri).latents(dataset_key(spec.datasets[0], spec.model, load_vae_config(spec.model),
-                                                         spec.cache.latent_dtype))
-    index = pq.read_table(storage.join(uri, storage.read_json(storage.join(uri, "manifest.json"))["index"]))
-    assert sorted(index["caption"].to_pylist()) == sorted(f"ohwx, {captions[n]}" for n in names)
+# The end-to-end run (a zip without captions -> auto captions -> cache -> training -> delivery) is
+# tests/test_delivery.py's module fixture: one job for both halves of issue 22.
