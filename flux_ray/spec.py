@@ -77,8 +77,6 @@ def _flux2_unsupported(spec: JobSpec) -> list[str]:
         "output.export_formats comfyui/kohya": bool(set(spec.output.export_formats) - {"diffusers"}),
         "eval.validation_* (validation images)": bool(ev.validation_step_interval
                                                       and (ev.validation_prompt or ev.user_prompt_library)),
-        "training from a spec (the text cache's columns, the loader's batch and the loss still assume FLUX.1; "
-        "issue #23: the model parts are in core/flux2 and families/flux2.py)": True,
     }
     return [k for k, on in refused.items() if on]
 

@@ -400,7 +400,7 @@ def test_flux2_family_flavours_presets_and_refusals(tmp_path, demo_data_dir):
     from flux_ray.core.flux2.flavours import FLAVOURS
     from pydantic import ValidationError
 
-    from flux_ray.spec import FLUX2_FLAVOUR_HUB_IDS, ModelSpec
+    from flux_ray.spec import FLUX2_FLAVOUR_HUB_IDS, FLUX2_LORA_TARGET_PRESETS, LORA_TARGET_PRESETS, ModelSpec
 
     assert FLUX2_FLAVOUR_HUB_IDS == {k: v.hub_id for k, v in FLAVOURS.items()}
     assert ModelSpec(model_family="flux2").model_flavour == "klein-9b"
@@ -431,5 +431,6 @@ def test_flux2_family_flavours_presets_and_refusals(tmp_path, demo_data_dir):
     with pytest.raises(SpecError, match=r"train.tread_config"):
         load(f2, extra={"train": {"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0,
                                                                 "end_layer_idx": 1}]}}})
-    with pytest.raises(SpecError, match=r"does not support training from a spec"):
-        load(f2, {"flux_lora_target": "attention"})
+    spec = load(f2, {"flux_lora_target": "attention"})
+    assert spec.lora.target_modules == FLUX2_LORA_TARGET_PRESETS["attention"]
+    assert load({}, {"flux_lora_target": "tiny"}).lora.target_modules == LORA_TARGET_PRESETS["tiny"]  # FLUX.1's
