@@ -61,10 +61,11 @@ def test_flux2_lora_loads_into_klein_pipeline_and_changes_output(flux2_run):
     pipe.set_progress_bar_config(disable=True)
 
     def render():
-        return pipe("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
+        return pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
                     output_type="pt", generator=torch.Generator().manual_seed(0)).images
 
     before = render()
+    assert torch.equal(render(), before)  # deterministic: any difference below is the LoRA's
     pipe.load_lora_weights(summary["lora"])
     after = render()
-    assert (after - before).abs().max() > 1e-3
+    assert (after - before).abs().max() > 1e-4  # 6 steps on the tiny model: a small but real change
