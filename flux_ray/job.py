@@ -122,7 +122,7 @@ def _report_handlers(spec: JobSpec, sender, progress: bool) -> list:
 
 def _run(spec: JobSpec, sender, *, do_cache: bool, parent_run_id: str | None, extra_callbacks: list | None,
          run_name: str | None, restart: str | None, progress: bool) -> dict:
-    from flux_ray.core.model import ensure_base_model
+    from flux_ray.families import get_family
     from flux_ray.notify import events
     from flux_ray.tracking import mlflow_run
     from flux_ray.tracking.report_relay import ReportRelay
@@ -134,7 +134,7 @@ def _run(spec: JobSpec, sender, *, do_cache: bool, parent_run_id: str | None, ex
     log.info("%s", plan.message)
     if sender:
         sender.send(events.started(spec, plan.message))
-    ensure_base_model(spec.model)
+    get_family(spec.model.model_family).ensure_base(spec.model)
     cache_summary = cache(spec) if do_cache else None
     cache_keys = {k: v["key"] for k, v in cache_summary.datasets.items()} if cache_summary else {}
     run_identity.record_identity(spec, cache_keys)

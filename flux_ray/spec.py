@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 FLAVOUR_HUB_IDS = {
     "krea": "black-forest-labs/FLUX.1-Krea-dev",
@@ -19,6 +19,28 @@ FLAVOUR_HUB_IDS = {
     "schnell": "black-forest-labs/FLUX.1-schnell",
     "kontext": "black-forest-labs/FLUX.1-Kontext-dev",
 }
+
+FLUX2_FLAVOUR_HUB_IDS = {
+    "klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "klein-9b": "black-forest-labs/FLUX.2-klein-base-9B",
+    "dev": "black-forest-labs/FLUX.2-dev",
+}
+"""model_family flux2: flavour -> hub id (SimpleTuner's HUGGINGFACE_PATHS; core/flux2/flavours.py holds the same)."""
+FLUX2_DEFAULT_FLAVOUR = "klein-9b"  # SimpleTuner's DEFAULT_MODEL_FLAVOUR for flux2
+FLUX1_FLAVOURS = ("krea", "dev", "schnell", "kontext")
+_F2_IMG_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+_F2_TXT_ATTN = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_F2_SINGLE = ["attn.to_qkv_mlp_proj", "attn.to_out"]
+_F2_MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+FLUX2_LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    "all": _F2_IMG_ATTN + _F2_TXT_ATTN + _F2_MLP + _F2_SINGLE,
+    "attention": _F2_IMG_ATTN + _F2_TXT_ATTN + _F2_SINGLE,
+    "mlp": list(_F2_MLP),
+    "tiny": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "diffusers": _F2_IMG_ATTN + _F2_SINGLE,
+}
+"""model_family flux2: ``lora.flux_lora_target`` presets (sources and block layout: core/flux2/lora_targets.py)."""
+FLUX2_LORA_TARGETS = tuple(FLUX2_LORA_TARGET_PRESETS)
 
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
     "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],
@@ -30,6 +52,37 @@ LORA_TARGET_PRESETS: dict[str, list[str]] = {
 LORA_TARGET_PRESETS["all+ffs"] = LORA_TARGET_PRESETS["all"] + [
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 LORA_TARGET_PRESETS["context+ffs"] = LORA_TARGET_PRESETS["context"] + ["ff_context.net.0.proj", "ff_context.net.2"]
+FAMILY_TITLES = {"flux": "FLUX.1", "flux2": "FLUX.2"}
+FAMILY_FLAVOURS = {"flux": FLAVOUR_HUB_IDS, "flux2": FLUX2_FLAVOUR_HUB_IDS}
+"""model.model_family -> its flavours and their hub ids (the registry, families/, owns everything else)."""
+FAMILY_DEFAULT_FLAVOUR = {"flux": "krea", "flux2": FLUX2_DEFAULT_FLAVOUR}
+FAMILY_LORA_PRESETS = {"flux": LORA_TARGET_PRESETS, "flux2": FLUX2_LORA_TARGET_PRESETS}
+
+
+def _flux2_unsupported(spec: JobSpec) -> list[str]:
+    """The options set in ``spec`` that the FLUX.2 path does not wire (each named by its key)."""
+    m, t, ev = spec.model, spec.train, spec.eval
+    refused = {
+        "model.base_compute_dtype fp8": m.base_compute_dtype == "fp8",
+        "model.base_model_precision (quantised base)": m.base_model_precision != "no_change",
+        "model.enable_group_offload": m.enable_group_offload,
+        "model.assistant_lora_path": bool(m.assistant_lora_path),
+        "model.pretrained_transformer_model_name_or_path": bool(m.pretrained_transformer_model_name_or_path),
+        "model.pretrained_vae_model_name_or_path": bool(m.pretrained_vae_model_name_or_path),
+        "lora.lora_type lycoris": spec.lora.lora_type == "lycoris",
+        "train.tread_config": t.tread_config is not None,
+        "train.flux_attention_masked_training": t.flux_attention_masked_training,
+        "cache.compile_encoders": spec.cache.compile_encoders,
+        "conditioning (mask / reference) datasets": bool(spec.enabled_datasets("conditioning")),
+        "output.export_formats comfyui/kohya": bool(set(spec.output.export_formats) - {"diffusers"}),
+        "eval.validation_* (validation images)": bool(ev.validation_step_interval
+                                                      and (ev.validation_prompt or ev.user_prompt_library)),
+    }
+    return [k for k, on in refused.items() if on]
+
+
+FAMILY_UNSUPPORTED = {"flux": lambda spec: [], "flux2": _flux2_unsupported}
+"""model.model_family -> the spec options it refuses."""
 
 LYCORIS_IGNORED_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "flux_lora_target",
                              "peft_lora_target_modules", "init_lora")
@@ -65,8 +118,10 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    model_family: Literal["flux"] = "flux"
-    model_flavour: Literal["krea", "dev", "schnell", "kontext"] = "krea"
+    model_family: Literal["flux", "flux2"] = "flux"
+    """flux: FLUX.1; flux2: FLUX.2 ([klein] 4B / 9B, [dev])."""
+    model_flavour: Literal["krea", "dev", "schnell", "kontext", "klein-4b", "klein-9b"] = "krea"
+    """flux: krea, dev, schnell, kontext; flux2: klein-4b, klein-9b, dev (default klein-9b)."""
     pretrained_model_name_or_path: str | None = None
     """Hub id or local diffusers folder; defaults to the flavour's hub id."""
     revision: str | None = None
@@ -101,6 +156,17 @@ class ModelSpec(_Section):
     """schnell: a frozen assistant LoRA (path or hub id) applied under the trained one."""
 
     @model_validator(mode="after")
+    def _check_flavour(self) -> ModelSpec:
+        flavours = FAMILY_FLAVOURS[self.model_family]
+        if "model_flavour" not in self.model_fields_set and self.model_flavour not in flavours:
+            self.model_flavour = FAMILY_DEFAULT_FLAVOUR[self.model_family]  # re-validates once with it set
+        if self.model_flavour not in flavours:
+            raise ValueError(f"model.model_flavour {self.model_flavour!r} is not a flavour of model_family "
+                             f"{self.model_family} ({FAMILY_TITLES[self.model_family]}): choose one of "
+                             + ", ".join(flavours))
+        return self
+
+    @model_validator(mode="after")
     def _check_offload(self) -> ModelSpec:
         if self.enable_group_offload and self.enable_model_cpu_offload:
             raise ValueError("model.enable_group_offload and model.enable_model_cpu_offload are exclusive; "
@@ -126,7 +192,7 @@ class ModelSpec(_Section):
 
     @property
     def base_path(self) -> str:
-        return self.pretrained_model_name_or_path or FLAVOUR_HUB_IDS[self.model_flavour]
+        return self.pretrained_model_name_or_path or FAMILY_FLAVOURS[self.model_family][self.model_flavour]
 
     @property
     def t5_max_length(self) -> int:
@@ -142,7 +208,9 @@ class LoraSpec(_Section):
     """Defaults to lora_rank (scale 1)."""
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_init_type: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
-    flux_lora_target: Literal["mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano"] = "all"
+    flux_lora_target: Literal["mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano",
+                              "attention", "mlp", "diffusers"] = "all"
+    """flux: mmdit, all, all+ffs, context, context+ffs, tiny, nano; flux2: all, attention, mlp, tiny, diffusers."""
     peft_lora_target_modules: list[str] | None = None
     init_lora: str | None = None
     """Continue from an existing LoRA file (diffusers safetensors)."""
@@ -154,9 +222,12 @@ class LoraSpec(_Section):
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
+    _family: str = PrivateAttr("flux")
+    """The job's model.model_family (JobSpec sets it): which preset table flux_lora_target names."""
+
     @property
     def target_modules(self) -> list[str]:
-        return list(self.peft_lora_target_modules or LORA_TARGET_PRESETS[self.flux_lora_target])
+        return list(self.peft_lora_target_modules or FAMILY_LORA_PRESETS[self._family][self.flux_lora_target])
 
 
 MANIFEST_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
@@ -762,6 +833,7 @@ class JobSpec(_Section):
                              "moves part of the base weights into the adapter, so the adapter-off model "
                              "is not the base model; use lora_init_type default or gaussian")
         self._check_kontext()
+        self._check_family()
         if self.flow.flow_schedule_auto_shift and self.flow.flow_schedule_shift is not None:
             raise ValueError("flow.flow_schedule_shift is ignored when flow.flow_schedule_auto_shift is true (the "
                              "shift then follows each image's resolution): set one or the other")
@@ -796,6 +868,19 @@ class JobSpec(_Section):
             if len(set(kinds)) < len(kinds):
                 raise ValueError(f"dataset {d.id!r}: conditioning_data links two {kinds[0]} datasets; link one mask "
                                  "dataset and/or one reference dataset")
+
+    def _check_family(self) -> None:
+        """Per-family LoRA presets; FLUX.1-only options refused for FLUX.2."""
+        family, target = self.model.model_family, self.lora.flux_lora_target
+        self.lora._family = family
+        if target not in FAMILY_LORA_PRESETS[family]:
+            raise ValueError(f"lora.flux_lora_target {target!r} is not a preset of model_family {family} "
+                             f"({FAMILY_TITLES[family]}): choose one of " + ", ".join(FAMILY_LORA_PRESETS[family]))
+        bad = FAMILY_UNSUPPORTED[family](self)
+        if bad:
+            raise ValueError(f"model.model_family {family} does not support {'; '.join(bad)} yet (FLUX.1 only, or "
+                             "not wired for FLUX.2): remove them. FLUX.2 LoRAs export in diffusers format only "
+                             "(ComfyUI reads it directly)")
 
     def _check_kontext(self) -> None:
         """Kontext trains on (image, reference) pairs; references mean nothing to the other flavours."""

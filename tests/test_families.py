@@ -29,7 +29,7 @@ def test_model_family_picks_the_family(tmp_path):
     bad.write_text(f"model: {{model_family: sdxl}}\ndatasets: [{{id: a, instance_data_dir: {tmp_path}}}]\n")
     with pytest.raises(SpecError, match=r"model\.model_family"):
         load_spec(bad, check_paths=False)
-    with pytest.raises(ValueError, match=r"known families are \['flux'\]"):
+    with pytest.raises(ValueError, match=r"known families are \['flux', 'flux2'\]"):
         get_family("sdxl")
 
 
@@ -86,3 +86,38 @@ def test_no_family_branches_outside_the_registry():
                     isinstance(n, ast.Attribute) and n.attr == "model_family" for n in [node.left, *node.comparators]):
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not found, f"branch through get_family instead: {found}"
+
+
+@pytest.fixture(scope="module")
+def tiny_klein(tmp_path_factory):
+    """A klein-4b ModelSpec whose tiny model make_tiny_if_missing writes through the family."""
+    spec = ModelSpec(model_family="flux2", model_flavour="klein-4b", make_tiny_if_missing=True,
+                     pretrained_model_name_or_path=str(tmp_path_factory.mktemp("f2") / "tiny-klein"))
+    get_family("flux2").ensure_base(spec)
+    return spec
+
+
+def test_flux2_family_matches_the_klein_pipeline(tiny_klein):
+    """FLUX.2's embed_text is Flux2KleinPipeline.encode_prompt's embedding (no pooled column), its latent
+    normalisation from the cached VAE latents equals core/flux2's encode_images, and it exports diffusers only."""
+    from diffusers import Flux2KleinPipeline
+
+    from flux_ray.core.flux2 import latents as L
+
+    family = get_family("flux2")
+    encoders = family.load_text_encoders(tiny_klein)
+    captions = ["a red cube", "two cats on a sofa"]
+    out = family.embed_text(encoders, captions, 24, torch.device("cpu"))
+    assert tuple(out) == family.text_blobs and "pooled" not in out
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein.base_path)
+    embeds, _ = pipe.encode_prompt(captions, device="cpu", max_sequence_length=24)
+    torch.testing.assert_close(out["prompt_embeds"], embeds)
+    vae, cfg = family.load_vae(tiny_klein), family.load_vae_config(tiny_klein)
+    px = torch.rand(1, 3, 64, 64) * 2 - 1
+    raw = vae.encode(px).latent_dist.mode()
+    torch.testing.assert_close(family.normalize_latents(raw, family.latent_norm(cfg)), L.encode_images(vae, px))
+    torch.testing.assert_close(family.normalize_latents(raw[0], cfg), L.encode_images(vae, px)[0])
+    img_ids, txt_ids = family.position_ids(2, 3, 5, "cpu")
+    assert img_ids.shape == (6, 4) and txt_ids.shape == (5, 4) and family.transformer_inputs(None) == {}
+    with pytest.raises(ValueError, match="exports diffusers only"):
+        family.export_lora_file("x.safetensors", "kohya", "out")

@@ -392,3 +392,45 @@ def test_webhook_url_never_reaches_params_identity_or_logged_spec(tmp_path, demo
                         "tokenizer_max_length", "webhook_url") if is_secret_key(k)] == \
         ["hf_token", "aws_secret_access_key", "aws_access_key_id", "password", "webhook_url"]
     assert "SECRET-TOKEN" in spec_to_yaml(spec)  # `flux-ray validate` shows the user's own spec
+
+
+def test_flux2_family_flavours_presets_and_refusals(tmp_path, demo_data_dir):
+    """model_family flux2: SimpleTuner's flavours and hub ids, FLUX.2 LoRA presets, FLUX.1 names refused both
+    ways, FLUX.1-only options refused with the key named; training itself is refused until it is wired."""
+    from flux_ray.core.flux2.flavours import FLAVOURS
+    from pydantic import ValidationError
+
+    from flux_ray.spec import FLUX2_FLAVOUR_HUB_IDS, FLUX2_LORA_TARGET_PRESETS, LORA_TARGET_PRESETS, ModelSpec
+
+    assert FLUX2_FLAVOUR_HUB_IDS == {k: v.hub_id for k, v in FLAVOURS.items()}
+    assert ModelSpec(model_family="flux2").model_flavour == "klein-9b"
+    m = ModelSpec(model_family="flux2", model_flavour="klein-4b")
+    assert m.base_path == "black-forest-labs/FLUX.2-klein-base-4B"
+    assert ModelSpec(model_family="flux2", model_flavour="dev").base_path == "black-forest-labs/FLUX.2-dev"
+    assert ModelSpec(model_flavour="dev").base_path == "black-forest-labs/FLUX.1-dev"  # FLUX.1 unchanged
+    with pytest.raises(ValidationError, match="not a flavour of model_family flux2"):
+        ModelSpec(model_family="flux2", model_flavour="krea")
+    with pytest.raises(ValidationError, match="not a flavour of model_family flux "):
+        ModelSpec(model_flavour="klein-4b")
+
+    def load(model, lora=None, extra=None):
+        data = _minimal(tmp_path, demo_data_dir)
+        data["model"] = model
+        if lora:
+            data["lora"] = lora
+        data.update(extra or {})
+        return load_spec(_write(tmp_path, data))
+
+    with pytest.raises(SpecError, match=r"lora.flux_lora_target 'attention' is not a preset of model_family flux "):
+        load({}, {"flux_lora_target": "attention"})
+    f2 = {"model_family": "flux2", "model_flavour": "klein-4b"}
+    with pytest.raises(SpecError, match=r"'all\+ffs' is not a preset of model_family flux2"):
+        load(f2, {"flux_lora_target": "all+ffs"})
+    with pytest.raises(SpecError, match=r"base_compute_dtype fp8.*export_formats comfyui/kohya"):
+        load({**f2, "base_compute_dtype": "fp8"}, extra={"output": {"export_formats": ["diffusers", "kohya"]}})
+    with pytest.raises(SpecError, match=r"train.tread_config"):
+        load(f2, extra={"train": {"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0,
+                                                                "end_layer_idx": 1}]}}})
+    spec = load(f2, {"flux_lora_target": "attention"})
+    assert spec.lora.target_modules == FLUX2_LORA_TARGET_PRESETS["attention"]
+    assert load({}, {"flux_lora_target": "tiny"}).lora.target_modules == LORA_TARGET_PRESETS["tiny"]  # FLUX.1's

@@ -28,7 +28,14 @@ def resolve_targets(model: torch.nn.Module, lora_spec) -> list[str]:
         n_single = len(getattr(model, "single_transformer_blocks", []))
         raise ValueError(f"{what} names modules this transformer lacks: {missing} "
                          f"(it has {n_double} double and {n_single} single blocks)")
-    return targets
+    # A suffix that also names a non-Linear module (FLUX.2's attn.to_out: a ModuleList in double blocks, a Linear
+    # in single blocks) would make PEFT try to wrap that module: it becomes its exact Linear names.
+    out = []
+    for t in targets:
+        ambiguous = any((n == t or n.endswith("." + t)) and not isinstance(m, torch.nn.Linear)
+                        for n, m in model.named_modules())
+        out.extend(matching_modules(model, t) if ambiguous else [t])
+    return out
 
 
 def lora_config(lora_spec, targets: list[str]):

@@ -31,8 +31,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class FluxBatch:
     """A same-bucket batch from the cache, already on the device."""
     latents: torch.Tensor          # (B, 16, h, w), normalised VAE latents
-    prompt_embeds: torch.Tensor    # (B, L, D) T5
-    pooled: torch.Tensor           # (B, Dp) CLIP pooled
+    prompt_embeds: torch.Tensor    # (B, L, D) T5 (FLUX.2: stacked text-encoder layers)
+    pooled: torch.Tensor | None    # (B, Dp) CLIP pooled; None for a family without one (FLUX.2)
     text_mask: torch.Tensor | None = None  # (B, L) T5 attention mask
     loss_mask: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1]: weights the per-pixel loss (masked loss)
     prior_rows: tuple[int, ...] = ()       # regularisation samples: their target is the adapter-off prediction
@@ -78,7 +78,13 @@ class FluxLossFn:
 
     def __init__(self, transformer, flow_spec, *, scheduler_config: dict | None, fast_schedule: bool,
                  masked_attention: bool = False, autocast_dtype: torch.dtype | None = None,
-                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False, uncast_lora: bool = True):
+                 attention_backend: str = "auto", tread=None, cuda_graphs: bool = False, uncast_lora: bool = True,
+                 family=None):
+        if family is None:
+            from flux_ray.families import DEFAULT_FAMILY, get_family
+
+            family = get_family(DEFAULT_FAMILY)
+        self.family = family  # packing, position ids and extra inputs (flux_ray.families)
         self.transformer = transformer
         self.flow = flow_spec
         self.schedule = flow.SigmaSchedule(flow_spec, scheduler_config or {}, fast_schedule)  # resolved once
@@ -107,14 +113,14 @@ class FluxLossFn:
     def _position_ids(self, h: int, w: int, text_len: int, device: torch.device):
         key = (h, w, text_len, str(device))
         if key not in self._ids:
-            self._ids[key] = (flow.latent_image_ids(h, w, device=device), flow.text_ids(text_len, device=device))
+            self._ids[key] = self.family.position_ids(h, w, text_len, device)
         return self._ids[key]
 
     def predict(self, batch: FluxBatch, noisy_packed: torch.Tensor, sigmas: torch.Tensor,
                 guidance: torch.Tensor | None) -> torch.Tensor:
         b, _, h, w = batch.latents.shape
         device = batch.latents.device
-        kwargs = {}
+        kwargs = self.family.transformer_inputs(batch)
         img_ids, txt_ids = self._position_ids(h, w, batch.prompt_embeds.shape[1], device)
         tokens = noisy_packed
         if batch.reference_latents is not None:  # Kontext: the reference's tokens follow the target's
@@ -128,16 +134,15 @@ class FluxLossFn:
             torch.compiler.cudagraph_mark_step_begin()
         ctx = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx, attention_context(self.attention_backend, device), _lora_input_cast_disabled(self._uncast_lora):
-            pred = self.transformer(hidden_states=tokens, encoder_hidden_states=batch.prompt_embeds,
-                                    pooled_projections=batch.pooled, timestep=sigmas.to(noisy_packed.dtype),
+            pred = self.transformer(hidden_states=tokens, encoder_hidden_states=batch.prompt_embeds, timestep=sigmas.to(noisy_packed.dtype),
                                     img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **kwargs)[0]
         return pred if tokens is noisy_packed else pred[:, :noisy_packed.shape[1]]  # loss on the target only
 
     def __call__(self, batch: FluxBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training loss with freshly sampled noise, sigmas and guidance."""
-        b, _, h, w = batch.latents.shape
-        seq = (h // 2) * (w // 2)
-        latents = flow.pack_latents(batch.latents)
+        b = batch.latents.shape[0]
+        latents = self.family.pack_latents(batch.latents)
+        seq = latents.shape[1]
         sigmas = self.schedule.sample(b, seq, generator)
         sigmas = to_device(sigmas, latents.device)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
@@ -172,9 +177,9 @@ class FluxLossFn:
     @torch.no_grad()
     def eval_loss(self, batch: FluxBatch, noise_seeds: list[int], num_sigmas: int) -> torch.Tensor:
         """Per-sample loss averaged over a fixed sigma grid with fixed per-sample noise (deterministic)."""
-        b, _, h, w = batch.latents.shape
-        latents = flow.pack_latents(batch.latents)
-        sigma_grid = self.schedule.eval_grid(num_sigmas, (h // 2) * (w // 2))
+        b = batch.latents.shape[0]
+        latents = self.family.pack_latents(batch.latents)
+        sigma_grid = self.schedule.eval_grid(num_sigmas, latents.shape[1])
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s))
                              for s in noise_seeds]).to(latents.device, latents.dtype)
         guidance = torch.full((b,), float(self.flow.flux_guidance_value))

@@ -231,11 +231,13 @@ def cache_dataset(spec, ds_spec, vae_config: dict, summary: CacheSummary, listin
     from flux_ray.data.decode import decode_row
 
     st = spec.storage
+    from flux_ray.families import get_family
+
     key = dataset_key(ds_spec, spec.model, vae_config, spec.cache.latent_dtype)
     uri = CachePaths(spec.cache.uri).latents(key)
     storage.ensure_bucket(uri, st)
     meta = {"dataset_id": ds_spec.id, "vae": vae_identity(spec.model, vae_config), "dtype": spec.cache.latent_dtype,
-            "shift_factor": vae_config.get("shift_factor") or 0.0, "scaling_factor": vae_config.get("scaling_factor", 1.0)}
+            **get_family(spec.model.model_family).latent_norm(vae_config)}
     manifest = _read_manifest(uri, st, "latents", key, meta)
     t0 = time.time()
     refs, captions = listing.refs, listing.captions
@@ -438,14 +440,13 @@ def run_cache(spec) -> CacheSummary:
     ``cache.gpus_per_actor`` 0.5, the VAE and T5 actors share it; model loads and compiles overlap)."""
     from pathlib import Path
 
-    from flux_ray.core.model import ensure_base_model
     from flux_ray.families import get_family
     from flux_ray.data.demo import write_demo_data
     from flux_ray.node_cache import localize_model
 
     t0 = time.time()
-    ensure_base_model(spec.model)
     family = get_family(spec.model.model_family)
+    family.ensure_base(spec.model)
     vae_config = family.load_vae_config(localize_model(spec.model, spec.storage))  # s3:// model: this node's copy
     summary = CacheSummary(cache_uri=spec.cache.uri)
     listings = {}

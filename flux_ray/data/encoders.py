@@ -108,7 +108,8 @@ def _symbolic_sizes():
 
 
 class TextEncoder:
-    """CLIP pooled + T5 sequence embeddings (and the T5 mask) for unique captions."""
+    """The family's text embeddings for unique captions (FLUX.1: CLIP pooled + T5 sequence and the T5 mask;
+    FLUX.2: stacked text-encoder layers and the mask, no pooled embedding: stored zero-width)."""
 
     def __init__(self, model_spec, embed_dtype: str = "bf16", use_gpu: bool = False,
                  compile_backend: str | None = None, storage=None):
@@ -119,24 +120,30 @@ class TextEncoder:
         self.device = pick_device(use_gpu)
         compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         family = get_family(model_spec.model_family)
-        self.use(*family.load_text_encoders(model_spec, dtype=compute, device=self.device), model_spec.t5_max_length,
-                 DTYPES[embed_dtype], compile_backend, family=family)
+        self.use_encoders(family.load_text_encoders(model_spec, dtype=compute, device=self.device),
+                          model_spec.t5_max_length, DTYPES[embed_dtype], compile_backend, family=family)
 
     def use(self, tok, clip, tok2, t5, max_len: int, embed_dtype: torch.dtype,
             compile_backend: str | None = None, family: ModelFamily | None = None) -> None:
-        """Take loaded tokenizers and encoders (``__init__``'s, or ones built in memory by bench/cache_bench.py);
-        ``family`` embeds with them (default: FLUX.1's CLIP + T5)."""
-        self.tok, self.clip, self.tok2, self.t5, self.max_len, self.dtype = tok, clip, tok2, t5, max_len, embed_dtype
+        """Take FLUX.1's loaded tokenizers and encoders (ones built in memory by bench/cache_bench.py)."""
+        self.use_encoders((tok, clip, tok2, t5), max_len, embed_dtype, compile_backend, family)
+
+    def use_encoders(self, encoders: tuple, max_len: int, embed_dtype: torch.dtype,
+                     compile_backend: str | None = None, family: ModelFamily | None = None) -> None:
+        """Take the family's loaded encoders (``load_text_encoders``); ``family`` embeds with them (default:
+        FLUX.1's CLIP + T5). ``compile_backend`` compiles the last encoder (FLUX.1's T5: one padded shape)."""
+        self.encoders, self.max_len, self.dtype = tuple(encoders), max_len, embed_dtype
         self.family = family or get_family(DEFAULT_FAMILY)
-        if compile_backend:  # T5 sees one shape (padded to max_len) but for a last partial batch
-            self.t5 = torch.compile(self.t5, backend=compile_backend)
+        if compile_backend:
+            self.encoders = (*self.encoders[:-1], torch.compile(self.encoders[-1], backend=compile_backend))
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         captions = [str(c) for c in batch["caption"]]
-        text = self.family.embed_text((self.tok, self.clip, self.tok2, self.t5), captions, self.max_len, self.device)
+        text = self.family.embed_text(self.encoders, captions, self.max_len, self.device)
         n = len(captions)
-        embeds, pooled = text["prompt_embeds"].to("cpu", self.dtype), text["pooled"].to("cpu", self.dtype)
+        embeds = text["prompt_embeds"].to("cpu", self.dtype)
+        pooled = text["pooled"].to("cpu", self.dtype) if "pooled" in text else embeds.new_zeros(n, 0)
         mask = text["text_mask"].cpu()
         return {"caption_id": np.asarray(batch["caption_id"]), "caption": np.asarray(captions, dtype=object),
                 "prompt_embeds": np.array([tensor_to_bytes(embeds[i], self.dtype) for i in range(n)], dtype=object),

@@ -98,12 +98,13 @@ class CacheReader:
         self.footers: dict = {}  # shard uri -> Parquet footer, read once
         self.samples: dict[str, list[Sample]] = {}
         self.family = get_family(spec.model.model_family)
+        self.latent_channels = int(vae_config.get("latent_channels") or 16)  # FLUX.1: 16, FLUX.2: 32
         self.latent_norm: dict[str, dict] = {}  # dataset id -> the VAE factors its manifest recorded
         for ds in spec.latent_datasets():
             key = dataset_key(ds, spec.model, vae_config, spec.cache.latent_dtype)
             uri = paths.latents(key)
             manifest = self._manifest(uri, f"dataset {ds.id!r}")
-            self.latent_norm[ds.id] = {k: manifest[k] for k in ("shift_factor", "scaling_factor")}
+            self.latent_norm[ds.id] = {k: manifest[k] for k in self.family.latent_norm(vae_config)}
             mask_ds = spec.mask_dataset(ds)
             masks = self._index_masks(paths.masks(mask_key(key, mask_ds)), ds) if mask_ds else None
             reference_ds = spec.reference_dataset(ds)
@@ -180,9 +181,9 @@ class CacheReader:
                 if mask is None or reference is None:  # empty or missing: reported by the cache job, not trained
                     continue
                 hw = (int(r["latent_h"]), int(r["latent_w"]))
-                size = 2 * nbytes(self.latent_dtype, 16, *hw) + (hw[0] * hw[1] if mask[0] else 0)
+                size = 2 * nbytes(self.latent_dtype, self.latent_channels, *hw) + (hw[0] * hw[1] if mask[0] else 0)
                 if reference:
-                    size += 2 * nbytes(self.latent_dtype, 16, *reference["reference_hw"])
+                    size += 2 * nbytes(self.latent_dtype, self.latent_channels, *reference["reference_hw"])
                 out.append(Sample(r["sample_id"], ds.id, (r["bucket_w"], r["bucket_h"]), captions[r["sample_id"]],
                                   suri, i, ds.repeats, ds.is_regularisation_data, keys[r["sample_id"]], size, hw,
                                   *mask, variants.get(r["sample_id"], ()), **reference))
@@ -258,7 +259,7 @@ class CacheReader:
         mean, std = t.column("latent_mean"), t.column("latent_std")
         got = {}
         for i, r in enumerate(order):
-            shape = (16, *rows[r].latent_hw)
+            shape = (self.latent_channels, *rows[r].latent_hw)
             got[rows[r].sample_id] = (bytes_to_tensor(mean[i].as_buffer(), self.latent_dtype, shape),
                                       bytes_to_tensor(std[i].as_buffer(), self.latent_dtype, shape))
         return "latents", got
@@ -269,7 +270,7 @@ class CacheReader:
         mean, std = t.column("latent_mean"), t.column("latent_std")
         got = {}
         for i, r in enumerate(order):
-            shape = (16, *rows[r].reference_hw)
+            shape = (self.latent_channels, *rows[r].reference_hw)
             got[rows[r].reference_id] = (bytes_to_tensor(mean[i].as_buffer(), self.latent_dtype, shape),
                                          bytes_to_tensor(std[i].as_buffer(), self.latent_dtype, shape))
         return "references", got
@@ -310,7 +311,8 @@ class CacheReader:
                 cid = EMPTY_CAPTION_ID
             e, pl, m = data.text[cid]
             emb.append(e.float()), pooled.append(pl.float()), mask.append(m)
-        return FluxBatch(torch.stack(lat), torch.stack(emb), torch.stack(pooled), torch.stack(mask),
+        pooled = torch.stack(pooled) if pooled[0].numel() else None  # a family without a pooled embedding
+        return FluxBatch(torch.stack(lat), torch.stack(emb), pooled, torch.stack(mask),
                          loss_mask=_loss_mask(data, samples),
                          prior_rows=tuple(i for i, s in enumerate(samples) if s.is_regularisation),
                          reference_latents=self._reference_latents(data, samples, generator))

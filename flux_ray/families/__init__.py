@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from flux_ray.families.base import ModelFamily
 from flux_ray.families.flux1 import Flux1
+from flux_ray.families.flux2 import Flux2
 
 DEFAULT_FAMILY = "flux"
 """The spec's default ``model.model_family``: FLUX.1."""
-FAMILIES: dict[str, ModelFamily] = {"flux": Flux1()}
+FAMILIES: dict[str, ModelFamily] = {"flux": Flux1(), "flux2": Flux2()}
 """model.model_family value -> its family (SimpleTuner's names)."""
 
 

@@ -25,6 +25,9 @@ class ModelFamily(Protocol):
     """``lora.flux_lora_target`` preset name -> module-name suffixes that get a LoRA."""
 
     # ---- loading (hub id or local diffusers folder, from the model spec)
+    def ensure_base(self, model_spec) -> str:
+        """The base path; the family's tiny model is written there first with ``make_tiny_if_missing``."""
+
     def load_transformer(self, model_spec, dtype: torch.dtype = torch.bfloat16, device=None) -> torch.nn.Module:
         """The frozen base transformer."""
 
@@ -51,6 +54,15 @@ class ModelFamily(Protocol):
 
     def pack_latents(self, latents_bchw: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> the transformer's token sequence."""
+
+    def latent_norm(self, vae_config: dict) -> dict:
+        """The values :meth:`normalize_latents` needs (JSON-able): each latent manifest records them."""
+
+    def position_ids(self, h: int, w: int, text_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image ids, text ids) for normalised latents of h x w and ``text_len`` text tokens."""
+
+    def transformer_inputs(self, batch) -> dict:
+        """The family's extra transformer inputs from a ``core.step.FluxBatch`` (FLUX.1: the pooled embedding)."""
 
     # ---- LoRA, guidance
     def lora_targets(self, lora_spec) -> list[str]:

@@ -18,6 +18,9 @@ class Flux1:
     text_blobs = ("prompt_embeds", "pooled", "text_mask")
     lora_target_presets = LORA_TARGET_PRESETS
 
+    def ensure_base(self, model_spec) -> str:
+        return model_io.ensure_base_model(model_spec)
+
     def load_transformer(self, model_spec, dtype: torch.dtype = torch.bfloat16, device=None) -> torch.nn.Module:
         return model_io.load_transformer(model_spec, dtype=dtype, device=device)
 
@@ -51,6 +54,16 @@ class Flux1:
 
     def pack_latents(self, latents_bchw: torch.Tensor) -> torch.Tensor:
         return flow.pack_latents(latents_bchw)
+
+    def latent_norm(self, vae_config: dict) -> dict:
+        return {"shift_factor": vae_config.get("shift_factor") or 0.0,
+                "scaling_factor": vae_config.get("scaling_factor", 1.0)}
+
+    def position_ids(self, h: int, w: int, text_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return flow.latent_image_ids(h, w, device=device), flow.text_ids(text_len, device=device)
+
+    def transformer_inputs(self, batch) -> dict:
+        return {"pooled_projections": batch.pooled}
 
     def lora_targets(self, lora_spec) -> list[str]:
         return lora_spec.target_modules

@@ -88,7 +88,8 @@ def build_loss_fn(spec: JobSpec, model: torch.nn.Module, scheduler_config: dict,
     return FluxLossFn(model, spec.flow, scheduler_config=scheduler_config, fast_schedule=spec.fast_schedule,
                       masked_attention=spec.train.flux_attention_masked_training, autocast_dtype=autocast,
                       attention_backend=spec.train.attention_backend, tread=tread,
-                      cuda_graphs=spec.train.uses_cuda_graphs, uncast_lora=uncast_lora)
+                      cuda_graphs=spec.train.uses_cuda_graphs, uncast_lora=uncast_lora,
+                      family=get_family(spec.model.model_family))
 
 
 def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size: int,

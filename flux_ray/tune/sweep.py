@@ -31,7 +31,7 @@ SUMMARY_FILE = "sweep_summary.json"
 def run_sweep(spec: JobSpec) -> dict:
     """Run (or resume) the spec's sweep; returns what sweep_summary.json holds."""
     from flux_ray import job
-    from flux_ray.core.model import ensure_base_model
+    from flux_ray.families import get_family
     from flux_ray.tracking import mlflow_run
 
     t0 = time.time()
@@ -44,7 +44,7 @@ def run_sweep(spec: JobSpec) -> dict:
     storage.ensure_bucket(spec.output.uri, spec.storage)
     state = _saved_state(spec)
     job.init_ray()
-    ensure_base_model(spec.model)
+    get_family(spec.model.model_family).ensure_base(spec.model)
     space.check_cache_identity(spec, cache_identity)
     cache_summary = job.cache(spec)  # the sweep's only cache pass: trials read, never encode
     cache = {"uri": spec.cache.uri, "keys": {k: v["key"] for k, v in cache_summary.datasets.items()},

@@ -16,18 +16,8 @@ from __future__ import annotations
 
 import torch
 
-_DOUBLE_IMG_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
-_DOUBLE_TXT_ATTN = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-_SINGLE = ["attn.to_qkv_mlp_proj", "attn.to_out"]
-_MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+from flux_ray.spec import FLUX2_LORA_TARGET_PRESETS  # noqa: E402  (the spec validates preset names)
 
-FLUX2_LORA_TARGET_PRESETS: dict[str, list[str]] = {
-    "all": _DOUBLE_IMG_ATTN + _DOUBLE_TXT_ATTN + _MLP + _SINGLE,
-    "attention": _DOUBLE_IMG_ATTN + _DOUBLE_TXT_ATTN + _SINGLE,
-    "mlp": list(_MLP),
-    "tiny": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "diffusers": _DOUBLE_IMG_ATTN + _SINGLE,
-}
 DEFAULT_FLUX2_LORA_TARGET = "all"
 
 

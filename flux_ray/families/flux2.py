@@ -1,0 +1,143 @@
+"""FLUX.2 ([klein] 4B / 9B, [dev]): the family interface over core/flux2.
+
+Loading through ``from_pretrained`` (hub id or local diffusers folder; ``make_tiny_if_missing`` writes the
+tiny model of the flavour), prompt embeddings from core/flux2/text.py (no pooled embedding), latents
+patchified and normalised by the VAE batch norm's statistics (core/flux2/latents.py; the statistics travel
+in :meth:`load_vae_config`), the FLUX.2 presets of the spec, diffusers-format export only.
+Not yet here: validation images and merging (both refused with a message).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from flux_ray.core.flux2 import latents as L
+from flux_ray.core.flux2.flavours import FLUX2_SCHEDULER, get_flavour
+from flux_ray.core.flux2.text import encode_captions
+from flux_ray.spec import FLUX2_LORA_TARGET_PRESETS
+
+
+def _base(model_spec) -> str:
+    """The base path; the tiny FLUX.2 of the flavour is written there when asked and missing."""
+    from flux_ray.core.model import is_local_path
+
+    path = model_spec.base_path
+    if model_spec.make_tiny_if_missing and is_local_path(path) and not (Path(path) / "model_index.json").exists():
+        from flux_ray.core.flux2.tiny import ensure_tiny_flux2
+
+        ensure_tiny_flux2(path, model_spec.model_flavour)
+    return path
+
+
+class Flux2:
+    name = "flux2"
+    text_blobs = ("prompt_embeds", "text_mask")
+    lora_target_presets = FLUX2_LORA_TARGET_PRESETS
+
+    def ensure_base(self, model_spec) -> str:
+        return _base(model_spec)
+
+    def load_transformer(self, model_spec, dtype: torch.dtype = torch.bfloat16, device=None) -> torch.nn.Module:
+        from diffusers import Flux2Transformer2DModel
+
+        model = Flux2Transformer2DModel.from_pretrained(_base(model_spec), subfolder="transformer", torch_dtype=dtype,
+                                                        revision=model_spec.revision)
+        model.requires_grad_(False)
+        return model.to(device) if device is not None else model
+
+    def load_vae(self, model_spec, dtype: torch.dtype = torch.float32, device=None) -> torch.nn.Module:
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2.from_pretrained(_base(model_spec), subfolder="vae", torch_dtype=dtype,
+                                                 revision=model_spec.revision).eval()
+        vae.requires_grad_(False)
+        return vae.to(device) if device is not None else vae
+
+    def load_vae_config(self, model_spec) -> dict:
+        """The VAE config plus its batch norm's statistics (``bn_mean``, ``bn_std``: lists of 4C floats), which
+        FLUX.2's latent normalisation needs (they are weights, so the VAE is loaded once here)."""
+        vae = self.load_vae(model_spec)
+        mean, std = L.bn_stats(vae)
+        return {**dict(vae.config), "bn_mean": mean.flatten().tolist(), "bn_std": std.flatten().tolist()}
+
+    def load_text_encoders(self, model_spec, dtype: torch.dtype = torch.float32, device=None) -> tuple:
+        """(tokenizer, text_encoder): Qwen3ForCausalLM for [klein], Mistral3ForConditionalGeneration for [dev]."""
+        from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
+
+        base = _base(model_spec)
+        kind = get_flavour(model_spec.model_flavour).text_encoder_kind
+        cls = Qwen3ForCausalLM if kind == "qwen3" else Mistral3ForConditionalGeneration
+        tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=model_spec.revision)
+        enc = cls.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype, revision=model_spec.revision)
+        enc.requires_grad_(False).eval()
+        return tok, (enc.to(device) if device is not None else enc)
+
+    def load_scheduler_config(self, model_spec) -> dict:
+        """The folder's scheduler config; SimpleTuner's FLUX.2 values for a hub id not on disk."""
+        cfg = Path(_base(model_spec)) / "scheduler" / "scheduler_config.json"
+        return json.loads(cfg.read_text()) if cfg.exists() else dict(FLUX2_SCHEDULER)
+
+    def embed_text(self, encoders: tuple, captions: list[str], max_length: int,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        """The stacked hidden states (``Flux2KleinPipeline`` / ``Flux2Pipeline.encode_prompt``) and the attention
+        mask as int8; FLUX.2 has no pooled embedding."""
+        tok, enc = encoders
+        fl = self._flavour_of(enc)
+        embeds, mask = encode_captions(enc, tok, captions, kind=fl.text_encoder_kind, layers=fl.text_encoder_layers,
+                                       max_sequence_length=max_length)
+        return {"prompt_embeds": embeds.to(device), "text_mask": mask.to(device, torch.int8)}
+
+    @staticmethod
+    def _flavour_of(text_encoder):
+        """The flavour's text-encoder kind and layers, from the encoder class (klein-4b and -9b share them)."""
+        return get_flavour("dev" if type(text_encoder).__name__.startswith("Mistral3") else "klein-4b")
+
+    def normalize_latents(self, raw: torch.Tensor, vae_config: dict) -> torch.Tensor:
+        """VAE latents ([B,] C, H/8, W/8) -> patchified, batch-norm normalised ([B,] 4C, H/16, W/16)."""
+        mean = torch.tensor(vae_config["bn_mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(vae_config["bn_std"]).view(1, -1, 1, 1)
+        out = L.normalize(L.patchify(raw if raw.dim() == 4 else raw.unsqueeze(0)), mean, std)
+        return out if raw.dim() == 4 else out.squeeze(0)
+
+    def pack_latents(self, latents_bchw: torch.Tensor) -> torch.Tensor:
+        return L.pack(latents_bchw)
+
+    def latent_norm(self, vae_config: dict) -> dict:
+        return {"bn_mean": list(vae_config["bn_mean"]), "bn_std": list(vae_config["bn_std"])}
+
+    def position_ids(self, h: int, w: int, text_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, h, w, l) ids, (S, 4) each (the transformer takes one set for the batch)."""
+        from flux_ray.core.flux2.text import text_ids
+
+        return L.latent_ids(1, h, w, device)[0], text_ids(1, text_len, device)[0]
+
+    def transformer_inputs(self, batch) -> dict:
+        return {}  # no pooled embedding
+
+    def lora_targets(self, lora_spec) -> list[str]:
+        return list(lora_spec.peft_lora_target_modules or FLUX2_LORA_TARGET_PRESETS[lora_spec.flux_lora_target])
+
+    def uses_guidance(self, transformer: torch.nn.Module) -> bool:
+        base = getattr(transformer, "module", transformer)
+        return bool(getattr(base.config, "guidance_embeds", False))  # [dev] only
+
+    def validation_pipeline(self, model_spec, transformer: torch.nn.Module, dtype: torch.dtype, device):
+        raise ValueError("validation images are not wired for model_family flux2 yet (issue #23)")
+
+    def export_lora_file(self, src_file, fmt: str, out_dir, spec=None, metadata: dict | None = None,
+                         filename: str | None = None) -> Path:
+        """diffusers only: the trained file is already what ``Flux2(Klein)Pipeline.load_lora_weights`` reads, and
+        ComfyUI reads that layout for FLUX.2 (SimpleTuner's NATIVE_COMFYUI_LORA_SUPPORT)."""
+        if fmt != "diffusers":
+            raise ValueError(f"LoRA format {fmt!r} is FLUX.1's; model_family flux2 exports diffusers only")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        dst = out / (filename or Path(src_file).name)
+        shutil.copyfile(src_file, dst)
+        return dst
+
+    def merge_and_save(self, src_file, model_spec, out_dir, spec=None) -> Path:
+        raise ValueError("merging a LoRA into a FLUX.2 base is not wired yet (issue #23)")
