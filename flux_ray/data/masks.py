@@ -47,19 +47,27 @@ def match_by_name(image_rel_paths: list[str], mask_refs: list) -> dict[str, obje
 match_masks = match_by_name
 
 
-def prepare_mask(data: bytes, image_rel_path: str, image_ds, seed: int, orig_w: int, orig_h: int,
-                 latent_w: int, latent_h: int) -> np.ndarray:
-    """Mask bytes -> uint8 (latent_h, latent_w), aligned with the image's crop; raises SkipImage."""
-    img = decode_image(data, image_rel_path).convert("L")
+def crop_like_image(img: Image.Image, image_rel_path: str, image_ds, seed: int, orig_w: int, orig_h: int,
+                    resample: Image.Resampling) -> Image.Image:
+    """A companion of an image (its mask, its strict reference) scaled to the image's size, then resized and
+    cropped with the image's own plan: the same bucket, box and random-crop draw (seeded by the image's path)."""
     if img.size != (orig_w, orig_h):
-        img = img.resize((orig_w, orig_h), resample=Image.Resampling.BILINEAR)
+        img = img.resize((orig_w, orig_h), resample=resample)
     bucket_w, bucket_h = dataset_bucket(orig_w, orig_h, image_ds)
     resize_w, resize_h, box = resize_and_crop_plan(orig_w, orig_h, bucket_w, bucket_h, image_ds.crop_style,
                                                    crop_rng(seed, image_rel_path),
                                                    scale=pre_crop_scale(orig_w, orig_h, image_ds))
     if (resize_w, resize_h) != (orig_w, orig_h):
-        img = img.resize((resize_w, resize_h), resample=Image.Resampling.BILINEAR)
-    img = img.crop(box).resize((latent_w, latent_h), resample=Image.Resampling.BOX)
+        img = img.resize((resize_w, resize_h), resample=resample)
+    return img.crop(box)
+
+
+def prepare_mask(data: bytes, image_rel_path: str, image_ds, seed: int, orig_w: int, orig_h: int,
+                 latent_w: int, latent_h: int) -> np.ndarray:
+    """Mask bytes -> uint8 (latent_h, latent_w), aligned with the image's crop; raises SkipImage."""
+    img = crop_like_image(decode_image(data, image_rel_path).convert("L"), image_rel_path, image_ds, seed,
+                          orig_w, orig_h, Image.Resampling.BILINEAR)
+    img = img.resize((latent_w, latent_h), resample=Image.Resampling.BOX)
     mask = np.asarray(img, dtype=np.uint8)
     if not mask.any():
         raise SkipImage(EMPTY_MASK, image_rel_path, "the mask is black everywhere at latent resolution")

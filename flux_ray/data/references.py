@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from flux_ray.data.buckets import dataset_bucket, pre_crop_scale, resize_and_crop_plan
-from flux_ray.data.decode import SkipImage, crop_rng, decode_image, hash_int, prepare_image
-from flux_ray.data.masks import match_by_name
+from flux_ray.data.decode import SkipImage, decode_image, hash_int, prepare_image
+from flux_ray.data.masks import crop_like_image, match_by_name
 
 NO_REFERENCE = "no_reference"
 match_references = match_by_name
@@ -27,16 +26,9 @@ match_references = match_by_name
 def prepare_strict_reference(data: bytes, image_rel_path: str, image_ds, seed: int, orig_w: int,
                              orig_h: int) -> np.ndarray:
     """Reference bytes -> uint8 RGB (3, bucket_h, bucket_w) cropped exactly as its image was; raises SkipImage."""
-    img = decode_image(data, image_rel_path)
-    if img.size != (orig_w, orig_h):
-        img = img.resize((orig_w, orig_h), resample=Image.Resampling.LANCZOS)
-    bucket_w, bucket_h = dataset_bucket(orig_w, orig_h, image_ds)
-    resize_w, resize_h, box = resize_and_crop_plan(orig_w, orig_h, bucket_w, bucket_h, image_ds.crop_style,
-                                                   crop_rng(seed, image_rel_path),
-                                                   scale=pre_crop_scale(orig_w, orig_h, image_ds))
-    if (resize_w, resize_h) != (orig_w, orig_h):
-        img = img.resize((resize_w, resize_h), resample=Image.Resampling.LANCZOS)
-    return np.ascontiguousarray(np.asarray(img.crop(box), dtype=np.uint8).transpose(2, 0, 1))
+    img = crop_like_image(decode_image(data, image_rel_path), image_rel_path, image_ds, seed, orig_w, orig_h,
+                          Image.Resampling.LANCZOS)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def reference_row(row: dict, image_ds, reference_ds, storage_spec=None, seed: int = 0) -> dict:
