@@ -287,6 +287,13 @@ def shared_demo_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_spec_data():
+    """``demo_spec_dict`` as a fixture: test modules never ``import conftest`` (two conftest modules share that
+    name, so which one it finds depends on the import order of the xdist worker)."""
+    return demo_spec_dict
+
+
+@pytest.fixture(scope="session")
 def demo_spec(shared_demo_cache):
     """Factory: ``demo_spec(tiny_model_dir, data_dir, out_dir, **sections) -> JobSpec`` (shared cache)."""
     from flux_ray.spec import load_spec

@@ -113,9 +113,9 @@ def test_published_to_s3_with_model_card_and_grid(delivered, s3_server):
 
 
 def test_published_to_the_hub_through_huggingface_hub(delivered, local_hub):
-    from conftest import HF_TEST_TOKEN
-
     spec, summary, _, logs, _ = delivered
+    HF_TEST_TOKEN = os.environ["HF_TOKEN"]  # the fake token local_hub sets for huggingface_hub
+    assert HF_TEST_TOKEN.startswith("hf_fake")
     repo = local_hub.repos["team/delivered-lora"]
     assert repo["visibility"] == "private"
     assert "README.md" in repo["files"] and "validation/step-000004.png" in repo["files"]

@@ -36,10 +36,9 @@ def test_status_shows_the_latest_progress_line_then_the_summary():
 
 
 @pytest.mark.slow
-def test_cpu_run_prints_progress_not_worker_warnings(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache):
-    from conftest import demo_spec_dict
-
-    data = demo_spec_dict(tiny_model_dir, demo_data_dir, tmp_path, cache_uri=shared_demo_cache, name="quiet",
+def test_cpu_run_prints_progress_not_worker_warnings(tiny_model_dir, demo_data_dir, tmp_path, shared_demo_cache,
+                                                    demo_spec_data):
+    data = demo_spec_data(tiny_model_dir, demo_data_dir, tmp_path, cache_uri=shared_demo_cache, name="quiet",
                           train={"max_train_steps": 4, "log_every": 2, "checkpointing_steps": 4},
                           eval={"eval_steps_interval": 4, "validation_step_interval": 4})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))

@@ -194,13 +194,14 @@ def test_lora_trained_on_fp8_base_reaches_bf16_eval_loss_within_1pct():
     assert abs(fp8_end - bf16_end) <= 0.01 * bf16_end, (fp8_end, bf16_end)
 
 
-def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
-    import os
+def _ddp_rank(rank: int, out_dir: str) -> None:
+    import datetime
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a file rendezvous: a free TCP port picked beforehand can be taken by a parallel test's Ray in between
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(rank)  # different bases on each rank: DDP's broadcast at wrap must make them rank 0's
     lora_a = torch.nn.Linear(32, 32)
     model = torch.nn.Sequential(lora_a, Fp8Linear(torch.nn.Linear(32, 16).requires_grad_(False), emulate=True))
@@ -214,12 +215,7 @@ def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
 def test_ddp_broadcasts_the_fp8_base_and_all_reduces_the_adapter(tmp_path):
     """Two gloo ranks: the FP8 weights survive DDP's broadcast (an fp8 dtype would not: "Invalid scalar
     type"), and the trainable layer below the FP8 one gets the same averaged gradient on both."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path),), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["bits"], r1["bits"])
     assert r0["grad"].abs().sum() > 0 and torch.equal(r0["grad"], r1["grad"])
