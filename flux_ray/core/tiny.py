@@ -87,22 +87,28 @@ def write_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def write_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True,
-                    overwrite: bool = False, kontext: bool = False) -> Path:
-    """Save the tiny Flux in diffusers layout at ``directory`` (atomically: temp dir, then rename)."""
+def save_pipeline_atomically(build, directory: str | os.PathLike, overwrite: bool, prefix: str) -> Path:
+    """``build()``'s pipeline saved in diffusers layout at ``directory``: into a temp dir beside it, then renamed."""
     out = Path(directory).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-flux-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     try:
-        build_tiny_pipeline(seed, guidance_embeds, kontext).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True,
+                    overwrite: bool = False, kontext: bool = False) -> Path:
+    """Save the tiny Flux in diffusers layout at ``directory`` (atomically: temp dir, then rename)."""
+    return save_pipeline_atomically(lambda: build_tiny_pipeline(seed, guidance_embeds, kontext), directory,
+                                    overwrite, ".tiny-flux-")
 
 
 def ensure_tiny_flux(directory: str | os.PathLike, kontext: bool = False) -> Path:

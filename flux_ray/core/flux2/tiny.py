@@ -13,13 +13,12 @@ The VAE's batch-norm statistics are random, so latent normalisation is visible i
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from flux_ray.core.flux2.flavours import FLUX2_SCHEDULER, get_flavour
+from flux_ray.core.tiny import save_pipeline_atomically
 
 TINY_TEXT_WIDTH = 16
 TINY_TRANSFORMER = dict(patch_size=1, in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=16,
@@ -119,19 +118,8 @@ def build_tiny_flux2_pipeline(flavour: str = "klein-4b", seed: int = 0):
 def write_tiny_flux2(directory: str | os.PathLike, flavour: str = "klein-4b", seed: int = 0,
                      overwrite: bool = False) -> Path:
     """Save the tiny FLUX.2 of ``flavour`` in diffusers layout at ``directory`` (temp dir, then rename)."""
-    out = Path(directory).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-flux2-", dir=out.parent))
-    try:
-        build_tiny_flux2_pipeline(flavour, seed).save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_pipeline_atomically(lambda: build_tiny_flux2_pipeline(flavour, seed), directory, overwrite,
+                                    ".tiny-flux2-")
 
 
 def ensure_tiny_flux2(directory: str | os.PathLike, flavour: str = "klein-4b") -> Path:
