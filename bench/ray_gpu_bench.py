@@ -175,6 +175,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
                    fresh_node=bool(a.fresh_node_caches), compile_cache=bool(a.compile_cache),
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
                    first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
+                   startup=_startup(sink[0], t_wall) if sink else None,
                    peak_gib=round(max(m.get("peak_gpu_mem_gib", 0) for m in sink), 2) if sink else None,
                    final_loss=outcome.final_loss, reports=[round(m["samples_per_s"], 2) for m in sink],
                    profile=profile)
@@ -186,6 +187,15 @@ def phase_train(a, model_dir: str) -> list[dict]:
             r["scaling_efficiency"] = round(r["samples_per_s"] / (r["gpus"] * base["samples_per_s"]), 3)
     ray.shutdown()
     return rows
+
+
+def _startup(first: dict, t_wall: float) -> dict:
+    """Where the time to the first report went: Ray and Train start-up until the worker's entry, the base
+    load and prepare, the rest of the worker's build (wrap, compile setup, optimizer, reader), the first step."""
+    out = {k.removeprefix("startup_"): round(first[k], 1) for k in first if k.startswith("startup_")}
+    if "worker_started_at" in first:
+        out["to_worker"] = round(first["worker_started_at"] - t_wall, 1)
+    return out
 
 
 def start_ray(a) -> None:
@@ -289,6 +299,9 @@ def main() -> None:
             print(f"| {r['gpus']} | {r['res']} | {r['bs_per_gpu']} | {r['fresh_node']} | {r['compile_cache']} | "
                   f"{r['samples_per_s']} | {r['step_time_s']} | "
                   f"{r.get('scaling_efficiency')} | {r['peak_gib']} | {r['first_report_s']} |")
+        for r in results["train"]:
+            print(f"start-up {r['gpus']} GPUs, fresh node {r['fresh_node']}: {r.get('startup')} "
+                  f"(first report {r['first_report_s']} s)")
         for r in results["train"]:
             for p in r.get("profile") or []:
                 print(f"profile {r['gpus']} GPUs rank {p['rank']} steps {p['steps']}: wall {p['wall_s_per_step']} s/step, "

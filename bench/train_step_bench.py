@@ -25,7 +25,7 @@ still counts the unrouted model's FLOPs, so it reads as an effective rate), offl
 frozen base group-offloaded to the CPU, n blocks a group | leaf: each layer; an s suffix prefetches on a
 CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1), fp8 (1: the frozen
 base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/build.py applies it; emulated on
-a CPU). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
+a CPU), fp8_gacc (full | fast: fast accumulation in FP8's input-gradient GEMM as well). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
 usage: python bench/train_step_bench.py suite --stock bench/_stock/stock_flux_lora_step.py --budget-s 540 \\
@@ -46,9 +46,9 @@ import warnings
 
 DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default")
+                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="full")
 STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
-           "dynamo_mode")
+           "dynamo_mode", "fp8_gacc")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
          "nf4": "nf4-bnb", "fp8": "fp8-torchao", "int8t": "int8-torchao"}
@@ -136,6 +136,10 @@ def build(v: dict):
     spec = bench_spec(v)
     if v["fp8"] and (spec.model.enable_group_offload or spec.model.base_model_precision != "no_change"):
         raise ValueError("fp8=1 needs quant=none and offload=none (as the spec requires)")
+    if v["fp8"] and v["fp8_gacc"] == "fast":  # an experiment's knob: fast accumulation in the gradient GEMM
+        import flux_ray.core.fp8 as fp8_module
+
+        fp8_module.GRAD_FAST_ACCUM = True
     transformer = build_transformer_from_config(config, device, torch.bfloat16)
     transformer, _, _ = prepare_base(transformer, spec, device, emulate_fp8=device.type == "cpu")
     if device.type == "cuda":
@@ -451,7 +455,7 @@ def print_table(rows: list[dict]) -> None:
 def print_loss_tracking(rows: list[dict]) -> None:
     """Each fp8=1 job against its fp8=0 twin (same spec otherwise): relative loss difference per step."""
     ours = [r for r in rows if r.get("who") == "ours" and "error" not in r and r.get("losses")]
-    same = lambda a, b: all(a[k] == b[k] for k in DEFAULTS if k != "fp8")  # noqa: E731
+    same = lambda a, b: all(a[k] == b[k] for k in DEFAULTS if k not in ("fp8", "fp8_gacc"))  # noqa: E731
     for r in (r for r in ours if r.get("fp8")):
         ref = next((b for b in ours if not b.get("fp8") and same(r, b)), None)
         if ref is None:

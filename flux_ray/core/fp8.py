@@ -26,6 +26,9 @@ from torchao.float8.inference import addmm_float8_unwrapped_inference
 
 E4M3 = torch.float8_e4m3fn
 KEY = "model.base_compute_dtype='fp8'"
+GRAD_FAST_ACCUM = False
+"""Fast (fp8-precision) accumulation in the input-gradient GEMM too; torchao's default, and ours, is full
+accumulation there (bench/train_step_bench.py's ``fp8_gacc=fast`` measures the difference)."""
 
 
 def check_fp8_supported(device: torch.device) -> None:
@@ -80,7 +83,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
             return (None,) * 7
         wt, wt_inv = ctx.saved_tensors
         gq, g_inv = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]))
-        grad_x = scaled_mm(gq, g_inv, wt.t(), wt_inv, None, fast_accum=False, emulate=ctx.emulate)
+        grad_x = scaled_mm(gq, g_inv, wt.t(), wt_inv, None, fast_accum=GRAD_FAST_ACCUM, emulate=ctx.emulate)
         return grad_x.reshape(*grad_out.shape[:-1], wt.shape[0]).to(ctx.x_dtype), None, None, None, None, None, None
 
 

@@ -1,6 +1,7 @@
 """Builds the loop's parts on a worker: model, LoRA, optimizer, data. No Ray import."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -96,10 +97,13 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
                      wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
     from flux_ray.node_cache import localize
 
+    t_build = time.perf_counter()
     torch.manual_seed(spec.train.seed)
     # s3:// model, LoRA and prompt inputs are read from this node's copy; cache keys name the spec's URIs.
     local = localize(spec)
+    t_load = time.perf_counter()
     transformer, adapter, lora_init = build_transformer(local, device)
+    startup = {"startup_load_s": time.perf_counter() - t_load}
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     cast_trainable_params(spec.train, [p for p in transformer.parameters() if p.requires_grad])  # before wrap
     model = wrap(transformer)
@@ -139,4 +143,5 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
                      state_io=StateIO(model, adapter, optimizer, sharded=sharded,
                                       optimizer_state=spec.scaling.strategy != "deepspeed"),
                      stepper=stepper, lora_init=lora_init,
-                     validate=validate, after_step=artifacts.after_step if artifacts else None)
+                     validate=validate, after_step=artifacts.after_step if artifacts else None,
+                     startup={**startup, "startup_build_s": time.perf_counter() - t_build})

@@ -2,13 +2,14 @@
 
 Inductor already caches compiled graphs on the local disk (``TORCHINDUCTOR_CACHE_DIR``), which helps only a
 machine that compiled before. On KubeRay every trial's pod starts empty, so rank 0 uploads torch's portable
-"mega-cache" (``torch.compiler.save_cache_artifacts``: FX graph, AOT autograd and autotune entries) after the
-first step to ``<cache.uri>/compile/<key>.bin``; every worker of a later run with the same key hot-loads it
+"mega-cache" (``torch.compiler.save_cache_artifacts``: FX graph, AOT autograd, autotune and dynamic-shape
+(PGO) entries) to ``<cache.uri>/compile/<key>.bin`` after the first step, and again after any later step that
+compiled a new graph (another aspect bucket's shape); every worker of a later run with the same key hot-loads it
 (``load_cache_artifacts``) before compiling. The key hashes what decides the graphs: torch / Triton / CUDA
 versions, the device, flux_ray's model and training code, the transformer's config and the spec options that
 change the traced blocks (the SDPA backend too: inductor's own key ignores it, see core/compile.py). A
-changed shape still compiles (its graph is simply not in the artifacts), and a load that fails falls back
-to compiling. No Ray import.
+shape the artifacts lack still compiles (and is then published for the next run), and a load that fails falls
+back to compiling. No Ray import.
 """
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ def artifact_key(spec, transformer_config: dict, device: torch.device) -> str:
 
 
 class CompileArtifacts:
-    """Fetch before compiling (every worker), publish after the first step (rank 0, when none was found)."""
+    """Fetch before compiling (every worker); publish after each step that compiled something new (rank 0)."""
 
     def __init__(self, spec, transformer_config: dict, device: torch.device, rank: int):
         self.uri = storage.join(spec.cache.uri, "compile", artifact_key(spec, transformer_config, device) + ".bin")
         self.st, self.rank = spec.storage, rank
         self.loaded = False
         self.published = False
+        self._compiles_published = _compiles()  # compiles before this run's (another model in the process)
 
     def load(self) -> bool:
         """Hot-load the shared artifacts if there are any; any failure means compiling as usual."""
@@ -88,15 +90,29 @@ class CompileArtifacts:
         return self.loaded
 
     def after_step(self, step: int) -> None:
-        """Rank 0 publishes what the first step compiled, once, when no artifacts were loaded."""
-        if self.published or self.loaded or self.rank != 0:
+        """Rank 0 publishes after any step that compiled something new: the first step of a cold run, and later
+        a new bucket shape (or a dynamic-shape recompile) that the shared artifacts did not hold. torch's
+        serializer is cumulative (what this process compiled or hit in its caches), so each publish holds
+        everything seen so far. A step that compiled nothing costs one counter read."""
+        if self.rank != 0:
             return
-        self.published = True
+        misses = _compiles()
+        if misses == self._compiles_published:
+            return
+        self._compiles_published = misses
         try:
             saved = torch.compiler.save_cache_artifacts()
             if saved is None:
                 return
             storage.write_bytes_atomic(self.uri, saved[0], self.st)
-            log.info("published compile artifacts %s (%d bytes)", self.uri, len(saved[0]))
+            self.published = True
+            log.info("published compile artifacts %s (%d bytes, after step %d)", self.uri, len(saved[0]), step)
         except Exception as e:  # noqa: BLE001
             log.warning("could not publish compile artifacts %s (%s: %s)", self.uri, type(e).__name__, e)
+
+
+def _compiles() -> int:
+    """Graphs inductor compiled in this process (cache misses; a hit loaded from the artifacts is not one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"]

@@ -53,6 +53,8 @@ class LoopParts(StepParts):
     lora_init: dict | None = None                   # PiSSA/OLoRA/LoftQ initial adapter (export converts)
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
     position: Position = field(default_factory=Position)
+    startup: dict = field(default_factory=dict)
+    """Start-up timings (``startup_*`` seconds, ``worker_started_at``), sent once with the first report."""
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -144,7 +146,12 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
         try:
             batches = _counted(stream, tally)
             while pos.batch_index < usable and pos.step < tr.max_train_steps:
+                t0 = time.perf_counter() if "startup_first_step_s" not in parts.startup else None
                 tally.losses.append(train_step(parts, batches, pos))
+                if t0 is not None:  # the first step's wall time: compile (or artifact load), graphs, first batch
+                    if parts.device.type == "cuda":
+                        torch.cuda.synchronize(parts.device)
+                    parts.startup["startup_first_step_s"] = time.perf_counter() - t0
                 report_step(parts, tally, report)
         finally:
             stream.close()
@@ -208,6 +215,8 @@ def training_metrics(parts: LoopParts, tally: Tally) -> dict:
                "samples_per_s": tally.samples * parts.world_size / dt if dt else 0.0}
     if parts.device.type == "cuda":
         metrics["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2**30
+    if not tally.last:  # the first report of this process: how long start-up took
+        metrics.update(parts.startup)
     return metrics
 
 

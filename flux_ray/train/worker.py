@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -25,6 +26,7 @@ def train_loop_per_worker(config: dict) -> None:
     from flux_ray.train.checkpoint import load_checkpoint
     from flux_ray.train.loop import train_loop
 
+    started_at = time.time()
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
@@ -42,6 +44,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         parts.position = load_checkpoint(local_path(spec.train.resume_from_checkpoint, spec.storage),
                                          state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
+    parts.startup["worker_started_at"] = started_at
     from flux_ray.train.profile import StepProfiler
 
     profiler = StepProfiler.from_env(parts.rank, device)

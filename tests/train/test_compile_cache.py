@@ -81,6 +81,10 @@ def test_a_fresh_process_loads_the_artifacts_and_a_new_shape_still_compiles(firs
     assert same["hits"] >= cold["steps"][0]["misses"] and same["misses"] == 0  # nothing compiled for 8x8
     assert same["loss"] == pytest.approx(cold["steps"][0]["loss"], rel=1e-5)
     assert other["misses"] > 0  # the artifacts hold the 8x8 graphs only: 12x12 compiles its own
+    # ... and is published with them (the serializer is cumulative): a third fresh process compiles neither
+    third = fresh_process_steps(tmp, "third", shared, sides=(8, 12))
+    assert third["loaded"] and [s["misses"] for s in third["steps"]] == [0, 0]
+    assert [s["loss"] for s in third["steps"]] == pytest.approx([s["loss"] for s in warm["steps"]], rel=1e-5)
 
 
 def _spec(**train):

@@ -53,6 +53,11 @@ def test_a_cache_larger_than_the_memory_bound_trains(cached):
     assert len(windows) > 3
     reports = run_steps(spec, 6)
     assert len(reports) == 6 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in reports)
+    # start-up timings ride on the first report only (issue #18's breakdown: load, build, first step)
+    first = {k: v for k, v in reports[0].items() if k.startswith("startup_")}
+    assert set(first) == {"startup_load_s", "startup_build_s", "startup_first_step_s"}
+    assert 0 < first["startup_load_s"] <= first["startup_build_s"] and first["startup_first_step_s"] > 0
+    assert not any(k.startswith("startup_") for r in reports[1:] for k in r)
 
 
 def test_same_lora_same_eval_loss(cached):
