@@ -86,7 +86,8 @@ class Flux1:
 
     def encode_validation_prompt(self, pipe, text: str, device, max_length: int) -> dict[str, torch.Tensor]:
         """T5 embeddings and the pooled CLIP embedding."""
-        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device, max_sequence_length=max_length)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                               max_sequence_length=max_length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def validation_guidance(self, model_spec, eval_spec) -> tuple[dict, str | None]:
