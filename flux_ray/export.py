@@ -33,6 +33,7 @@ def export_cli(args) -> int:
             if not info.get("base_model"):
                 raise ValueError("--merge needs the base model: pass the job spec with --spec")
             model_spec = ModelSpec(pretrained_model_name_or_path=info["base_model"],
+                                   model_family=info.get("model_family", "flux"),
                                    model_flavour=info.get("model_flavour", "krea"))
         out = Path(args.out) if args.out else default_out(src, "merged_transformer")
         print(get_family(model_spec.model_family).merge_and_save(src.lora_file, model_spec, out, spec=spec))

@@ -75,8 +75,8 @@ def _flux2_unsupported(spec: JobSpec) -> list[str]:
         "cache.compile_encoders": spec.cache.compile_encoders,
         "conditioning (mask / reference) datasets": bool(spec.enabled_datasets("conditioning")),
         "output.export_formats comfyui/kohya": bool(set(spec.output.export_formats) - {"diffusers"}),
-        "eval.validation_* (validation images)": bool(ev.validation_step_interval
-                                                      and (ev.validation_prompt or ev.user_prompt_library)),
+        "eval.validation_guidance_real (FLUX.1's true CFG: [klein]'s CFG scale is eval.validation_guidance, [dev] "
+        "is guidance-distilled)": ev.validation_guidance_real > 1,
     }
     return [k for k, on in refused.items() if on]
 
@@ -880,7 +880,7 @@ class JobSpec(_Section):
         if bad:
             raise ValueError(f"model.model_family {family} does not support {'; '.join(bad)} yet (FLUX.1 only, or "
                              "not wired for FLUX.2): remove them. FLUX.2 LoRAs export in diffusers format only "
-                             "(ComfyUI reads it directly)")
+                             "(ComfyUI reads it directly: comfy/lora.py model_lora_keys_unet)")
 
     def _check_kontext(self) -> None:
         """Kontext trains on (image, reference) pairs; references mean nothing to the other flavours."""

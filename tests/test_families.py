@@ -119,5 +119,19 @@ def test_flux2_family_matches_the_klein_pipeline(tiny_klein):
     torch.testing.assert_close(family.normalize_latents(raw[0], cfg), L.encode_images(vae, px)[0])
     img_ids, txt_ids = family.position_ids(2, 3, 5, "cpu")
     assert img_ids.shape == (6, 4) and txt_ids.shape == (5, 4) and family.transformer_inputs(None) == {}
-    with pytest.raises(ValueError, match="exports diffusers only"):
+    with pytest.raises(ValueError, match="exports diffusers only.*comfy/lora.py model_lora_keys_unet"):
         family.export_lora_file("x.safetensors", "kohya", "out")
+
+
+def test_flux2_validation_guidance_per_flavour():
+    """[klein]: validation_guidance is the CFG scale, with the negative prompt above 1; [dev]: distilled guidance,
+    never a negative prompt."""
+    from flux_ray.spec import EvalSpec
+
+    family, ev = get_family("flux2"), EvalSpec(validation_guidance=4.0, validation_negative_prompt="blurry")
+    klein = ModelSpec(model_family="flux2", model_flavour="klein-9b")
+    assert family.validation_guidance(klein, ev) == ({"guidance_scale": 4.0}, "blurry")
+    assert family.validation_guidance(klein, EvalSpec(validation_guidance=1.0)) == ({"guidance_scale": 1.0}, None)
+    assert family.validation_guidance(ModelSpec(model_family="flux2", model_flavour="dev"), ev) == (
+        {"guidance_scale": 4.0}, None)
+    assert get_family("flux").validation_guidance(ModelSpec(), ev) == ({"guidance_scale": 4.0}, None)

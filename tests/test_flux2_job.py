@@ -1,5 +1,5 @@
-"""FLUX.2 [klein] 4B (tiny) end to end through job.run: cache -> train -> diffusers export -> the LoRA loads into
-Flux2KleinPipeline and changes its output."""
+"""FLUX.2 [klein] 4B (tiny) end to end through job.run: cache -> train (with validation images and their CLIP
+scores) -> diffusers export -> the LoRA loads into Flux2KleinPipeline and changes its output -> merge."""
 from __future__ import annotations
 
 import json
@@ -11,19 +11,25 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.slow
 
 
+VALIDATION = {"validation_step_interval": 6, "validation_prompt": "a red circle", "validation_resolution": "64x64",
+              "validation_num_inference_steps": 2, "validation_guidance": 2.0, "validation_negative_prompt": "blurry",
+              "evaluation_type": "clip"}
+
+
 @pytest.fixture(scope="module")
-def flux2_run(ray_session, demo_data_dir, tmp_path_factory):
+def flux2_run(ray_session, demo_data_dir, demo_spec_data, tiny_clip_dir, tmp_path_factory):
     from flux_ray import job
     from flux_ray.spec import load_spec
-    from tests.conftest import demo_spec_dict
 
     out = tmp_path_factory.mktemp("flux2_run")
     model_dir = out / "tiny-flux2-klein-4b"  # written by make_tiny_if_missing
-    data = demo_spec_dict(str(model_dir), demo_data_dir, out,
+    data = demo_spec_data(str(model_dir), demo_data_dir, out,
                           model={"model_family": "flux2", "model_flavour": "klein-4b", "make_tiny_if_missing": True},
                           lora={"flux_lora_target": "all"},
-                          train={"max_train_steps": 6, "log_every": 1, "checkpointing_steps": 3},
-                          eval={"eval_steps_interval": 3, "validation_step_interval": None})
+                          train={"max_train_steps": 6, "log_every": 1, "checkpointing_steps": 3,
+                                 "learning_rate": 5e-2},  # a LoRA effect that survives 8-bit PNGs
+                          eval={"eval_steps_interval": 3, **VALIDATION,
+                                "pretrained_evaluation_model_name_or_path": tiny_clip_dir})
     spec = load_spec(data=data)
     return spec, job.run(spec), str(model_dir)
 
@@ -69,3 +75,73 @@ def test_flux2_lora_loads_into_klein_pipeline_and_changes_output(flux2_run):
     pipe.load_lora_weights(summary["lora"])
     after = render()
     assert (after - before).abs().max() > 1e-4  # 6 steps on the tiny model: a small but real change
+
+
+def test_flux2_validation_images_are_rendered_logged_and_show_the_lora(flux2_run, tmp_path):
+    """Validation at step 6 renders through Flux2KleinPipeline with the live LoRA: the PNG and its CLIP scores are
+    logged to MLflow, the image is what diffusers renders with the exported LoRA loaded (same embeddings, CFG against
+    the negative prompt) and differs from the base model's render."""
+    import numpy as np
+    from diffusers import Flux2KleinPipeline
+    from PIL import Image
+
+    from flux_ray.core.validation import Validator
+
+    spec, summary, model_dir = flux2_run
+    c = MlflowClient(summary["mlflow"]["tracking_uri"])
+    run_id = summary["mlflow"]["run_id"]
+    assert [a.path for a in c.list_artifacts(run_id, "validation")] == ["validation/step-000006.clip_score.json",
+                                                                        "validation/step-000006.png"]
+    scores = [m for m in c.get_metric_history(run_id, "clip_score")]
+    assert [m.step for m in scores] == [6] and scores[0].value > 0
+    logged = np.asarray(Image.open(c.download_artifacts(run_id, "validation/step-000006.png", str(tmp_path))),
+                        dtype=np.float32)
+    assert logged.shape == (64, 64, 3)
+
+    pipe = Flux2KleinPipeline.from_pretrained(model_dir)
+
+    def render(transformer):
+        v = Validator(spec, transformer, torch.device("cpu"), write=False)
+        assert v.negative_prompt == "blurry" and v.guidance == {"guidance_scale": 2.0}
+        return np.asarray(v.render()[0][1], dtype=np.float32)
+
+    base = render(pipe.transformer)
+    pipe.load_lora_weights(summary["lora"])
+    with_lora = render(pipe.transformer)
+    assert np.abs(with_lora - logged).max() <= 1.0  # the trainer's live LoRA == the exported file, up to rounding
+    assert np.abs(base - logged).mean() > 1.0  # the LoRA's effect (about 5 levels on average, up to ~100)
+
+
+def test_flux2_export_merge_from_the_run_and_from_a_lone_file(flux2_run, tmp_path, capsys):
+    """``flux-ray export RUN --merge``: the run's spec (from its MLflow store) picks the FLUX.2 family; a lone
+    LoRA file names its family and base in its header, and merges to the same weights."""
+    import shutil
+    from argparse import Namespace
+    from pathlib import Path
+
+    from diffusers import Flux2Transformer2DModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from flux_ray.export import export_cli
+
+    spec, summary, model_dir = flux2_run
+
+    def merge(source, out):
+        assert export_cli(Namespace(source=str(source), format="diffusers", out=str(out), merge=True,
+                                    spec_path=None)) == 0
+        assert Path(capsys.readouterr().out.strip()) == out
+        assert isinstance(Flux2Transformer2DModel.from_pretrained(out), Flux2Transformer2DModel)
+        return load_file(next(out.glob("*.safetensors")))
+
+    from_run = merge(spec.run_uri, tmp_path / "merged")
+    with safe_open(summary["lora"], "pt") as f:
+        assert f.metadata()["flux_ray.model_family"] == "flux2"
+    lone = tmp_path / "elsewhere" / "lora.safetensors"
+    lone.parent.mkdir()
+    shutil.copy(summary["lora"], lone)
+    from_file = merge(lone, tmp_path / "merged2")
+    assert from_run.keys() == from_file.keys() and all(torch.equal(from_run[k], from_file[k]) for k in from_run)
+    base = load_file(next((Path(model_dir) / "transformer").glob("*.safetensors")))
+    key = "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"
+    assert not torch.equal(from_run[key], base[key].to(torch.bfloat16))  # the LoRA is fused in

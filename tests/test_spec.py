@@ -396,7 +396,7 @@ def test_webhook_url_never_reaches_params_identity_or_logged_spec(tmp_path, demo
 
 def test_flux2_family_flavours_presets_and_refusals(tmp_path, demo_data_dir):
     """model_family flux2: SimpleTuner's flavours and hub ids, FLUX.2 LoRA presets, FLUX.1 names refused both
-    ways, FLUX.1-only options refused with the key named; training itself is refused until it is wired."""
+    ways, FLUX.1-only options refused with the key named; validation images are accepted."""
     from flux_ray.core.flux2.flavours import FLAVOURS
     from pydantic import ValidationError
 
@@ -433,4 +433,8 @@ def test_flux2_family_flavours_presets_and_refusals(tmp_path, demo_data_dir):
                                                                 "end_layer_idx": 1}]}}})
     spec = load(f2, {"flux_lora_target": "attention"})
     assert spec.lora.target_modules == FLUX2_LORA_TARGET_PRESETS["attention"]
+    validation = {"validation_step_interval": 5, "validation_prompt": "x", "evaluation_type": "clip"}
+    assert load(f2, extra={"eval": validation}).eval.validation_step_interval == 5  # wired for FLUX.2 (issue #23)
+    with pytest.raises(SpecError, match=r"eval.validation_guidance_real \(FLUX.1's true CFG"):
+        load(f2, extra={"eval": {**validation, "validation_guidance_real": 4.0}})
     assert load({}, {"flux_lora_target": "tiny"}).lora.target_modules == LORA_TARGET_PRESETS["tiny"]  # FLUX.1's

@@ -156,7 +156,8 @@ def lora_info(lora: dict[str, LoraWeights], header: dict, spec=None, metadata: d
 def spec_info(spec) -> dict:
     """Non-secret facts about the job for the file header."""
     prompts = [d.instance_prompt for d in spec.enabled_datasets() if d.instance_prompt]
-    return {"name": spec.name, "base_model": spec.model.base_path, "model_flavour": spec.model.model_flavour,
+    return {"name": spec.name, "base_model": spec.model.base_path, "model_family": spec.model.model_family,
+            "model_flavour": spec.model.model_flavour,
             "dataset_ids": [d.id for d in spec.enabled_datasets()], "instance_prompt": prompts[0] if prompts else "",
             "flux_lora_target": spec.lora.flux_lora_target}
 
@@ -238,9 +239,12 @@ def merge_lora(transformer: torch.nn.Module, lora: dict[str, LoraWeights] | str 
 
 
 def merge_and_save(src_file: str | os.PathLike, model_spec, out_dir: str | os.PathLike, spec=None,
-                   dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Load the base transformer of ``model_spec``, fuse the LoRA, save it as a diffusers transformer folder."""
-    from flux_ray.core.model import load_transformer
+                   dtype: torch.dtype = torch.bfloat16, load_transformer=None) -> Path:
+    """Load the base transformer of ``model_spec``, fuse the LoRA, save it as a diffusers transformer folder.
+
+    ``load_transformer(model_spec, dtype=...)``: the family's loader (default FLUX.1's core/model.py)."""
+    if load_transformer is None:
+        from flux_ray.core.model import load_transformer
 
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()):

@@ -73,11 +73,13 @@ def reference_kwargs(reference: Image.Image | None, width: int, height: int) -> 
 
 
 class Validator:
-    """Renders the prompt library at each validation size with the training transformer (Kontext: through
-    FluxKontextPipeline, editing ``eval.validation_reference_image``).
+    """Renders the prompt library at each validation size with the training transformer, through the family's
+    pipeline (FLUX.1: FluxPipeline, Kontext's editing ``eval.validation_reference_image``; FLUX.2:
+    Flux2KleinPipeline / Flux2Pipeline).
 
-    Memory: nothing is loaded until the first validation. Then the VAE is loaded and every prompt (and the true-CFG
-    negative prompt) is encoded once by CLIP + T5 on the training device; only the embeddings are kept (on the CPU)
+    Memory: nothing is loaded until the first validation. Then the VAE is loaded and every prompt (and the CFG
+    negative prompt) is encoded once by the family's text encoders (FLUX.1: CLIP + T5; FLUX.2: Qwen3 or Mistral 3)
+    on the training device; only the embeddings are kept (on the CPU)
     and the text encoders are freed, so later steps never share the GPU with them (T5-XXL in bf16: ~9.5 GB). The VAE
     (~160 MB in bf16) stays on the CPU between validations and visits the device while images render, as the CLIP
     scorer does."""
@@ -92,20 +94,16 @@ class Validator:
         self.prompts = prompt_library(spec.eval, spec.validation_trigger_word)
         self.reference = load_reference_image(spec.eval.validation_reference_image, spec.storage)
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.guidance, self.negative_prompt = family.validation_guidance(spec.model, spec.eval)
         self.pipe = None  # built at the first validation, without text encoders
-        self.embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> (T5 embeds, pooled CLIP), CPU
+        self.embeds: dict[str, dict[str, torch.Tensor]] = {}  # prompt -> the pipeline's embedding arguments, CPU
         self.scorer = None
         if write and spec.eval.evaluation_type == "clip":  # loaded at the first validation, on this rank only
             self.scorer = ClipScorer(spec.eval.pretrained_evaluation_model_name_or_path, device)
 
-    @property
-    def negative_prompt(self) -> str | None:
-        """The true-CFG negative prompt (``validation_guidance_real > 1``), else None."""
-        ev = self.spec.eval
-        return ev.validation_negative_prompt if ev.validation_guidance_real > 1 else None
-
     def _build(self) -> None:
-        """The pipeline (VAE on the CPU) and the prompt embeddings, encoded once by text encoders that are freed."""
+        """The pipeline (VAE on the CPU) and the prompt embeddings, encoded once by text encoders that are freed
+        (the negative prompt too: FLUX.1's true CFG, FLUX.2 [klein]'s CFG)."""
         model = self.spec.model
         pipe = self.family.validation_pipeline(model, self.transformer, self.dtype, self.device)
         pipe.vae.to("cpu")  # moved to the device only while images render
@@ -113,19 +111,19 @@ class Validator:
         texts = [*self.prompts.values(), *([self.negative_prompt] if self.negative_prompt is not None else [])]
         with torch.no_grad():
             for text in dict.fromkeys(texts):
-                embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=self.device,
-                                                       max_sequence_length=model.t5_max_length)
-                self.embeds[text] = (embeds.cpu(), pooled.cpu())
-        pipe.text_encoder = pipe.text_encoder_2 = pipe.tokenizer = pipe.tokenizer_2 = None
+                embeds = self.family.encode_validation_prompt(pipe, text, self.device, model.t5_max_length)
+                self.embeds[text] = {k: v.cpu() for k, v in embeds.items()}
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if name in pipe.components:
+                setattr(pipe, name, None)
         self.pipe = pipe
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the encoders' memory back, not only to the caching allocator
 
     def _embeds(self, text: str, negative: bool = False) -> dict:
-        embeds, pooled = (t.to(self.device) for t in self.embeds[text])
         prefix = "negative_" if negative else ""
-        return {f"{prefix}prompt_embeds": embeds, f"{prefix}pooled_prompt_embeds": pooled}
+        return {f"{prefix}{k}": v.to(self.device) for k, v in self.embeds[text].items()}
 
     @torch.no_grad()
     def render(self) -> list[tuple[str, Image.Image]]:
@@ -136,12 +134,10 @@ class Validator:
         try:
             for name, prompt in self.prompts.items():
                 for w, h in ev.validation_sizes:
-                    kwargs = {**reference_kwargs(self.reference, w, h), **self._embeds(prompt)}
+                    kwargs = {**reference_kwargs(self.reference, w, h), **self.guidance, **self._embeds(prompt)}
                     if self.negative_prompt is not None:
-                        kwargs.update(true_cfg_scale=ev.validation_guidance_real,
-                                      **self._embeds(self.negative_prompt, negative=True))
+                        kwargs.update(self._embeds(self.negative_prompt, negative=True))
                     img = self.pipe(width=w, height=h, num_inference_steps=ev.validation_num_inference_steps,
-                                    guidance_scale=ev.validation_guidance,
                                     max_sequence_length=self.spec.model.t5_max_length,
                                     generator=torch.Generator().manual_seed(ev.validation_seed), **kwargs).images[0]
                     out.append((f"{name}-{w}x{h}", img))

@@ -75,6 +75,13 @@ class ModelFamily(Protocol):
     def validation_pipeline(self, model_spec, transformer: torch.nn.Module, dtype: torch.dtype, device):
         """A diffusers pipeline around the live (LoRA-wrapped) transformer that renders prompts."""
 
+    def encode_validation_prompt(self, pipe, text: str, device, max_length: int) -> dict[str, torch.Tensor]:
+        """One prompt -> the pipeline's embedding arguments (``prompt_embeds``, ...), by its own ``encode_prompt``;
+        the validator prefixes ``negative_`` for the negative prompt."""
+
+    def validation_guidance(self, model_spec, eval_spec) -> tuple[dict, str | None]:
+        """(the pipeline's guidance arguments, the negative prompt to encode or None) for the eval spec."""
+
     def export_lora_file(self, src_file, fmt: str, out_dir, spec=None, metadata: dict | None = None,
                          filename: str | None = None) -> Path:
         """A trained diffusers-format LoRA file -> ``fmt`` (diffusers, comfyui, kohya) under ``out_dir``."""

@@ -84,6 +84,20 @@ class Flux1:
                         text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
                         transformer=transformer)
 
+    def encode_validation_prompt(self, pipe, text: str, device, max_length: int) -> dict[str, torch.Tensor]:
+        """T5 embeddings and the pooled CLIP embedding."""
+        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                               max_sequence_length=max_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def validation_guidance(self, model_spec, eval_spec) -> tuple[dict, str | None]:
+        """Distilled guidance ``validation_guidance``; true CFG with the negative prompt when
+        ``validation_guidance_real > 1``."""
+        if eval_spec.validation_guidance_real > 1:
+            return ({"guidance_scale": eval_spec.validation_guidance,
+                     "true_cfg_scale": eval_spec.validation_guidance_real}, eval_spec.validation_negative_prompt)
+        return {"guidance_scale": eval_spec.validation_guidance}, None
+
     def export_lora_file(self, src_file, fmt: str, out_dir, spec=None, metadata: dict | None = None,
                          filename: str | None = None):
         return lora_export.export_lora_file(src_file, fmt, out_dir, spec=spec, metadata=metadata, filename=filename)

@@ -3,8 +3,9 @@
 Loading through ``from_pretrained`` (hub id or local diffusers folder; ``make_tiny_if_missing`` writes the
 tiny model of the flavour), prompt embeddings from core/flux2/text.py (no pooled embedding), latents
 patchified and normalised by the VAE batch norm's statistics (core/flux2/latents.py; the statistics travel
-in :meth:`load_vae_config`), the FLUX.2 presets of the spec, diffusers-format export only.
-Not yet here: validation images and merging (both refused with a message).
+in :meth:`load_vae_config`), the FLUX.2 presets of the spec, validation through the flavour's pipeline
+(``Flux2KleinPipeline`` / ``Flux2Pipeline``), diffusers-format export (what ComfyUI reads for FLUX.2, see
+:data:`COMFYUI_READS_DIFFUSERS`) and merging through core/lora_export.py.
 """
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ from pathlib import Path
 
 import torch
 
+from flux_ray.core import lora_export
 from flux_ray.core.flux2 import latents as L
-from flux_ray.core.flux2.flavours import FLUX2_SCHEDULER, get_flavour
+from flux_ray.core.flux2.flavours import FLUX2_SCHEDULER, get_flavour, pipeline_class
 from flux_ray.core.flux2.text import encode_captions
 from flux_ray.spec import FLUX2_LORA_TARGET_PRESETS
+
+COMFYUI_READS_DIFFUSERS = (
+    "ComfyUI loads FLUX.2 LoRAs in this diffusers layout as they are: comfy/lora.py model_lora_keys_unet maps "
+    "'transformer.<diffusers module>' keys for comfy.model_base.Flux and its subclass Flux2 through comfy/utils.py "
+    "flux_to_diffusers, which names FLUX.2's modules (attn.to_qkv_mlp_proj -> linear1, attn.to_out -> linear2, "
+    "ff.linear_in/out -> img_mlp.0/2, to_q/k/v -> slices of img_attn.qkv)")
+"""Why FLUX.2 exports no separate ComfyUI/kohya file (source: Comfy-Org/ComfyUI, the two functions named)."""
 
 
 def _base(model_spec) -> str:
@@ -125,14 +134,37 @@ class Flux2:
         return bool(getattr(base.config, "guidance_embeds", False))  # [dev] only
 
     def validation_pipeline(self, model_spec, transformer: torch.nn.Module, dtype: torch.dtype, device):
-        raise ValueError("validation images are not wired for model_family flux2 yet (issue #23)")
+        """The flavour's pipeline ([klein]: Flux2KleinPipeline, undistilled; [dev]: Flux2Pipeline) around
+        ``transformer``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        tok, enc = self.load_text_encoders(model_spec, dtype=dtype, device=device)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(_base(model_spec), subfolder="scheduler",
+                                                                revision=model_spec.revision)
+        return pipeline_class(model_spec.model_flavour)(
+            scheduler=sched, vae=self.load_vae(model_spec, dtype=dtype, device=device), text_encoder=enc,
+            tokenizer=tok, transformer=transformer)
+
+    def encode_validation_prompt(self, pipe, text: str, device, max_length: int) -> dict[str, torch.Tensor]:
+        """The stacked hidden states (no pooled embedding); the text ids are rebuilt by the pipeline."""
+        embeds, _ = pipe.encode_prompt(prompt=text, device=device, max_sequence_length=max_length)
+        return {"prompt_embeds": embeds}
+
+    def validation_guidance(self, model_spec, eval_spec) -> tuple[dict, str | None]:
+        """``validation_guidance`` is the pipeline's ``guidance_scale``: [klein]'s CFG scale (above 1 it renders
+        against ``validation_negative_prompt``, encoded once like the prompts; the pipeline would otherwise
+        encode "" with the freed encoder), [dev]'s distilled guidance (no negative prompt)."""
+        guidance = {"guidance_scale": eval_spec.validation_guidance}
+        cfg = not get_flavour(model_spec.model_flavour).guidance_embeds and eval_spec.validation_guidance > 1
+        return guidance, (eval_spec.validation_negative_prompt if cfg else None)
 
     def export_lora_file(self, src_file, fmt: str, out_dir, spec=None, metadata: dict | None = None,
                          filename: str | None = None) -> Path:
         """diffusers only: the trained file is already what ``Flux2(Klein)Pipeline.load_lora_weights`` reads, and
-        ComfyUI reads that layout for FLUX.2 (SimpleTuner's NATIVE_COMFYUI_LORA_SUPPORT)."""
+        what ComfyUI reads for FLUX.2 (:data:`COMFYUI_READS_DIFFUSERS`)."""
         if fmt != "diffusers":
-            raise ValueError(f"LoRA format {fmt!r} is FLUX.1's; model_family flux2 exports diffusers only")
+            raise ValueError(f"LoRA format {fmt!r} is FLUX.1's; model_family flux2 exports diffusers only. "
+                             + COMFYUI_READS_DIFFUSERS)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         dst = out / (filename or Path(src_file).name)
@@ -140,4 +172,6 @@ class Flux2:
         return dst
 
     def merge_and_save(self, src_file, model_spec, out_dir, spec=None) -> Path:
-        raise ValueError("merging a LoRA into a FLUX.2 base is not wired yet (issue #23)")
+        """The FLUX.2 base transformer with the LoRA fused in, as a diffusers folder (core/lora_export.py)."""
+        return lora_export.merge_and_save(src_file, model_spec, out_dir, spec=spec,
+                                          load_transformer=self.load_transformer)

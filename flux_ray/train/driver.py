@@ -104,7 +104,8 @@ def _export_lycoris(spec: JobSpec, state: dict, metrics: dict) -> str:
 
 def lora_file_metadata(spec: JobSpec, metrics: dict) -> dict:
     prompts = [d.instance_prompt for d in spec.enabled_datasets() if d.instance_prompt]
-    return {"base_model": spec.model.base_path, "model_flavour": spec.model.model_flavour,
+    return {"base_model": spec.model.base_path, "model_family": spec.model.model_family,
+            "model_flavour": spec.model.model_flavour,
             "lora_rank": spec.lora.lora_rank, "lora_alpha": spec.lora.alpha, "training_steps": metrics.get("step", 0),
             "dataset_ids": [d.id for d in spec.enabled_datasets()], "instance_prompt": prompts[0] if prompts else ""}
 

@@ -146,7 +146,8 @@ def test_validation_renders_from_cached_embeddings_as_with_the_encoders(
     assert _live(T5EncoderModel) == t5s and _live(CLIPTextModel) == clips  # the validator's encoders were freed
     prompts = {*validator.prompts.values(), *([ev["validation_negative_prompt"]] if ev else [])}
     assert set(validator.embeds) == prompts
-    assert all(e.device.type == "cpu" and e.shape[1] == spec.model.t5_max_length and p.ndim == 2
-               for e, p in validator.embeds.values())
+    assert all(set(d) == {"prompt_embeds", "pooled_prompt_embeds"} for d in validator.embeds.values())
+    assert all(d["prompt_embeds"].device.type == "cpu" and d["prompt_embeds"].shape[1] == spec.model.t5_max_length
+               and d["pooled_prompt_embeds"].ndim == 2 for d in validator.embeds.values())
     again = validator.render_for_step()  # a later validation: the same images from the same embeddings
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(first, again, strict=True))

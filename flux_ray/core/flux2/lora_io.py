@@ -4,8 +4,9 @@
 Keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` (the same layout as FLUX.1's, so
 ``core.lora.diffusers_state_dict`` builds them) and the adapter config under ``lora_adapter_metadata``
 in the safetensors header, which diffusers uses to rebuild the PEFT config (rank, alpha, targets).
-ComfyUI: SimpleTuner marks FLUX.2 ``NATIVE_COMFYUI_LORA_SUPPORT`` (ComfyUI reads this diffusers
-layout directly), so no separate ComfyUI layout is written for FLUX.2.
+ComfyUI reads this diffusers layout directly (ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` maps
+``transformer.*`` keys of Flux and its subclass Flux2 through ``comfy/utils.py`` ``flux_to_diffusers``; SimpleTuner
+marks FLUX.2 ``NATIVE_COMFYUI_LORA_SUPPORT``), so no separate ComfyUI layout is written for FLUX.2.
 """
 from __future__ import annotations
 

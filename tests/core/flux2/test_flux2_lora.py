@@ -83,3 +83,46 @@ def test_exported_lora_loads_in_the_pipeline_and_changes_the_image(tiny_flux2_di
     assert all(torch.equal(v, sd[k]) for k, v in loaded.items())
     after = _generate(pipe)
     assert np.abs(after - before).max() > 1e-3
+
+
+def _forward(transformer, seed: int = 0) -> torch.Tensor:
+    """The transformer on fixed inputs: 4x4 latent tokens, 8 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1),
+                                         indexing="ij"), -1).reshape(-1, 4)
+    txt_ids = torch.zeros(8, 4)
+    txt_ids[:, 3] = torch.arange(8.0)
+    with torch.no_grad():
+        return transformer(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
+                           encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
+                           timestep=torch.tensor([0.5]), img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+
+
+def test_merged_flux2_transformer_equals_base_plus_lora(tiny_flux2_dirs, tmp_path):
+    """Family merge_and_save: the saved diffusers transformer (bf16) gives the PEFT-wrapped model's output, and
+    the merge record names the base."""
+    from flux_ray.families import get_family
+    from flux_ray.spec import ModelSpec
+
+    model_spec = ModelSpec(model_family="flux2", model_flavour="klein-4b",
+                           pretrained_model_name_or_path=tiny_flux2_dirs["klein-4b"])
+    transformer = Flux2Transformer2DModel.from_pretrained(tiny_flux2_dirs["klein-4b"], subfolder="transformer")
+    base = _forward(transformer)
+    targets = resolve_targets(transformer, "all")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    lora_out = _forward(transformer)
+    path = save_flux2_lora(tmp_path / "lora", peft_state_dict(transformer), rank=4, alpha=8, target_modules=targets)
+    out = get_family("flux2").merge_and_save(path, model_spec, tmp_path / "merged")
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(next(out.glob("*.safetensors"))).values()} == {torch.bfloat16}
+    merged_out = _forward(Flux2Transformer2DModel.from_pretrained(out).float())
+    assert (lora_out - base).abs().max() > 0.1  # the LoRA matters
+    assert (merged_out - lora_out).abs().max() < 0.05 * (lora_out - base).abs().max()  # bf16 weights: close
+    assert json.loads((out / "flux_ray_merged_lora.json").read_text())["base_model"] == tiny_flux2_dirs["klein-4b"]

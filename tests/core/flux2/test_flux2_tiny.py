@@ -52,3 +52,17 @@ def test_cli_tiny_model_flux2_writes_the_flavour(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "y"), "--flavour", "klein-4b"]) == 2
     assert "not a FLUX.2 flavour" in capsys.readouterr().out
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_tiny_vae_batch_norm_statistics_reload_bit_identically(tiny_flux2_dirs):
+    """The VAE's batch-norm buffers (FLUX.2's latent normalisation) are saved and from_pretrained loads them: no
+    missing keys, the writer's random values, not BatchNorm's defaults 0 / 1."""
+    from flux_ray.core.flux2.tiny import build_tiny_flux2_pipeline
+
+    written = build_tiny_flux2_pipeline("klein-4b").vae.bn  # the writer's values (seed 0)
+    vae, info = AutoencoderKLFlux2.from_pretrained(tiny_flux2_dirs["klein-4b"], subfolder="vae",
+                                                   output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(vae.bn.running_mean, written.running_mean)
+    assert torch.equal(vae.bn.running_var, written.running_var)
+    assert vae.bn.running_mean.abs().min() > 0 and (vae.bn.running_var - 1).abs().max() > 0.1
