@@ -63,14 +63,10 @@ def _flux2_unsupported(spec: JobSpec) -> list[str]:
     """The options set in ``spec`` that the FLUX.2 path does not wire (each named by its key)."""
     m, t, ev = spec.model, spec.train, spec.eval
     refused = {
-        "model.base_compute_dtype fp8": m.base_compute_dtype == "fp8",
-        "model.base_model_precision (quantised base)": m.base_model_precision != "no_change",
-        "model.enable_group_offload": m.enable_group_offload,
         "model.assistant_lora_path": bool(m.assistant_lora_path),
         "model.pretrained_transformer_model_name_or_path": bool(m.pretrained_transformer_model_name_or_path),
         "model.pretrained_vae_model_name_or_path": bool(m.pretrained_vae_model_name_or_path),
         "lora.lora_type lycoris": spec.lora.lora_type == "lycoris",
-        "train.tread_config": t.tread_config is not None,
         "train.flux_attention_masked_training": t.flux_attention_masked_training,
         "cache.compile_encoders": spec.cache.compile_encoders,
         "conditioning (mask / reference) datasets": bool(spec.enabled_datasets("conditioning")),
