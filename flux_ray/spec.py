@@ -517,7 +517,8 @@ class TreadRoute(_Section):
     selection_ratio: float = Field(gt=0.0, lt=1.0)
     """Fraction of the image tokens that skip blocks start..end (text tokens never do)."""
     start_layer_idx: int
-    """Block index over the 19 double then 38 single blocks; negative counts from the end."""
+    """Block index over the double then the single blocks (FLUX.1: 19 + 38; FLUX.2 [dev]: 8 + 48); negative
+    counts from the end."""
     end_layer_idx: int
     """Last routed block, inclusive. Range and overlap are checked against the model when it loads."""
 

@@ -155,7 +155,7 @@ def tread(*routes) -> TreadConfig:
     return TreadConfig(routes=[TreadRoute(selection_ratio=r, start_layer_idx=s, end_layer_idx=e) for r, s, e in routes])
 
 
-def forward_inputs(model, batch: FluxBatch) -> dict:
+def forward_inputs(batch: FluxBatch) -> dict:
     from flux_ray.core.flux2 import latents as L
     from flux_ray.core.flux2.text import text_ids
 
@@ -201,7 +201,7 @@ def test_armed_forward_equals_blocks_run_by_hand_on_kept_tokens(start, end):
     router = TokenRouter.from_spec(model, tread((0.5, start, end)))
     (route,) = resolve_routes(tread((0.5, start, end)).routes, 4)
     batch = batches(1)[0]
-    kw = forward_inputs(model, batch)
+    kw = forward_inputs(batch)
     plan = router.plan(TXT, H * W, torch.Generator().manual_seed(5), CPU)
     with torch.no_grad():
         plain = model(**kw)[0]
