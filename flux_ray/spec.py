@@ -63,14 +63,10 @@ def _flux2_unsupported(spec: JobSpec) -> list[str]:
     """The options set in ``spec`` that the FLUX.2 path does not wire (each named by its key)."""
     m, t, ev = spec.model, spec.train, spec.eval
     refused = {
-        "model.base_compute_dtype fp8": m.base_compute_dtype == "fp8",
-        "model.base_model_precision (quantised base)": m.base_model_precision != "no_change",
-        "model.enable_group_offload": m.enable_group_offload,
         "model.assistant_lora_path": bool(m.assistant_lora_path),
         "model.pretrained_transformer_model_name_or_path": bool(m.pretrained_transformer_model_name_or_path),
         "model.pretrained_vae_model_name_or_path": bool(m.pretrained_vae_model_name_or_path),
         "lora.lora_type lycoris": spec.lora.lora_type == "lycoris",
-        "train.tread_config": t.tread_config is not None,
         "train.flux_attention_masked_training": t.flux_attention_masked_training,
         "cache.compile_encoders": spec.cache.compile_encoders,
         "conditioning (mask / reference) datasets": bool(spec.enabled_datasets("conditioning")),
@@ -521,7 +517,8 @@ class TreadRoute(_Section):
     selection_ratio: float = Field(gt=0.0, lt=1.0)
     """Fraction of the image tokens that skip blocks start..end (text tokens never do)."""
     start_layer_idx: int
-    """Block index over the 19 double then 38 single blocks; negative counts from the end."""
+    """Block index over the double then the single blocks (FLUX.1: 19 + 38; FLUX.2 [dev]: 8 + 48); negative
+    counts from the end."""
     end_layer_idx: int
     """Last routed block, inclusive. Range and overlap are checked against the model when it loads."""
 

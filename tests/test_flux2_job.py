@@ -145,3 +145,33 @@ def test_flux2_export_merge_from_the_run_and_from_a_lone_file(flux2_run, tmp_pat
     base = load_file(next((Path(model_dir) / "transformer").glob("*.safetensors")))
     key = "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"
     assert not torch.equal(from_run[key], base[key].to(torch.bfloat16))  # the LoRA is fused in
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.base_model_precision=int8-quanto"],
+    ["model.base_model_precision=int4-quanto"],
+    ["train.tread_config={routes: [{selection_ratio: 0.5, start_layer_idx: 0, end_layer_idx: -2}]}",
+     "train.gradient_checkpointing=true"],
+    ["model.enable_group_offload=true", "train.gradient_checkpointing=true"],
+], ids=["int8-quanto", "int4-quanto", "tread", "group-offload"])
+def test_flux2_levers_train_through_the_loop(flux2_run, overrides):
+    """The trainer's build and loop (in-process, on flux2_run's cache) with a FLUX.2 memory / speed lever: the
+    base is what the lever makes it, and the losses are finite and move."""
+    from optimum.quanto import QModuleMixin
+
+    from flux_ray.spec import load_spec
+    from flux_ray.train.build import build_loop_parts
+    from flux_ray.train.loop import train_loop
+
+    spec, _, _ = flux2_run
+    spec = load_spec(data=spec.model_dump(mode="json"),
+                     overrides=overrides + ["train.max_train_steps=3", "train.log_every=1"])
+    parts = build_loop_parts(spec, torch.device("cpu"), 0, 1)
+    base = parts.model.single_transformer_blocks[0].attn.to_qkv_mlp_proj.base_layer
+    assert isinstance(base, QModuleMixin) is ("quanto" in overrides[0])
+    assert (parts.loss_fn.tread is not None) is ("tread" in overrides[0])
+    assert hasattr(parts.model, "_flux_ray_offload") is ("offload" in overrides[0])
+    reports = []
+    train_loop(parts, lambda metrics, ckpt: reports.append(metrics))
+    losses = [r["train_loss"] for r in reports]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) > 1

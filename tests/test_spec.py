@@ -426,11 +426,19 @@ def test_flux2_family_flavours_presets_and_refusals(tmp_path, demo_data_dir):
     f2 = {"model_family": "flux2", "model_flavour": "klein-4b"}
     with pytest.raises(SpecError, match=r"'all\+ffs' is not a preset of model_family flux2"):
         load(f2, {"flux_lora_target": "all+ffs"})
-    with pytest.raises(SpecError, match=r"base_compute_dtype fp8.*export_formats comfyui/kohya"):
-        load({**f2, "base_compute_dtype": "fp8"}, extra={"output": {"export_formats": ["diffusers", "kohya"]}})
-    with pytest.raises(SpecError, match=r"train.tread_config"):
-        load(f2, extra={"train": {"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0,
-                                                                "end_layer_idx": 1}]}}})
+    with pytest.raises(SpecError, match=r"flux_attention_masked_training.*export_formats comfyui/kohya"):
+        load(f2, extra={"output": {"export_formats": ["diffusers", "kohya"]},
+                        "train": {"flux_attention_masked_training": True}})
+    # the memory and speed levers FLUX.2 [dev] needs are wired (tests/core/flux2/test_flux2_levers.py)
+    tread = {"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 1}]}}
+    assert load(f2, extra={"train": tread}).train.tread_config.routes[0].end_layer_idx == 1
+    for precision in ("int8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb", "int8-torchao", "fp8-torchao"):
+        assert load({**f2, "base_model_precision": precision}).model.base_model_precision == precision
+    fp8 = load({**f2, "base_compute_dtype": "fp8"}, extra={"scaling": {"use_gpu": True}})
+    assert fp8.model.base_compute_dtype == "fp8"
+    offload = load({**f2, "enable_group_offload": True}, extra={"train": {"gradient_checkpointing": True}})
+    assert offload.model.enable_group_offload
+    assert load(f2, extra={"scaling": {"num_workers": 2, "strategy": "fsdp"}}).scaling.strategy == "fsdp"
     spec = load(f2, {"flux_lora_target": "attention"})
     assert spec.lora.target_modules == FLUX2_LORA_TARGET_PRESETS["attention"]
     validation = {"validation_step_interval": 5, "validation_prompt": "x", "evaluation_type": "clip"}

@@ -5,6 +5,7 @@ import torch
 
 QUANTO = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2"}
 TORCHAO = ("int8-torchao", "fp8-torchao")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 def check_quantization_supported(precision: str, device: torch.device) -> None:
@@ -31,8 +32,7 @@ def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device
     if precision in QUANTO:
         from optimum import quanto
 
-        quanto.quantize(transformer, weights=getattr(quanto, QUANTO[precision]),
-                        exclude=["proj_out", "x_embedder", "context_embedder", "norm_out*", "time_text_embed*"])
+        quanto.quantize(transformer, weights=getattr(quanto, QUANTO[precision]), exclude=outside_blocks(transformer))
         quanto.freeze(transformer)
         _cast_quanto_inputs(transformer)
     elif precision == "nf4-bnb":
@@ -40,6 +40,14 @@ def quantize_base(transformer: torch.nn.Module, model_spec, device: torch.device
     else:
         _to_torchao_weight_only(transformer, precision)
     return transformer.to(device)
+
+
+def outside_blocks(transformer: torch.nn.Module) -> list[str]:
+    """quanto ``exclude`` patterns (fnmatch on module names) for every top-level part but the block lists: the
+    embedders, output layers and FLUX.2's model-level AdaLN modulation stay in the base dtype, as torchao and
+    nf4 leave them. For FLUX.1 this is the list once spelled out (proj_out, x_embedder, context_embedder,
+    norm_out*, time_text_embed*; pos_embed holds no Linear)."""
+    return [p for name, _ in transformer.named_children() if name not in BLOCK_LISTS for p in (name, f"{name}.*")]
 
 
 def _cast_quanto_inputs(transformer: torch.nn.Module) -> None:

@@ -1,8 +1,11 @@
 """TREAD token routing (arXiv 2501.04765; SimpleTuner's ``tread_config``): a training-only speed lever.
 
 For each route, a random ``selection_ratio`` of the image tokens skips blocks ``start..end`` (indices over
-the 19 double then 38 single blocks; negative ones count from the end). The blocks run on the kept image
-tokens plus every text token; after block ``end`` the routed tokens return unchanged to their positions.
+the double then the single blocks, FLUX.1's 19 + 38, FLUX.2's 8 + 48 ([dev]); negative ones count from the
+end). The blocks run on the kept image tokens plus every text token; after block ``end`` the routed tokens
+return unchanged to their positions. Two block shapes are routed: FLUX.1's blocks and FLUX.2's double blocks
+take the image tokens as ``hidden_states`` beside the text and return (text, image); FLUX.2's single blocks
+take the joint [text; image] sequence (``encoder_hidden_states=None``) and return it.
 One kept set serves the whole batch, so the rotary table (and the optional joint attention mask) is
 row-selected rather than gathered per sample.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 from dataclasses import dataclass
 
@@ -23,7 +27,11 @@ import torch
 
 from flux_ray.core.checkpointing import transformer_blocks
 
-BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
+
+
+def block_arg_names(block: torch.nn.Module) -> tuple[str, ...]:
+    """The block's forward parameters in order (FLUX.1: ..., temb, ...; FLUX.2 double: temb_mod_img, temb_mod_txt)."""
+    return tuple(inspect.signature(type(block).forward).parameters)[1:]
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class TokenRouter:
         for r, route in enumerate(routes):
             for i in range(route.start, route.end + 1):
                 self._handles.append(blocks[i].register_forward_pre_hook(
-                    functools.partial(self._enter, r, i == route.start), with_kwargs=True))
+                    functools.partial(self._enter, r, i == route.start, block_arg_names(blocks[i])), with_kwargs=True))
             self._handles.append(blocks[route.end].register_forward_hook(functools.partial(self._exit, r)))
 
     @classmethod
@@ -118,14 +126,19 @@ class TokenRouter:
             h.remove()
         self._handles = []
 
-    def _enter(self, r: int, first: bool, module, args, kwargs):
+    def _enter(self, r: int, first: bool, arg_names: tuple[str, ...], module, args, kwargs):
         if self._plan is None:
             return None
         kept, rows = self._plan[r]
-        kw = dict(zip(BLOCK_ARGS, args), **kwargs)
+        kw = dict(zip(arg_names, args), **kwargs)
         if first:
-            self._skipped[r] = kw["hidden_states"]
-            kw["hidden_states"] = kw["hidden_states"].index_select(1, kept)
+            hidden = kw["hidden_states"]
+            if kw.get("encoder_hidden_states") is None:  # a joint [text; image] block (FLUX.2 single)
+                self._skipped[r] = hidden[:, rows.numel() - kept.numel():]
+                kw["hidden_states"] = hidden.index_select(1, rows)
+            else:
+                self._skipped[r] = hidden
+                kw["hidden_states"] = hidden.index_select(1, kept)
         if kw.get("image_rotary_emb") is not None:
             kw["image_rotary_emb"] = tuple(t.index_select(0, rows) for t in kw["image_rotary_emb"])
         extra = kw.get("joint_attention_kwargs")
@@ -136,6 +149,8 @@ class TokenRouter:
     def _exit(self, r: int, module, args, output):
         if self._plan is None:
             return None
-        txt, img = output
-        full = self._skipped.pop(r).to(img.dtype)
-        return txt, full.index_copy(1, self._plan[r][0], img)
+        kept = self._plan[r][0]
+        joint = torch.is_tensor(output)  # a FLUX.2 single block: [text; kept image] in one sequence
+        txt, img = output.split([output.shape[1] - kept.numel(), kept.numel()], 1) if joint else output
+        img = self._skipped.pop(r).to(img.dtype).index_copy(1, kept, img)
+        return torch.cat([txt, img], 1) if joint else (txt, img)

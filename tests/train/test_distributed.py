@@ -92,6 +92,55 @@ def _check_adamw_bf16(dist_env, ddp_run, strategy: str, use_gpu: bool) -> None:
     assert lora and {str(t.dtype) for t in lora.values()} == {"torch.bfloat16"}
 
 
+F2_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def flux2_dist(dist_env, demo_data_dir, tmp_path_factory, demo_spec):
+    """FLUX.2 [dev] (tiny: guidance embeddings, Mistral3 text encoder) on two gloo workers: the spec factory and
+    the DDP run the other strategies are compared with."""
+    from flux_ray.core.flux2.tiny import write_tiny_flux2
+
+    _, job = dist_env
+    out = tmp_path_factory.mktemp("dist-flux2")
+    model_dir = str(write_tiny_flux2(out / "tiny-flux2-dev", "dev"))
+
+    def spec_for(name, strategy="ddp"):
+        return demo_spec(model_dir, demo_data_dir, out, name=name,
+                         model={"model_family": "flux2", "model_flavour": "dev"}, lora={"flux_lora_target": "all"},
+                         train={"max_train_steps": F2_STEPS, "checkpointing_steps": F2_STEPS, "log_every": 1},
+                         eval={"eval_steps_interval": F2_STEPS, "validation_step_interval": None},
+                         scaling={"num_workers": 2, "strategy": strategy, "max_failures": 0})
+
+    job.cache(spec_for("flux2-cache-only"))
+    return spec_for, job.run(spec_for("flux2-ddp"), do_cache=False)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_flux2_dev_trains_the_same_lora_under_fsdp_and_deepspeed(dist_env, flux2_dist, strategy):
+    """FSDP2 shards FLUX.2's double and single blocks (core/checkpointing.transformer_blocks), DeepSpeed ZeRO-2 its
+    LoRA's optimizer state: each step's loss is the DDP run's, and the checkpointed and exported LoRA hold
+    FLUX.2's module names (the fused single-block QKV + MLP projection among them)."""
+    from safetensors import safe_open
+
+    _, job = dist_env
+    spec_for, ddp = flux2_dist
+    run = job.run(spec_for(f"flux2-{strategy}", strategy), do_cache=False)
+    assert run["steps"] == ddp["steps"] == F2_STEPS
+    base, hist = dict(_history(ddp)), _history(run)
+    assert [s for s, _ in hist] == list(range(1, F2_STEPS + 1)) and len(set(base.values())) > 1
+    for step, value in hist:
+        assert value == pytest.approx(base[step], abs=1e-4), step
+    assert run["eval_loss"] == pytest.approx(ddp["eval_loss"], abs=1e-4)
+    (ckpt,) = glob.glob(f"{run['run_uri']}/checkpoint_*/lora_peft.safetensors")
+    for path, prefix in ((ckpt, ""), (run["lora"], "transformer.")):
+        with safe_open(path, "pt") as f:
+            keys = set(f.keys())
+        assert any(k.startswith(f"{prefix}single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_A") for k in keys), path
+        assert any(k.startswith(f"{prefix}transformer_blocks.0.ff_context.linear_out.lora_B") for k in keys), path
+        assert not any("lora_" in k and ("modulation" in k or "time_guidance" in k) for k in keys)
+
+
 def _train_workers() -> list[psutil.Process]:
     """This session's Train workers: descendants of this process (its local Ray's raylet spawned them),
     so a parallel test process's cluster is never touched."""
