@@ -29,8 +29,8 @@ Where each part comes from (line numbers of that file):
   ``_prepare_latent_ids``, ``randn_like`` noise, ``compute_density_for_timestep_sampling`` (weighting_scheme
   none: uniform on the host), scheduler timesteps and sigmas, ``_pack_latents``, guidance None for [klein] (the
   config's guidance_embeds; the scale for [dev]), ``timestep=timesteps / 1000``, ``_unpack_latents_with_ids``,
-  ``compute_loss_weighting_for_sd3``, target ``noise - model_input``, the per-sample mean squared error averaged, ``optimizer.step``,
-  ``lr_scheduler.step``, ``optimizer.zero_grad``, and the progress bar's ``loss.detach().item()``.
+  ``compute_loss_weighting_for_sd3``, target ``noise - model_input``, the per-sample mean squared error averaged,
+  ``optimizer.step``, ``lr_scheduler.step``, ``optimizer.zero_grad``, and the progress bar's ``loss.detach().item()``.
 - scheduler: ``FlowMatchEulerDiscreteScheduler`` of the klein checkpoints' config (core/flux2/flavours.py).
 
 Left out: data loading, bucketing, image transforms, VAE and Qwen3 encoding (the bench feeds tensors shaped like
