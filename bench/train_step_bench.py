@@ -1,11 +1,14 @@
-"""Times flux_ray's own LoRA training step on the full-size FLUX.1-dev transformer, against the stock recipe.
+"""Times flux_ray's own LoRA training step on a full-size FLUX.1-dev or FLUX.2 transformer, against the stock recipe.
 
 The model is built from its config with random bf16 weights directly on the GPU (step time does not
 depend on weight values; nothing is downloaded). The step is the trainer's: the variant becomes a
 ``JobSpec``, the base is prepared by ``train/build.py``'s ``prepare_base`` (quantize or offload, LoRA,
 FP8, checkpointing) and its loss by ``build_loss_fn``; ``compile_blocks``, ``build_optimizer``,
 ``build_lr_scheduler`` and ``TorchStepper`` are the trainer's too, and each step is ``train/loop.py``'s
-``train_step`` on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings).
+``train_step`` on a host batch shaped like ``CacheReader.batch``'s (fp32 latents, T5 and CLIP embeddings;
+FLUX.2: the normalised patchified latents (128, H/16, W/16), the stacked text-encoder layers (512 tokens of the
+flavour's joint_attention_dim, diffusers' FLUX.2 klein script's max_sequence_length) and the int8 text mask).
+Models, configs and the FLOPs count behind MFU: step_bench_models.py.
 
 Two commands:
   run SPEC          one variant in this process; prints one JSON line (start each variant in its own
@@ -13,12 +16,13 @@ Two commands:
   suite [opts] JOB  each JOB ``ours:SPEC`` or ``stock:SPEC`` in its own process, in order, inside a
                     time budget; prints the JSON lines as they come and a table last, with ours / stock.
 
-SPEC (comma separated, defaults in DEFAULTS): res, bs, targets, rank, ckpt (0 none, n: every n-th of
-the 57 blocks, auto: the least that fits, from an earlier no-checkpointing job's memory; the stock script's
-ckpt is 0/1), compile (0/1: regional, each block), attn (flash|efficient|cudnn|math), quant
+SPEC (comma separated, defaults in DEFAULTS): family (flux: FLUX.1-dev | flux2), flavour (flux2: klein-4b |
+klein-9b | dev), res, bs, targets (a preset of the family; flux2 defaults to diffusers, the stock klein script's
+targets), rank, ckpt (0 none, n: every n-th of the blocks (FLUX.1-dev 57; klein-4b 25, klein-9b 32),
+auto: the least that fits, from an earlier no-checkpointing job's memory; the stock script's ckpt is 0/1), compile (0/1: regional, each block), attn (flash|efficient|cudnn|math), quant
 (none|int8|int4|int2|nf4|fp8|int8t: int8-torchao), lora_dtype (fp32|bf16: the adamw_bf16 optimizer), opt (adamw: the
 project's fused AdamW | foreach), uncast (1: FluxLossFn skips PEFT's round-trip input cast), model
-(dev|tiny), device (cuda|cpu), steps, warmup, txt, profile (1: GPU kernel time per step by kind, from
+(dev: the family's (flavour's) full-size transformer | tiny), device (cuda|cpu), steps, warmup, txt, profile (1: GPU kernel time per step by kind, from
 torch.profiler over 2 steps, against the unprofiled step time), tread (0 off; r: TREAD, one route of
 selection_ratio r over blocks 2..-2, SimpleTuner's Flux example; the tiny model's two blocks: 0..-1; MFU
 still counts the unrouted model's FLOPs, so it reads as an effective rate), offload (none | block<n>: the
@@ -28,11 +32,17 @@ base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/
 a CPU), fp8_gacc (full | fast: fast accumulation in FP8's input-gradient GEMM as well). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
+FLUX.2 (family=flux2,flavour=klein-4b|klein-9b|dev) takes the same knobs as its trainer. Its stock
+jobs run stock_flux2_klein_step.py (next to this file, or --stock-flux2 PATH); FLUX.1's run --stock PATH.
+
 usage: python bench/train_step_bench.py suite --stock bench/_stock/stock_flux_lora_step.py --budget-s 540 \\
            ours:res=512,bs=1,ckpt=0,compile=1 stock:res=512,bs=1,ckpt=1
+       python bench/train_step_bench.py suite --budget-s 540 ours:family=flux2,flavour=klein-4b,res=1024,ckpt=1 \\
+           stock:family=flux2,flavour=klein-4b,res=1024,ckpt=1
        python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2   # CPU smoke test
        python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2,ckpt=1,offload=block1
        python bench/train_step_bench.py run res=64,bs=1,model=tiny,device=cpu,steps=2,fp8=1
+       python bench/train_step_bench.py run family=flux2,flavour=klein-4b,model=tiny,device=cpu,res=64,steps=2
 """
 from __future__ import annotations
 
@@ -44,36 +54,47 @@ import sys
 import time
 import warnings
 
-DEFAULTS = dict(res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
+from step_bench_models import (FAMILIES, FLUX2_FLAVOURS, PEAK_FLOPS, latent_hw, model_flops, num_blocks,
+                               scheduler_config, transformer_config)
+
+DEFAULTS = dict(family="flux", flavour="", res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
                 profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="full")
-STRINGS = ("targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
+STRINGS = ("family", "flavour", "targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
            "dynamo_mode", "fp8_gacc")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
 QUANT = {"none": "no_change", "int8": "int8-quanto", "int4": "int4-quanto", "int2": "int2-quanto",
          "nf4": "nf4-bnb", "fp8": "fp8-torchao", "int8t": "int8-torchao"}
-NUM_BLOCKS = 57
-
-# The stock script's model-FLOPs count (bench/_stock/stock_flux_lora_step.py, model_flops): forward plus
-# input-gradient backward of the frozen base, no recompute; MFU is taken against 800 TFLOP/s as there.
-D, PER_TOKEN_LINEAR, PEAK_FLOPS = 3072, 6.45e9, 800e12
-
-
-def model_flops(img_tokens: int, txt_tokens: int, bs: int) -> float:
-    s = img_tokens + txt_tokens
-    lin_fwd = 2 * PER_TOKEN_LINEAR * s
-    attn_fwd = 57 * 4 * s * s * D
-    return bs * (lin_fwd + attn_fwd + lin_fwd + 2 * attn_fwd)
+FLUX2_DEFAULT_TARGETS = "diffusers"  # train_dreambooth_lora_flux2_klein.py's default LoRA targets
 
 
 def parse(spec: str) -> dict:
-    v = dict(DEFAULTS)
+    v, given = dict(DEFAULTS), set()
     for kv in filter(None, spec.split(",")):
         k, x = kv.split("=")
         if k not in DEFAULTS:
             raise ValueError(f"unknown key {k!r} in {spec!r}; keys: {sorted(DEFAULTS)}")
         v[k] = x if k in STRINGS else int(x)
+        given.add(k)
+    if v["family"] not in FAMILIES:
+        raise ValueError(f"family={v['family']!r} in {spec!r}: expected one of {FAMILIES}")
+    if v["family"] == "flux2":
+        if v["flavour"] not in FLUX2_FLAVOURS:
+            raise ValueError(f"family=flux2 needs flavour= one of {FLUX2_FLAVOURS} (got {v['flavour']!r} in {spec!r})")
+        if "targets" not in given:
+            v["targets"] = FLUX2_DEFAULT_TARGETS
+    elif v["flavour"]:
+        raise ValueError(f"flavour={v['flavour']!r} in {spec!r}: FLUX.1's bench model is dev; flavours are family=flux2's")
     return v
+
+
+def config_of(v: dict) -> dict:
+    return transformer_config(v["family"], v["flavour"], v["model"])
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Same family and flavour (rows of older runs have neither: FLUX.1)."""
+    return (a.get("family", "flux"), a.get("flavour", "")) == (b.get("family", "flux"), b.get("flavour", ""))
 
 
 def offload_options(value: str) -> dict:
@@ -90,8 +111,8 @@ def offload_options(value: str) -> dict:
     return dict(opts, enable_group_offload=True, group_offload_use_stream=stream)
 
 
-def checkpointed_blocks(interval: int) -> int:
-    return 0 if interval <= 0 else math.ceil(NUM_BLOCKS / interval)
+def checkpointed_blocks(interval: int, blocks: int) -> int:
+    return 0 if interval <= 0 else math.ceil(blocks / interval)
 
 
 # ---------------------------------------------------------------- one variant (run) -------------------------
@@ -103,9 +124,10 @@ def bench_spec(v: dict):
     start, end = TREAD_BLOCKS[v["model"]]
     tread = ({"routes": [{"selection_ratio": float(v["tread"]), "start_layer_idx": start, "end_layer_idx": end}]}
              if float(v["tread"]) else None)
+    family = dict(model_family="flux2", model_flavour=v["flavour"]) if v["family"] == "flux2" else {}
     spec = JobSpec.model_validate({
         "datasets": [{"id": "bench", "instance_data_dir": "/nonexistent"}],
-        "model": dict(base_model_precision=QUANT[v["quant"]], base_compute_dtype="fp8" if v["fp8"] else "bf16",
+        "model": dict(**family, base_model_precision=QUANT[v["quant"]], base_compute_dtype="fp8" if v["fp8"] else "bf16",
                       **offload_options(v["offload"])),
         "lora": dict(lora_rank=v["rank"], flux_lora_target=v["targets"]),
         "scaling": {"use_gpu": True},  # the spec checks FP8 against GPUs; on a CPU the bench emulates FP8
@@ -123,8 +145,7 @@ def build(v: dict):
     (model, params, opt, sched, StepParts, train_spec)."""
     import torch
 
-    from flux_ray.core.model import FLUX_DEV_TRANSFORMER, build_transformer_from_config
-    from flux_ray.core.tiny import FLUX_SCHEDULER, TINY_TRANSFORMER
+    from flux_ray.core.model import build_transformer_from_config
     from flux_ray.core.tread import TokenRouter
     from flux_ray.train.build import build_loss_fn, compile_model, prepare_base
     from flux_ray.train.loop import StepParts
@@ -132,7 +153,7 @@ def build(v: dict):
     from flux_ray.train.stepper import TorchStepper
 
     device = torch.device(v["device"])
-    config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
+    config = config_of(v)
     spec = bench_spec(v)
     if v["fp8"] and (spec.model.enable_group_offload or spec.model.base_model_precision != "no_change"):
         raise ValueError("fp8=1 needs quant=none and offload=none (as the spec requires)")
@@ -140,7 +161,13 @@ def build(v: dict):
         import flux_ray.core.fp8 as fp8_module
 
         fp8_module.GRAD_FAST_ACCUM = True
-    transformer = build_transformer_from_config(config, device, torch.bfloat16)
+    if v["family"] == "flux2":
+        from flux_ray.core.flux2.full_size import build_component
+
+        torch.manual_seed(0)
+        transformer = build_component(v["flavour"], "transformer", device, torch.bfloat16, config)
+    else:
+        transformer = build_transformer_from_config(config, device, torch.bfloat16)
     transformer, _, _ = prepare_base(transformer, spec, device, emulate_fp8=device.type == "cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -160,34 +187,35 @@ def build(v: dict):
     else:
         opt = build_optimizer(train_spec, params, device)
     sched = build_lr_scheduler(train_spec, opt)
-    loss_fn = build_loss_fn(spec, transformer, dict(FLUX_SCHEDULER), router, uncast_lora=bool(v["uncast"]))
+    loss_fn = build_loss_fn(spec, transformer, scheduler_config(v["family"]), router, uncast_lora=bool(v["uncast"]))
     parts = StepParts(loss_fn=loss_fn, stepper=TorchStepper(transformer, params, opt, sched, train_spec.max_grad_norm),
                       device=device)
     return transformer, params, opt, sched, parts, train_spec
 
 
 def host_batches(v: dict, n: int, config: dict):
-    """CPU batches shaped and typed like CacheReader.batch's (fp32, T5 mask int8)."""
+    """CPU batches shaped and typed like CacheReader.batch's (fp32, text mask int8). FLUX.1: latents (16, H/8,
+    W/8), T5 and CLIP pooled embeddings; FLUX.2: normalised patchified latents (in_channels: 4 x the VAE's 32,
+    H/16, W/16), prompt embeddings of joint_attention_dim, no pooled embedding."""
     import torch
 
     from flux_ray.core.step import FluxBatch
 
     g = torch.Generator().manual_seed(1)
-    lat = v["res"] // 8
+    lat, bs, flux2 = latent_hw(v["family"], v["res"]), v["bs"], v["family"] == "flux2"
+    channels = config["in_channels"] if flux2 else 16
     out = []
     for _ in range(n):
-        out.append(FluxBatch(torch.randn(v["bs"], 16, lat, lat, generator=g),
-                             torch.randn(v["bs"], v["txt"], config["joint_attention_dim"], generator=g),
-                             torch.randn(v["bs"], config["pooled_projection_dim"], generator=g),
-                             torch.ones(v["bs"], v["txt"], dtype=torch.int8)))
+        out.append(FluxBatch(torch.randn(bs, channels, lat, lat, generator=g),
+                             torch.randn(bs, v["txt"], config["joint_attention_dim"], generator=g),
+                             None if flux2 else torch.randn(bs, config["pooled_projection_dim"], generator=g),
+                             torch.ones(bs, v["txt"], dtype=torch.int8)))
     return out
 
 
 def run_variant(v: dict) -> dict:
     import torch
 
-    from flux_ray.core.model import FLUX_DEV_TRANSFORMER
-    from flux_ray.core.tiny import TINY_TRANSFORMER
     from flux_ray.train.checkpoint import Position
     from flux_ray.train.loop import step_generator, train_step
 
@@ -196,7 +224,7 @@ def run_variant(v: dict) -> dict:
     transformer, params, opt, sched, parts, train_spec = build(v)
     loss_fn = parts.loss_fn
     build_s = time.time() - t0
-    config = FLUX_DEV_TRANSFORMER if v["model"] == "dev" else TINY_TRANSFORMER
+    config = config_of(v)
     batches = host_batches(v, 4, config)
     device = torch.device(v["device"])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -259,7 +287,8 @@ def run_variant(v: dict) -> dict:
     gpu_ms = kernel_time_by_kind(step, sync) if cuda and v["profile"] else None
     rope_ms = None
     if cuda and v["model"] == "dev":  # cost of diffusers rebuilding the rotary table every forward
-        ids = torch.cat(loss_fn._position_ids(v["res"] // 8, v["res"] // 8, v["txt"], device)[::-1])
+        hw = latent_hw(v["family"], v["res"])
+        ids = torch.cat(loss_fn._position_ids(hw, hw, v["txt"], device)[::-1])
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(20):
@@ -268,7 +297,7 @@ def run_variant(v: dict) -> dict:
         sync()
         rope_ms = a.elapsed_time(b) / 20
     lat = v["res"] // 16
-    flops = model_flops(lat * lat, v["txt"], v["bs"])
+    flops = model_flops(v["family"], config, lat * lat, v["txt"], v["bs"])
     return dict(v, who="ours", s_per_step=round(med, 4), min=round(times[0], 4), max=round(times[-1], 4),
                 s_per_step_pipelined=round(pipelined, 4), samples_per_s=round(v["bs"] / med, 3),
                 mfu_vs_800T=round(flops / med / PEAK_FLOPS, 3),
@@ -277,7 +306,7 @@ def run_variant(v: dict) -> dict:
                 total_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
                 build_s=round(build_s, 1), first_step_s=round(first_s, 1), warmup_s=round(warm_s, 1),
                 host_syncs_per_step=host_syncs, gpu_ms_per_step=gpu_ms, rope_ms=None if rope_ms is None else round(rope_ms, 3),
-                ckpt_blocks=checkpointed_blocks(int(v["ckpt"])), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
+                ckpt_blocks=checkpointed_blocks(int(v["ckpt"]), num_blocks(config)), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
                 loss=round(float(loss), 4), losses=[round(float(x), 5) for x in losses], gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
 
 
@@ -338,17 +367,25 @@ def _last_json(text: str) -> dict | None:
 def auto_interval(v: dict, done: list[dict]) -> int | None:
     """Least checkpointing that fits: activations per token from an earlier no-ckpt job (same compile)."""
     ref = next((r for r in done if r.get("who") == "ours" and "error" not in r and str(r["ckpt"]) == "0"
-                and r["compile"] == v["compile"] and r["quant"] == v["quant"] == "none"
+                and same_model(r, v) and r["compile"] == v["compile"] and r["quant"] == v["quant"] == "none"
                 and r.get("peak_gib") is not None), None)
     if ref is None:
         return None
     tok = lambda r: r["bs"] * ((r["res"] // 16) ** 2 + r["txt"])  # noqa: E731
     per_tok = (ref["peak_gib"] - ref["static_gib"]) / tok(ref)
     budget = ref["total_gib"] - 6.0  # allocator fragmentation and the recomputed block's activations
+    blocks = num_blocks(config_of(v))
     for n in (0, 8, 6, 4, 3, 2, 1):
-        if ref["static_gib"] + per_tok * tok(v) * (1 - checkpointed_blocks(n) / NUM_BLOCKS) <= budget:
+        if ref["static_gib"] + per_tok * tok(v) * (1 - checkpointed_blocks(n, blocks) / blocks) <= budget:
             return n
     return 1
+
+
+STOCK_KEYS = {"flux": ("res", "bs", "targets", "rank", "ckpt", "txt", "steps", "compile", "attn", "quant"),
+              "flux2": ("family", "flavour", "res", "bs", "targets", "rank", "ckpt", "txt", "steps", "warmup", "compile",
+                        "attn", "fp8", "model", "device")}
+"""What each family's stock script reads (FLUX.1: bench/_stock/stock_flux_lora_step.py; FLUX.2: stock_flux2_klein_step.py)."""
+FLUX2_STOCK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stock_flux2_klein_step.py")
 
 
 def run_job(who: str, v: dict, stock: str, timeout: float, out_dir: str, idx: int) -> dict:
@@ -356,8 +393,7 @@ def run_job(who: str, v: dict, stock: str, timeout: float, out_dir: str, idx: in
     if who == "ours":
         cmd = [sys.executable, os.path.abspath(__file__), "run", spec]
     else:
-        keys = ("res", "bs", "targets", "rank", "ckpt", "txt", "steps", "compile", "attn", "quant")
-        cmd = [sys.executable, stock, ",".join(f"{k}={v[k]}" for k in keys)]
+        cmd = [sys.executable, stock, ",".join(f"{k}={v[k]}" for k in STOCK_KEYS[v["family"]])]
     # One inductor cache per attention backend: its cache key misses the sdpa_kernel setting, so a graph
     # compiled under cudnn was served to a later flash job (call 2 in RESULTS.md).
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"/tmp/torchinductor_{v['attn']}")
@@ -376,11 +412,13 @@ def run_job(who: str, v: dict, stock: str, timeout: float, out_dir: str, idx: in
 
 
 def cmd_suite(args: list[str]) -> None:
-    stock, budget, out_dir, jobs = None, 540.0, os.environ.get("OUT", "."), []
+    stock, budget, out_dir, jobs = {"flux": None, "flux2": FLUX2_STOCK}, 540.0, os.environ.get("OUT", "."), []
     it = iter(args)
     for a in it:
         if a == "--stock":
-            stock = next(it)
+            stock["flux"] = next(it)
+        elif a == "--stock-flux2":
+            stock["flux2"] = next(it)
         elif a == "--budget-s":
             budget = float(next(it))
         elif a == "--out":
@@ -397,7 +435,8 @@ def cmd_suite(args: list[str]) -> None:
         if left < 45:
             done.append(dict(v, who=who, error="skipped: suite budget spent"))
             continue
-        if who == "stock" and not stock:
+        if who == "stock" and not stock[v["family"]]:
+            done.append(dict(v, who=who, error="skipped: no --stock script given (FLUX.1's is not in the repo)"))
             continue
         if v["attn"] in crashed_attn:
             done.append(dict(v, who=who, error=f"skipped: attn={v['attn']} crashed earlier"))
@@ -405,13 +444,13 @@ def cmd_suite(args: list[str]) -> None:
         if who == "ours" and v["ckpt"] == "auto":
             n = auto_interval(v, done)
             v = dict(v, ckpt=str(1 if n is None else n))
-        r = run_job(who, v, stock, left - 5, out_dir, idx)
+        r = run_job(who, v, stock[v["family"]], left - 5, out_dir, idx)
         # OOM at partial checkpointing: retry once with every block checkpointed, if time is left
         if who == "ours" and r.get("error") == "OOM" and v["ckpt"] != "1" and budget - (time.time() - start) > 60:
             done.append(r)
             print(json.dumps(r), flush=True)
             v = dict(v, ckpt="1")
-            r = run_job(who, v, stock, budget - (time.time() - start) - 5, out_dir, idx)
+            r = run_job(who, v, stock[v["family"]], budget - (time.time() - start) - 5, out_dir, idx)
         done.append(r)
         if "error" in r and r["error"] != "OOM" and v["attn"] != "flash":
             crashed_attn.add(v["attn"])
@@ -421,20 +460,25 @@ def cmd_suite(args: list[str]) -> None:
     print_table(done)
 
 
+def model_name(r: dict) -> str:
+    return (r.get("flavour") or "flux1") + ("" if r.get("model", "dev") == "dev" else "-" + r["model"])
+
+
 def print_table(rows: list[dict]) -> None:
-    """One line a job; ratios are stock s/step over ours for the same res, bs and quant."""
+    """One line a job; ratios are stock s/step over ours for the same model, res, bs and quant."""
     def stock_ref(r, compiled):
-        c = [s for s in rows if s.get("who") == "stock" and "error" not in s and s["res"] == r["res"]
-             and s["bs"] == r["bs"] and s["quant"] == r["quant"] and s["compile"] == compiled]
+        c = [s for s in rows if s.get("who") == "stock" and "error" not in s and same_model(s, r) and s["res"] == r["res"]
+             and s["bs"] == r["bs"] and s.get("quant", "none") == r["quant"] and s["compile"] == compiled
+             and s.get("fp8", 0) == 0]
         return min(c, key=lambda s: s["s_per_step"]) if c else None
 
-    hdr = (f"{'who':5} {'res':>4} {'bs':>2} {'quant':5} {'fp8':>3} {'ckpt':>4} {'cmp':>3} {'attn':6} {'lora':4} {'opt':7} "
+    hdr = (f"{'who':5} {'model':13} {'res':>4} {'bs':>2} {'quant':5} {'fp8':>3} {'ckpt':>4} {'cmp':>3} {'attn':6} {'lora':4} {'opt':7} "
            f"{'s/step':>7} {'pipe':>7} {'smp/s':>6} {'MFU':>5} {'peakGiB':>7} {'1st s':>6} {'x eager':>7} {'x comp':>6}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {r.get('fp8', 0):>3} {str(r['ckpt']):>4} "
-                  f"{r['compile']:>3} {r['attn']:6} ERROR {r['error'][:90]}")
+            print(f"{r['who']:5} {model_name(r):13} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {r.get('fp8', 0):>3} "
+                  f"{str(r['ckpt']):>4} {r['compile']:>3} {r['attn']:6} ERROR {r['error'][:90]}")
             continue
         ours = r["who"] == "ours"
         ratios = []
@@ -442,12 +486,13 @@ def print_table(rows: list[dict]) -> None:
             s = stock_ref(r, compiled) if ours else None
             ratios.append(f"{s['s_per_step'] / r['s_per_step']:.2f}" if s else "-")
         first = r.get("first_step_s", r.get("warmup_s", 0))
-        print(f"{r['who']:5} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {r.get('fp8', 0):>3} {str(r['ckpt']):>4} "
+        print(f"{r['who']:5} {model_name(r):13} {r['res']:>4} {r['bs']:>2} {r['quant']:5} {r.get('fp8', 0):>3} {str(r['ckpt']):>4} "
               f"{r['compile']:>3} {r['attn']:6} {r.get('lora_dtype', 'fp32'):4} {r.get('opt', 'adamw'):7} {r['s_per_step']:7.4f} "
               f"{r.get('s_per_step_pipelined', float('nan')):7.4f} {r['samples_per_s']:6.2f} {r['mfu_vs_800T']:5.3f} "
               f"{r['peak_gib'] or 0:7.2f} {first:6.1f} {ratios[0]:>7} {ratios[1]:>6}")
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "?")
-    print(f"card: {gpu}; x eager / x comp: stock s/step (same res, bs, quant; eager / compiled; best stock row) "
+    print(f"card: {gpu}; x eager / x comp: stock s/step (same model, res, bs, quant; eager / compiled; best stock row "
+          "without the recipe's fp8) "
           f"over ours; ckpt: ours every n-th block (0 none), stock 0/1; 1st s: first step incl. compile (stock: warmup)")
     print_loss_tracking(rows)
 
