@@ -572,8 +572,9 @@ class TrainSpec(_Section):
     or fp8 base; the validation pipeline then runs the blocks eagerly."""
     compile_cache: bool = True
     """With compile: share torch.compile's artifacts through ``<cache.uri>/compile/``: rank 0 uploads them after
-    the first step, and a later run or trial with the same model, options and software on the same kind of device
-    hot-loads them before compiling, so a fresh node skips inductor's codegen (train/compile_cache.py)."""
+    any step that compiled something new (the first; a later bucket's shape), and a later run or trial with the
+    same model, options and software on the same kind of device hot-loads them before compiling, so a fresh node
+    skips inductor's codegen (train/compile_cache.py)."""
     tread_config: TreadConfig | None = None
     """TREAD token routing (SimpleTuner's option): training forwards only; eval loss and validation run
     every token. Works with flux_attention_masked_training (the mask is routed too), checkpointing, compile."""

@@ -70,7 +70,11 @@ def test_a_cold_run_compiles_and_publishes(first):
     _, _, cold = first
     (step,) = cold["steps"]
     assert not cold["loaded"] and step["misses"] > 0 and step["hits"] == 0
-    assert os.path.getsize(cold["uri"]) > 0
+    assert [os.path.getsize(p) > 0 for p in _blobs(cold["uri"])] == [True]
+
+
+def _blobs(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".bin"))
 
 
 def test_a_fresh_process_loads_the_artifacts_and_a_new_shape_still_compiles(first):
@@ -81,10 +85,19 @@ def test_a_fresh_process_loads_the_artifacts_and_a_new_shape_still_compiles(firs
     assert same["hits"] >= cold["steps"][0]["misses"] and same["misses"] == 0  # nothing compiled for 8x8
     assert same["loss"] == pytest.approx(cold["steps"][0]["loss"], rel=1e-5)
     assert other["misses"] > 0  # the artifacts hold the 8x8 graphs only: 12x12 compiles its own
-    # ... and is published with them (the serializer is cumulative): a third fresh process compiles neither
-    third = fresh_process_steps(tmp, "third", shared, sides=(8, 12))
-    assert third["loaded"] and [s["misses"] for s in third["steps"]] == [0, 0]
-    assert [s["loss"] for s in third["steps"]] == pytest.approx([s["loss"] for s in warm["steps"]], rel=1e-5)
+    assert len(_blobs(cold["uri"])) == 2  # ... and is published beside the cold run's blob, never over it
+
+
+def test_a_run_that_sees_other_shapes_adds_to_the_artifacts_without_dropping_any(tmp_path):
+    """Trial A sees 8x8, trial B (fresh, loads A's) sees 12x12 only and publishes what it compiled and hit (not
+    the 8x8 graphs it never used); then a fresh process needing 8x8 compiles nothing and publishes nothing: B's
+    blob was added beside A's, not over it."""
+    shared = str(tmp_path / "shared")
+    a = fresh_process_steps(tmp_path, "a", shared, sides=(8,))
+    b = fresh_process_steps(tmp_path, "b", shared, sides=(12,))
+    assert b["loaded"] and b["steps"][0]["misses"] > 0 and len(_blobs(a["uri"])) == 2
+    again = fresh_process_steps(tmp_path, "again", shared, sides=(8,))
+    assert again["loaded"] and again["steps"][0]["misses"] == 0 and len(_blobs(a["uri"])) == 2
 
 
 def _spec(**train):
@@ -116,7 +129,7 @@ def test_a_broken_artifact_file_means_compiling_as_usual(tmp_path):
     spec = _spec()
     spec.cache.uri = str(tmp_path)
     artifacts = CompileArtifacts(spec, {"num_layers": 1}, torch.device("cpu"), rank=0)
-    os.makedirs(os.path.dirname(artifacts.uri))
-    with open(artifacts.uri, "wb") as f:
+    os.makedirs(artifacts.uri)
+    with open(os.path.join(artifacts.uri, "0123.bin"), "wb") as f:
         f.write(b"not a torch cache artifact")
     assert artifacts.load() is False
