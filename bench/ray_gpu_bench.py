@@ -1,7 +1,13 @@
 """The Ray path on GPUs: the cache job (Ray Data) at 1024 px and Ray Train at 512 px on 1 and N GPUs.
 
 Full-size random-weight FLUX.1-dev (``flux-ray random-model``, written once to --work) loaded through the
-same ``from_pretrained`` calls as the real model; a generated JPEG photo set. Phases, each optional:
+same ``from_pretrained`` calls as the real model; a generated JPEG photo set. ``--family flux2 --flavour
+dev|klein-4b|klein-9b``: a full-size random FLUX.2 (``core/flux2/full_size.write_random_flux2``, built on the
+GPU one component at a time; [dev]'s 32B transformer is ~64 GB on disk, its 24B Mistral text encoder ~48 GB
+more). ``--small-text-encoder 1`` writes a text encoder of the same class with the real width and the depth the
+stacked layers need but a small MLP, few heads and a tiny vision tower (``reduced_text_encoder_config``, 0.7B
+for [dev]): the transformer sees prompt embeddings of the real shape, disk and the cache step stay small, and
+**text-encoder speed and memory are not measured**. Phases, each optional:
 
   cache   ``run_cache`` on --cache-images images at --cache-res: images/s end to end, steady (between the
           first and last commit of --commit-every rows) and per Ray Data stage, for unique captions (one per
@@ -9,7 +15,9 @@ same ``from_pretrained`` calls as the real model; a generated JPEG photo set. Ph
           (--gpus-per-actor 0.5: one VAE and one text actor share a GPU)
   train   for each --gpus value G: ``train()`` (TorchTrainer, G workers, DDP over NCCL) at --train-res;
           samples/s from the workers' reports after the first --warmup-reports reports; scaling efficiency
-          = samples/s(G) / (G x samples/s(1))
+          = samples/s(G) / (G x samples/s(1)); --strategy ddp|fsdp|deepspeed. Memory per GPU: rank 0's peak
+          over the steps (``step_peak_gpu_mem_gib``: after the build, so FSDP's pre-shard replica is not in
+          it) and the maximum over ranks (``*_max``), plus the whole process's peak (the load included)
 
 Prints JSON lines as it goes and markdown tables at the end (also written to --out/ray_gpu_bench.json).
 CPU smoke test (tiny model, CPU workers): --tiny --cpu.
@@ -60,14 +68,16 @@ def write_photos(directory: Path, n: int, sizes) -> Path:
 
 
 def base_spec(a, model_dir: str, images: Path, res: int, name: str, caption: str) -> dict:
+    flux2 = a.family == "flux2"
     ds = {"id": f"photos{res}", "instance_data_dir": str(images), "resolution": res, "resolution_type": "pixel_area",
           "caption_strategy": caption, "instance_prompt": "a photo of sks shape" if caption == "instanceprompt" else None}
     return {
         "name": name,
-        "model": {"model_flavour": "dev", "pretrained_model_name_or_path": model_dir,
+        "model": {"model_family": a.family, "model_flavour": a.flavour, "pretrained_model_name_or_path": model_dir,
                   "base_model_default_dtype": "fp32" if a.tiny else "bf16",
                   **({"tokenizer_max_length": 32} if a.tiny else {})},
-        "lora": {"lora_rank": 16, "lora_alpha": 16, "flux_lora_target": "all+ffs"},
+        # FLUX.2 "all": attention of both streams, both MLPs, the single blocks' fused QKV+MLP and output
+        "lora": {"lora_rank": 16, "lora_alpha": 16, "flux_lora_target": "all" if flux2 else "all+ffs"},
         "datasets": [{k: v for k, v in ds.items() if v is not None}],
         "cache": {"uri": str(Path(a.work) / "cache"), "vae_batch_size": a.vae_bs, "text_batch_size": a.text_bs,
                   "vae_channels_last": bool(a.channels_last), "compile_encoders": bool(a.compile_encoders),
@@ -138,8 +148,9 @@ def phase_train(a, model_dir: str) -> list[dict]:
     from flux_ray.spec import load_spec
     from flux_ray.train.driver import train
 
-    images = write_photos(Path(a.work) / "photos_train", a.train_images, [(512, 512), (640, 384)] if not a.tiny
-                          else [(64, 64)])
+    sizes = [(64, 64)] if a.tiny else [tuple(int(v) for v in wh.split("x")) for wh in a.train_sizes]
+    images = write_photos(Path(a.work) / ("photos_train" + "".join(f"_{w}x{h}" for w, h in sizes)), a.train_images,
+                          sizes)
     rows = []
     for i, g in enumerate(a.gpus):
         if a.fresh_node_caches:  # a new "node": Ray restarted with empty local compile caches
@@ -176,7 +187,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
                    first_report_s=round(sink[0]["t"] - t_wall, 1) if sink else None,
                    startup=_startup(sink[0], t_wall) if sink else None,
-                   peak_gib=round(max(m.get("peak_gpu_mem_gib", 0) for m in sink), 2) if sink else None,
+                   model=f"{a.family}:{a.flavour}", **_memory(sink),
                    final_loss=outcome.final_loss, reports=[round(m["samples_per_s"], 2) for m in sink],
                    profile=profile)
         log(**row)
@@ -189,6 +200,15 @@ def phase_train(a, model_dir: str) -> list[dict]:
     return rows
 
 
+def _memory(sink: list[dict]) -> dict:
+    """Per-GPU peaks (GiB) over the reports: rank 0's and the max over ranks, the steps' and the process's."""
+    def peak(key):
+        vals = [m[key] for m in sink if key in m]
+        return round(max(vals), 2) if vals else None
+    return {"peak_gib": peak("peak_gpu_mem_gib"), "peak_gib_max_rank": peak("peak_gpu_mem_gib_max"),
+            "step_peak_gib": peak("step_peak_gpu_mem_gib"), "step_peak_gib_max_rank": peak("step_peak_gpu_mem_gib_max")}
+
+
 def _startup(first: dict, t_wall: float) -> dict:
     """Where the time to the first report went: Ray and Train start-up until the worker's entry, the base
     load and prepare, the rest of the worker's build (wrap, compile setup, optimizer, reader), the first step."""
@@ -196,6 +216,19 @@ def _startup(first: dict, t_wall: float) -> dict:
     if "worker_started_at" in first:
         out["to_worker"] = round(first["worker_started_at"] - t_wall, 1)
     return out
+
+
+def write_flux2(a, work: Path) -> Path:
+    """The tiny FLUX.2 of --flavour (--tiny), else the full-size random one (reduced text encoder if asked)."""
+    if a.tiny:
+        from flux_ray.core.flux2.tiny import ensure_tiny_flux2
+
+        return ensure_tiny_flux2(work / f"tiny-flux2-{a.flavour}", a.flavour)
+    from flux_ray.core.flux2.full_size import reduced_text_encoder_config, write_random_flux2
+
+    small = {"text_encoder": reduced_text_encoder_config(a.flavour)} if a.small_text_encoder else None
+    return write_random_flux2(work / f"random-flux2-{a.flavour}{'-small-te' if small else ''}", a.flavour,
+                              device="cuda", configs=small)
 
 
 def start_ray(a) -> None:
@@ -210,6 +243,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="results folder (default: $OUT, else --work)")
     ap.add_argument("--phases", nargs="+", default=["cache", "train"])
     ap.add_argument("--tiny", action="store_true", help="the tiny model instead of full-size random weights")
+    ap.add_argument("--family", default="flux", choices=["flux", "flux2"], help="flux: FLUX.1-dev; flux2: FLUX.2")
+    ap.add_argument("--flavour", default=None, choices=["dev", "klein-4b", "klein-9b"],
+                    help="model.model_flavour (flux: dev only; flux2: default dev)")
+    ap.add_argument("--small-text-encoder", type=int, default=0,
+                    help="flux2: 1 writes a reduced text encoder (real width and stacked layers; its speed is not measured)")
     ap.add_argument("--cpu", action="store_true", help="CPU workers (smoke test)")
     ap.add_argument("--cache-images", type=int, default=1024)
     ap.add_argument("--cache-res", type=int, default=1024)
@@ -226,6 +264,8 @@ def main() -> None:
     ap.add_argument("--commit-every", type=int, default=512)
     ap.add_argument("--train-images", type=int, default=128)
     ap.add_argument("--train-res", type=int, default=512)
+    ap.add_argument("--train-sizes", nargs="+", default=["512x512", "640x384"],
+                    help="WxH of the training photos (one size: one aspect bucket, no second compile)")
     ap.add_argument("--train-captions", default="textfile", choices=["textfile", "instanceprompt"],
                     help="textfile: a unique caption per image; instanceprompt: one shared caption (no text encoding)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
@@ -251,13 +291,18 @@ def main() -> None:
     logging.getLogger("flux_ray").setLevel(logging.INFO)  # the cache's commit lines: progress even if cut short
     if a.cpu:
         a.attn = "auto"
+    a.flavour = a.flavour or "dev"
+    if a.family == "flux" and a.flavour != "dev":
+        ap.error("--family flux writes FLUX.1-dev only: --flavour dev")
 
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     a.work = str(work)
     a.out = a.out or a.work
     t0 = time.perf_counter()
-    if a.tiny:
+    if a.family == "flux2":
+        model_dir = str(write_flux2(a, work))
+    elif a.tiny:
         from flux_ray.core.tiny import ensure_tiny_flux
 
         model_dir = str(ensure_tiny_flux(work / "tiny-flux"))
@@ -283,7 +328,7 @@ def main() -> None:
         results["train"] = phase_train(a, model_dir)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "ray_gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"\n{card}\n")
+    print(f"\n{card}, {a.family} {a.flavour}{' (reduced text encoder)' if a.small_text_encoder else ''}\n")
     for r in results.get("cache", []):
         print(f"cache {r['captions']}: {r['images']} images at {r['res']} px, {r['wall_s']} s, "
               f"**{r['images_per_s']} images/s** end to end (latents {r['latents_images_per_s']}/s, "
@@ -292,13 +337,14 @@ def main() -> None:
         for name, s in (r["stages"] or {}).items():
             print(f"  | {name} | {s['rows']} | {s['seconds']} s | {s['rows_per_s']} rows/s | busy {s['busy_seconds']} s |")
     if results.get("train"):
-        print("\n| GPUs | res | bs/GPU | fresh node | compile cache | samples/s | s/step | scaling efficiency | peak GiB "
-              "| first report s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| GPUs | strategy | res | bs/GPU | fresh node | compile cache | samples/s | s/step | scaling efficiency "
+              "| steps' peak GiB/GPU (rank 0 / max) | process peak GiB/GPU (rank 0 / max) | first report s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results["train"]:
-            print(f"| {r['gpus']} | {r['res']} | {r['bs_per_gpu']} | {r['fresh_node']} | {r['compile_cache']} | "
-                  f"{r['samples_per_s']} | {r['step_time_s']} | "
-                  f"{r.get('scaling_efficiency')} | {r['peak_gib']} | {r['first_report_s']} |")
+            print(f"| {r['gpus']} | {r['strategy']} | {r['res']} | {r['bs_per_gpu']} | {r['fresh_node']} | "
+                  f"{r['compile_cache']} | {r['samples_per_s']} | {r['step_time_s']} | {r.get('scaling_efficiency')} | "
+                  f"{r['step_peak_gib']} / {r['step_peak_gib_max_rank']} | {r['peak_gib']} / {r['peak_gib_max_rank']} "
+                  f"| {r['first_report_s']} |")
         for r in results["train"]:
             print(f"start-up {r['gpus']} GPUs, fresh node {r['fresh_node']}: {r.get('startup')} "
                   f"(first report {r['first_report_s']} s)")

@@ -136,6 +136,9 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
         from flux_ray.core.validation import Validator
 
         validate = Validator(local, transformer, device, write=rank == 0, family=family)
+    if device.type == "cuda":  # the load's peak (a full replica per GPU before FSDP shards it), then steps' own
+        startup["startup_peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
     return LoopParts(spec=spec, model=model, params=params, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,

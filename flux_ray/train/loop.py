@@ -214,10 +214,24 @@ def training_metrics(parts: LoopParts, tally: Tally) -> dict:
                "learning_rate": parts.lr_scheduler.get_last_lr()[0], "step_time_s": dt / len(tally.losses),
                "samples_per_s": tally.samples * parts.world_size / dt if dt else 0.0}
     if parts.device.type == "cuda":
-        metrics["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2**30
+        metrics.update(gpu_memory_metrics(parts))
     if not tally.last:  # the first report of this process: how long start-up took
         metrics.update(parts.startup)
     return metrics
+
+
+def gpu_memory_metrics(parts: LoopParts) -> dict:
+    """``step_peak_gpu_mem_gib``: this GPU's peak since the build ended (steps, eval, checkpoints: what training
+    needs); ``peak_gpu_mem_gib``: since the process started (the load's peak included). With several ranks also
+    the maximum over ranks (``*_max``; FSDP's ranks can differ), one all-reduce; every rank calls."""
+    step_peak = torch.cuda.max_memory_allocated(parts.device) / 2**30
+    out = {"step_peak_gpu_mem_gib": step_peak,
+           "peak_gpu_mem_gib": max(step_peak, parts.startup.get("startup_peak_gpu_mem_gib", 0.0))}
+    if parts.world_size > 1 and dist.is_available() and dist.is_initialized():
+        both = torch.tensor([out["step_peak_gpu_mem_gib"], out["peak_gpu_mem_gib"]], device=parts.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        out["step_peak_gpu_mem_gib_max"], out["peak_gpu_mem_gib_max"] = both.tolist()
+    return out
 
 
 def evaluation_metrics(parts: LoopParts, due: Due) -> dict:

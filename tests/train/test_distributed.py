@@ -90,6 +90,11 @@ def _check_adamw_bf16(dist_env, ddp_run, strategy: str, use_gpu: bool) -> None:
     (ckpt,) = g.glob(f"{run['run_uri']}/checkpoint_*/lora_peft.safetensors")
     lora = load_file(ckpt)
     assert lora and {str(t.dtype) for t in lora.values()} == {"torch.bfloat16"}
+    if use_gpu:  # memory per GPU: the steps' peak within the process's, the max over the two ranks at least rank 0's
+        step, whole, step_max, whole_max = (dict(_history(run, k)) for k in (
+            "step_peak_gpu_mem_gib", "peak_gpu_mem_gib", "step_peak_gpu_mem_gib_max", "peak_gpu_mem_gib_max"))
+        assert sorted(step) == sorted(step_max) == list(range(1, steps + 1))
+        assert all(0 < step[s] <= min(whole[s], step_max[s]) and step_max[s] <= whole_max[s] for s in step)
 
 
 F2_STEPS = 3

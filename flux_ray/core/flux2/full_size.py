@@ -4,7 +4,9 @@ Configs are the published ones (``flavours``). ``write_random_flux2`` builds one
 directly on ``device`` (no host copy), saves it in diffusers layout and frees it, so a GPU with room
 for the largest single component suffices ([dev]: the 24B Mistral text encoder, ~48 GB in bf16).
 Tokenizers are the tiny byte-level ones (their ids fit the real vocabularies; padding gives the real
-512-token length). Speed does not depend on weight values.
+512-token length). Speed does not depend on weight values. ``reduced_text_encoder_config`` is a text
+encoder of the same class whose prompt embeddings have the real shape but which is a few GB at most
+(for runs that time the transformer, not the text encoder).
 """
 from __future__ import annotations
 
@@ -55,9 +57,28 @@ def _mistral3(cfg: dict, extra: dict):
         image_token_index=cfg["image_token_index"], spatial_merge_size=cfg["spatial_merge_size"], **extra))
 
 
-def parameter_count(flavour: str, name: str) -> int:
-    """Parameters of a full-size component, counted on the meta device."""
-    return sum(p.numel() for p in build_component(flavour, name, "meta").parameters())
+def reduced_text_encoder_config(flavour: str, intermediate_size: int = 1024, num_attention_heads: int = 4) -> dict:
+    """A text-encoder config for ``build_component(flavour, "text_encoder", config=...)`` that keeps what the
+    transformer sees -- the real hidden size (``joint_attention_dim`` = layers stacked x hidden) and one decoder
+    layer past the deepest stacked one (what ``text.encode_captions`` runs on the real model) -- but has a
+    small MLP, ``num_attention_heads`` heads (one KV head), a vocabulary the size of the byte-level tokenizer
+    and, for [dev], the tiny one-layer Pixtral tower. [dev]: ~0.7B parameters (1.5 GB bf16) against 24B.
+    Its speed and memory are not the real encoder's."""
+    from flux_ray.core.flux2.tiny import TINY_PIXTRAL, mistral_tokenizer, qwen3_tokenizer
+
+    fl = get_flavour(flavour)
+    small = dict(intermediate_size=intermediate_size, num_hidden_layers=max(fl.text_encoder_layers) + 1,
+                 num_attention_heads=num_attention_heads, num_key_value_heads=1)
+    if fl.text_encoder_kind == "qwen3":
+        return {**fl.text_encoder, **small, "vocab_size": len(qwen3_tokenizer())}
+    tok = mistral_tokenizer()
+    return {**fl.text_encoder, "text_config": {**fl.text_encoder["text_config"], **small, "vocab_size": len(tok)},
+            "vision_config": dict(TINY_PIXTRAL), "image_token_index": tok.convert_tokens_to_ids("[IMG]")}
+
+
+def parameter_count(flavour: str, name: str, config: dict | None = None) -> int:
+    """Parameters of a full-size component (or of ``config``), counted on the meta device."""
+    return sum(p.numel() for p in build_component(flavour, name, "meta", config=config).parameters())
 
 
 def write_random_flux2(directory: str | os.PathLike, flavour: str = "klein-4b", device: str = "cuda",

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from flux_ray.core.flux2.flavours import FLAVOURS, FLUX2_VAE, pipeline_class
-from flux_ray.core.flux2.full_size import parameter_count, write_random_flux2
+from flux_ray.core.flux2.full_size import (build_component, parameter_count, reduced_text_encoder_config,
+                                           write_random_flux2)
 from flux_ray.core.flux2.tiny import TINY_QWEN3, TINY_TRANSFORMER, TINY_VAE, qwen3_tokenizer
 
 # published sizes: klein 4B / 9B flow models and FLUX.2 [dev]'s 32B; Qwen3-4B, Qwen3-8B, Mistral-Small-3.1-24B
@@ -28,6 +29,19 @@ def test_flavour_configs_fit_together():
         assert t["joint_attention_dim"] == fl.prompt_embed_dim
         assert sum(t["axes_dims_rope"]) == t["attention_head_dim"]
         assert t["guidance_embeds"] is fl.guidance_embeds is (fl.name == "dev")
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_reduced_text_encoder_keeps_what_the_transformer_sees(flavour):
+    """The bench's small text encoder: the real class and width (prompt embeddings as wide as the transformer's
+    joint_attention_dim), deep enough for every stacked layer, and a small fraction of the real size."""
+    fl, cfg = FLAVOURS[flavour], reduced_text_encoder_config(flavour)
+    enc = build_component(flavour, "text_encoder", "meta", config=cfg)
+    text = enc.config.get_text_config()
+    assert type(enc) is type(build_component(flavour, "text_encoder", "meta"))
+    assert len(fl.text_encoder_layers) * text.hidden_size == fl.transformer["joint_attention_dim"]
+    assert text.num_hidden_layers == max(fl.text_encoder_layers) + 1
+    assert parameter_count(flavour, "text_encoder", cfg) < 0.1 * parameter_count(flavour, "text_encoder")
 
 
 def test_write_random_flux2_layout_loads_in_the_pipeline(tmp_path):
