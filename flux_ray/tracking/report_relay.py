@@ -3,7 +3,9 @@
 ``RelayCallback`` runs in Train's controller and puts each rank-0 report on a Ray queue (a short RPC; the
 controller never waits on a handler). ``ReportRelay`` drains the queue in a driver thread and calls each handler
 ``(metrics, checkpoint_path)``; on exit it drains what is left, so every report is handled before the job goes on
-(a webhook's "finished" comes after the last "checkpoint").
+(a webhook's "finished" comes after the last "checkpoint"). The queue's actor is pinned to the driver's node:
+placed anywhere, it dies with its node, and a run that Train carried through a node's death would then fail at
+the end (seen on the two-node test cluster); a lost queue never fails the job.
 """
 from __future__ import annotations
 
@@ -35,9 +37,12 @@ class ReportRelay:
         self._stop = threading.Event()
 
     def __enter__(self) -> ReportRelay:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._queue = Queue(actor_options={"num_cpus": 0})
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.callback = RelayCallback(self._queue)
         self._thread = threading.Thread(target=self._run, name="flux-ray-report-relay", daemon=True)
         self._thread.start()
@@ -49,8 +54,13 @@ class ReportRelay:
         try:
             while not self._queue.empty():
                 self._handle(self._queue.get(timeout=5))
+        except Exception as e:  # noqa: BLE001 - the queue's actor is gone: lose its last reports, not the job
+            log.warning("report relay: %s", e)
         finally:
-            self._queue.shutdown()
+            try:
+                self._queue.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _run(self) -> None:
         from ray.util.queue import Empty

@@ -291,14 +291,18 @@ def test_a_two_trial_sweep_runs_its_trials_on_both_nodes_from_one_cache(cluster,
         print(sorted(ids.get(a.node_id, "?") for a in list_actors(filters=[("job_id", "=", job_id)], detail=True,
                                                                   limit=10000) if a.class_name == "RayTrainWorker"))
     """).strip().splitlines()[-1]
-    # Two trials that ran at the same time held both nodes' single trial_slot. On a loaded machine a tiny trial
-    # can finish before the other's worker is placed, which may then reuse the first node: the trials' MLflow
-    # runs (started and ended by each trial) say whether they overlapped.
+    # Two trials whose workers ran at the same time held both nodes' single trial_slot. On a loaded machine a tiny
+    # trial's worker can finish before the other trial's worker asks for its slot, which may then reuse the first
+    # node. Each worker's span: from its entry (``worker_started_at``, first report) to its last report.
     from mlflow import MlflowClient
 
     client = MlflowClient(cluster["mlflow"])
-    spans = [client.get_run(t["mlflow_run_id"]).info for t in summary["trials"]]
-    overlapped = max(i.start_time for i in spans) < min(i.end_time for i in spans)
+    spans = []
+    for t in summary["trials"]:
+        started = client.get_metric_history(t["mlflow_run_id"], "worker_started_at")
+        last = max(m.timestamp for m in client.get_metric_history(t["mlflow_run_id"], "train_loss")) / 1000
+        spans.append((started[0].value, last))
+    overlapped = max(a for a, _ in spans) < min(b for _, b in spans)
     assert nodes == "['node_a', 'node_b']" or (not overlapped and nodes == "['node_a', 'node_a']"), (nodes, spans)
     import re
 
@@ -319,7 +323,7 @@ def test_a_node_dies_mid_training_and_the_run_resumes_from_s3(cluster, s3_inputs
     replacement node, Train restarts both workers and they resume from the newest checkpoint in S3."""
     from flux_ray import storage
 
-    steps = 12
+    steps = 60  # long enough that the kill, right after the first checkpoint, lands mid-training on a quiet machine
     data = _spec(cluster, s3_inputs, "s3-resume")
     data["train"].update(max_train_steps=steps, checkpointing_steps=2)
     data["eval"]["validation_step_interval"] = None
