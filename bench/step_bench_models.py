@@ -85,3 +85,25 @@ def flux2_block_linear_params(flavour: str) -> int:
     model = build_component(flavour, "transformer", "meta")
     count = lambda blk: sum(m.weight.numel() for m in blk.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
     return sum(count(b) // 2 for b in model.transformer_blocks) + sum(count(b) for b in model.single_transformer_blocks)
+
+
+def timed_steps(step, n: int, cuda: bool) -> list[float]:
+    """Seconds per call of ``step`` for ``n`` calls: CUDA events around each on a GPU, wall time on a CPU."""
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(n):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    return times

@@ -56,7 +56,7 @@ from peft import LoraConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # flux_ray, for the model builder
-from step_bench_models import PEAK_FLOPS, model_flops, scheduler_config, transformer_config  # noqa: E402
+from step_bench_models import PEAK_FLOPS, model_flops, scheduler_config, timed_steps, transformer_config  # noqa: E402
 
 BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
             "efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH]}
@@ -214,19 +214,7 @@ def run(v: dict) -> dict:
         step()
     sync()
     warm = time.time() - t0
-    times = []
-    for _ in range(v["steps"]):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+    times = timed_steps(step, v["steps"], cuda)
     if attn_ctx is not None:
         attn_ctx.__exit__(None, None, None)
     times.sort()

@@ -55,7 +55,7 @@ import time
 import warnings
 
 from step_bench_models import (FAMILIES, FLUX2_FLAVOURS, PEAK_FLOPS, latent_hw, model_flops, num_blocks,
-                               scheduler_config, transformer_config)
+                               scheduler_config, timed_steps, transformer_config)
 
 DEFAULTS = dict(family="flux", flavour="", res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
@@ -254,19 +254,7 @@ def run_variant(v: dict) -> dict:
     first_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # includes compilation
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(v["steps"]):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+    times = timed_steps(step, v["steps"], cuda)
     times.sort()
     med = times[len(times) // 2]
     # Back-to-back steps with one sync at the end, as the trainer runs them (it syncs only to log).
