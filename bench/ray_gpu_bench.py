@@ -19,6 +19,11 @@ for [dev]): the transformer sees prompt embeddings of the real shape, disk and t
           over the steps (``step_peak_gpu_mem_gib``: after the build, so FSDP's pre-shard replica is not in
           it) and the maximum over ranks (``*_max``), plus the whole process's peak (the load included)
 
+  sweep   ``run_sweep`` of --sweep-trials one-worker trials x --steps steps at --sweep-concurrency trials at
+          once (a grid over the learning rate, FIFO): wall time, each trial's start-up (build, first step,
+          whether it reused a live trial process's model) and step time, and issue #18's bound
+          1.3 x (sum of the trials' step time) / concurrency + one cold start
+
 Prints JSON lines as it goes and markdown tables at the end (also written to --out/ray_gpu_bench.json).
 CPU smoke test (tiny model, CPU workers): --tiny --cpu.
 
@@ -200,6 +205,55 @@ def phase_train(a, model_dir: str) -> list[dict]:
     return rows
 
 
+def phase_sweep(a, model_dir: str) -> dict:
+    """Trials that start fast (issue #18): how much of a sweep's wall time is start-up after the first wave."""
+    from mlflow import MlflowClient
+
+    from flux_ray.data.cache import run_cache
+    from flux_ray.spec import load_spec
+    from flux_ray.tune.sweep import run_sweep
+
+    sizes = [(64, 64)] if a.tiny else [tuple(int(v) for v in wh.split("x")) for wh in a.train_sizes]
+    images = write_photos(Path(a.work) / ("photos_train" + "".join(f"_{w}x{h}" for w, h in sizes)), a.train_images,
+                          sizes)
+    data = base_spec(a, model_dir, images, a.train_res, f"sweep-{int(time.time())}", a.train_captions)
+    data["train"]["compile_cache"], data["train"]["dynamo_mode"] = bool(a.compile_cache), a.dynamo_mode
+    if a.cpu:
+        data["scaling"]["resources_per_worker"] = {"CPU": 1}
+    lrs = [1e-4 * (1 + i) for i in range(a.sweep_trials)]
+    data["tune"] = {"param_space": {"train.learning_rate": {"type": "grid", "values": lrs}}, "num_samples": 1,
+                    "metric": "train_loss", "scheduler": "fifo", "max_concurrent_trials": a.sweep_concurrency}
+    spec = load_spec(data=data)
+    run_cache(spec)  # cached before the clock starts (found by key)
+    t0 = time.perf_counter()
+    summary = run_sweep(spec)
+    wall = time.perf_counter() - t0
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    trials = []
+    for r in summary["trials"]:
+        run = client.get_run(r["mlflow_run_id"])
+        steps = client.get_metric_history(r["mlflow_run_id"], "step_time_s")
+        step_s = statistics.median(m.value for m in steps[1:] or steps) if steps else 0.0  # the first holds compile
+        m = run.data.metrics
+        startup = m.get("startup_build_s", 0.0) + m.get("startup_first_step_s", 0.0) - step_s
+        trials.append(dict(trial=r["trial"], status=r["status"], steps=r["steps"],
+                           reused_base=int(m.get("startup_reused_base", 0)), startup_s=round(startup, 1),
+                           load_s=round(m.get("startup_load_s", 0.0), 1),
+                           first_step_s=round(m.get("startup_first_step_s", 0.0), 1),
+                           graphs_compiled=m.get("startup_graphs_compiled"), step_time_s=round(step_s, 4),
+                           steps_s=round(step_s * (r["steps"] or 0), 1),
+                           span_s=round((run.info.end_time - run.info.start_time) / 1000, 1)))
+    cold = max(t["startup_s"] for t in trials)  # the first wave's (all cold) start-up
+    runs = [client.get_run(r["mlflow_run_id"]).info for r in summary["trials"]]
+    span = (max(r.end_time for r in runs) - min(r.start_time for r in runs)) / 1000  # Tune's part of the wall
+    bound = 1.3 * sum(t["steps_s"] for t in trials) / a.sweep_concurrency + cold
+    row = dict(phase="sweep", trials=len(trials), steps=a.steps, concurrency=a.sweep_concurrency,
+               wall_s=round(wall, 1), trials_span_s=round(span, 1), bound_s=round(bound, 1), within_bound=wall <= bound, cold_start_s=cold,
+               reused=sum(t["reused_base"] for t in trials), per_trial=trials)
+    log(**row)
+    return row
+
+
 def _memory(sink: list[dict]) -> dict:
     """Per-GPU peaks (GiB) over the reports: rank 0's and the max over ranks, the steps' and the process's."""
     def peak(key):
@@ -269,6 +323,8 @@ def main() -> None:
     ap.add_argument("--train-captions", default="textfile", choices=["textfile", "instanceprompt"],
                     help="textfile: a unique caption per image; instanceprompt: one shared caption (no text encoding)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sweep-trials", type=int, default=4, help="sweep phase: trials (one worker each)")
+    ap.add_argument("--sweep-concurrency", type=int, default=2, help="sweep phase: trials at once")
     ap.add_argument("--bs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--log-every", type=int, default=5)
@@ -326,6 +382,8 @@ def main() -> None:
         results["cache"] = phase_cache(a, model_dir)
     if "train" in a.phases:
         results["train"] = phase_train(a, model_dir)
+    if "sweep" in a.phases:
+        results["sweep"] = phase_sweep(a, model_dir)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "ray_gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\n{card}, {a.family} {a.flavour}{' (reduced text encoder)' if a.small_text_encoder else ''}\n")
@@ -352,6 +410,19 @@ def main() -> None:
             for p in r.get("profile") or []:
                 print(f"profile {r['gpus']} GPUs rank {p['rank']} steps {p['steps']}: wall {p['wall_s_per_step']} s/step, "
                       f"host batch {p['host_batch_ms_per_step']} ms, kernels ms/step {p['kernel_ms_per_step']}")
+
+    if results.get("sweep"):
+        r = results["sweep"]
+        print(f"\nsweep: {r['trials']} trials x {r['steps']} steps, {r['concurrency']} at once: wall **{r['wall_s']} s** "
+              f"(first trial start to last trial end {r['trials_span_s']} s), "
+              f"bound 1.3 x steps / concurrency + cold start = {r['bound_s']} s (within: {r['within_bound']}); "
+              f"{r['reused']} trials reused a live model")
+        print("| trial | status | reused base | start-up s | load s | first step s | graphs compiled | s/step "
+              "| steps' s | span s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for t in r["per_trial"]:
+            print(f"| {t['trial']} | {t['status']} | {t['reused_base']} | {t['startup_s']} | {t['load_s']} | "
+                  f"{t['first_step_s']} | {t['graphs_compiled']} | {t['step_time_s']} | {t['steps_s']} | {t['span_s']} |")
 
 
 if __name__ == "__main__":

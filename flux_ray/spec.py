@@ -766,6 +766,10 @@ class TuneSpec(_Section):
     reduction_factor: float = Field(2.0, gt=1)
     search_alg: Literal["random", "optuna", "hyperopt", "bayesopt"] = "random"
     max_concurrent_trials: int | None = Field(None, ge=1)
+    reuse_actors: bool | None = None
+    """Ray Tune's TuneConfig(reuse_actors): a one-worker trial trains in its Tune actor, which the next trial
+    reuses with its loaded, compiled model (same model and LoRA structure). None: on when
+    scaling.num_workers is 1; false: every trial runs its own TorchTrainer."""
 
 
 class JobSpec(_Section):
@@ -791,6 +795,10 @@ class JobSpec(_Section):
             raise ValueError("train.mixed_precision 'no' runs the step in fp32, but model.base_model_default_dtype is "
                              "bf16 (the first matmul would mix dtypes): set train.mixed_precision bf16, or "
                              "model.base_model_default_dtype fp32")
+        if self.tune and self.tune.reuse_actors and self.scaling.num_workers > 1:
+            raise ValueError(f"tune.reuse_actors: true needs one-worker trials (scaling.num_workers is "
+                             f"{self.scaling.num_workers}): a multi-worker trial runs its own TorchTrainer; "
+                             "remove tune.reuse_actors or set scaling.num_workers: 1")
         ids = [d.id for d in self.datasets]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:

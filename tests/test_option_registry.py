@@ -167,6 +167,7 @@ EFFECT_TESTS: dict[str, str] = {
     "tune.grace_period": "tests/tune/test_space.py::test_metric_scheduler_and_searcher_are_checked",
     "tune.search_alg": "tests/tune/test_space.py::test_missing_searcher_package_is_a_clear_error",
     "tune.max_concurrent_trials": "tests/tune/test_sweep.py::test_at_most_max_concurrent_trials_ran_at_once",
+    "tune.reuse_actors": "tests/tune/test_trial_reuse.py::test_later_trials_reuse_the_process_and_its_model",
     # refusals: tests/test_spec.py::test_cuda_graph_modes_refuse_what_was_not_measured; speed: RESULTS call 25 (gpu)
     "train.dynamo_mode": "tests/train/test_compile_cache.py::test_options_that_change_the_graphs_change_the_key",
 }

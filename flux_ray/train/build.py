@@ -13,6 +13,8 @@ from flux_ray.core.step import FluxLossFn
 from flux_ray.core.tread import TokenRouter
 from flux_ray.data.loader import CacheReader
 from flux_ray.families import get_family
+from flux_ray.train import base_cache
+from flux_ray.train.base_cache import CachedBase
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
 from flux_ray.train.state_io import StateIO
@@ -93,17 +95,10 @@ def build_loss_fn(spec: JobSpec, model: torch.nn.Module, scheduler_config: dict,
                       family=get_family(spec.model.model_family))
 
 
-def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size: int,
-                     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> LoopParts:
-    from flux_ray.node_cache import localize
-
-    t_build = time.perf_counter()
-    torch.manual_seed(spec.train.seed)
-    # s3:// model, LoRA and prompt inputs are read from this node's copy; cache keys name the spec's URIs.
-    local = localize(spec)
-    t_load = time.perf_counter()
+def build_model(spec: JobSpec, local: JobSpec, device: torch.device, rank: int,
+                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> tuple[CachedBase, object]:
+    """Load, prepare, wrap and compile the transformer: (its parts, compile artifacts or None)."""
     transformer, adapter, lora_init = build_transformer(local, device)
-    startup = {"startup_load_s": time.perf_counter() - t_load}
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     cast_trainable_params(spec.train, [p for p in transformer.parameters() if p.requires_grad])  # before wrap
     model = wrap(transformer)
@@ -115,6 +110,32 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
             artifacts = CompileArtifacts(spec, dict(transformer.config), device, rank)
             artifacts.load()
         compile_model(model, spec)
+    return CachedBase(key="", transformer=transformer, model=model, adapter=adapter, lora_init=lora_init,
+                      tread=tread), artifacts
+
+
+def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size: int,
+                     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+                     reuse_base: bool = False) -> LoopParts:
+    """Everything the loop needs. ``reuse_base``: one worker in a long-lived process (a sweep trial) takes
+    the transformer from, and leaves it in, the process's :mod:`base_cache`."""
+    from flux_ray.node_cache import localize
+
+    t_build = time.perf_counter()
+    torch.manual_seed(spec.train.seed)
+    # s3:// model, LoRA and prompt inputs are read from this node's copy; cache keys name the spec's URIs.
+    local = localize(spec)
+    t_load = time.perf_counter()
+    built = base_cache.take(spec, device) if reuse_base else None
+    artifacts, reused = None, built is not None
+    if built is None:
+        built, artifacts = build_model(spec, local, device, rank, wrap)
+        if reuse_base and base_cache.reusable(spec):
+            built.key = base_cache.base_key(spec, device)
+            base_cache.keep(built, device)
+    startup = {"startup_load_s": time.perf_counter() - t_load, "startup_reused_base": int(reused)}
+    transformer, adapter, lora_init, tread, model = (built.transformer, built.adapter, built.lora_init,
+                                                     built.tread, built.model)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP
     optimizer = build_optimizer(spec.train, params, device)
     lr_scheduler = build_lr_scheduler(spec.train, optimizer)

@@ -147,17 +147,27 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
             batches = _counted(stream, tally)
             while pos.batch_index < usable and pos.step < tr.max_train_steps:
                 t0 = time.perf_counter() if "startup_first_step_s" not in parts.startup else None
+                graphs0 = compiled_graphs() if t0 is not None and spec.train.compile else None
                 tally.losses.append(train_step(parts, batches, pos))
                 if t0 is not None:  # the first step's wall time: compile (or artifact load), graphs, first batch
                     if parts.device.type == "cuda":
                         torch.cuda.synchronize(parts.device)
                     parts.startup["startup_first_step_s"] = time.perf_counter() - t0
+                    if graphs0 is not None:  # 0 when a reused model's compiled blocks served the step
+                        parts.startup["startup_graphs_compiled"] = compiled_graphs() - graphs0
                 report_step(parts, tally, report)
         finally:
             stream.close()
         if pos.batch_index >= usable:
             pos.epoch, pos.batch_index = pos.epoch + 1, 0
     return tally.last
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _counted(stream: BatchStream, tally: Tally) -> Iterator[tuple[FluxBatch, torch.Generator]]:

@@ -1,14 +1,11 @@
 """Per-worker entry point of the TorchTrainer: the only module that calls ``ray.train``."""
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
 
 from flux_ray.spec import JobSpec
-
-log = logging.getLogger("flux_ray.worker")
 
 
 def _report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -22,43 +19,15 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from flux_ray.train.build import build_loop_parts
-    from flux_ray.train.checkpoint import load_checkpoint
-    from flux_ray.train.loop import train_loop
+    from flux_ray.train.worker_loop import run_worker
 
     started_at = time.time()
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
-    parts = build_loop_parts(spec, device, ctx.get_world_rank(), ctx.get_world_size(),
-                             wrap=lambda m: _wrap(spec, m, device))
-    # Ray's checkpoint is this run's own: a restart after a worker failure, or the run resumed by name (the driver
-    # checked its identity, and refuses resume_from_checkpoint: null over old checkpoints). Always take it.
-    ckpt = ray.train.get_checkpoint()
-    explicit = spec.train.resume_from_checkpoint not in (None, "latest")
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            parts.position = load_checkpoint(d, state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
-    elif explicit:  # an s3:// checkpoint is fetched once per node, like the other s3:// inputs
-        from flux_ray.node_cache import local_path
-
-        parts.position = load_checkpoint(local_path(spec.train.resume_from_checkpoint, spec.storage),
-                                         state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
-    parts.startup["worker_started_at"] = started_at
-    from flux_ray.train.profile import StepProfiler
-
-    profiler = StepProfiler.from_env(parts.rank, device)
-    hooks = [h for h in (parts.after_step, profiler.after_step if profiler else None) if h]
-
-    def after_step(step: int) -> None:
-        for hook in hooks:
-            hook(step)
-    parts.after_step = after_step if hooks else None
-    if parts.position.step:
-        # warning: Ray's workers show WARNING and above in the job's logs, and a resume should be seen there
-        log.warning("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
-                    parts.position.epoch, parts.position.batch_index)
-    train_loop(parts, _report)
+    # Ray's checkpoint is this run's own: a restart after a worker failure, or the run resumed by name.
+    run_worker(spec, device, ctx.get_world_rank(), ctx.get_world_size(), checkpoint=ray.train.get_checkpoint(),
+               report=_report, wrap=lambda m: _wrap(spec, m, device), started_at=started_at)
 
 
 def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

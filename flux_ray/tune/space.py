@@ -188,8 +188,19 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
     return {k: float(v) for k, v in res.items() if v}
 
 
+def trains_in_trial(spec: JobSpec) -> bool:
+    """Trials train in their reused Tune actor (tune.reuse_actors; by default when they have one worker)."""
+    reuse = spec.tune.reuse_actors
+    return spec.scaling.num_workers == 1 if reuse is None else reuse
+
+
 def trial_resources(spec: JobSpec, driver_cpus: float) -> dict[str, float]:
-    """Everything one trial holds: its driver function plus its Train workers."""
+    """Everything one trial holds: its driver function plus its Train workers, or, training in the trial,
+    one worker's resources (at least one CPU)."""
+    if trains_in_trial(spec):
+        out = worker_resources(spec)
+        out["CPU"] = max(out.get("CPU", 0.0), 1.0)
+        return out
     out = {k: v * spec.scaling.num_workers for k, v in worker_resources(spec).items()}
     out["CPU"] = out.get("CPU", 0.0) + driver_cpus
     return out

@@ -1,7 +1,11 @@
-"""`flux-ray tune`: cache once, then a Ray Tune sweep whose trials each drive a Ray Train run.
+"""`flux-ray tune`: cache once, then a Ray Tune sweep whose trials each train the trial's spec: one-worker
+trials in their own Tune actor, which the next trial reuses with its loaded model (tune/local_trial.py),
+multi-worker trials through a Ray Train run each (tune/trial.py).
 
     <output>/<name>/                 Tune's experiment (restorable), sweep_state.json, sweep_summary.json
-    <output>/<name>/trials/<trial>/  each trial's Train run: checkpoints, lora/, run_summary.json
+    <output>/<name>/<trial>/         a one-worker trial (trained in its Tune actor): Tune's checkpoints, lora/,
+                                     run_summary.json
+    <output>/<name>/trials/<trial>/  a multi-worker trial's Train run: checkpoints, lora/, run_summary.json
     <output>/<name>/best/            the best trial's LoRA files
 
 MLflow: one parent run for the sweep, one nested run per trial. Rerunning a sweep of the same name
@@ -142,7 +146,9 @@ def _parent_run(spec: JobSpec, cache_keys: dict, state: dict | None) -> str:
 def _context(spec: JobSpec, cache_keys: dict, parent_run_id: str):
     from flux_ray.tune.trial import SweepContext
 
-    return SweepContext(sweep_name=spec.name, trials_uri=storage.join(spec.run_uri, "trials"),
+    # A trial that trains in its Tune actor has one directory: Tune's, where its checkpoints go.
+    trials_uri = spec.run_uri if space.trains_in_trial(spec) else storage.join(spec.run_uri, "trials")
+    return SweepContext(sweep_name=spec.name, trials_uri=trials_uri,
                         tracking_uri=spec.tracking.mlflow_tracking_uri, parent_run_id=parent_run_id,
                         metric=spec.tune.metric, mode=spec.tune.mode, cache_keys=cache_keys, storage=spec.storage)
 
@@ -161,11 +167,15 @@ def _tuner(spec: JobSpec, ctx):
     from flux_ray.quiet import is_quiet
     from flux_ray.tune.mlflow_callback import MlflowTrialStatusCallback
     from flux_ray.tune.progress_callback import TrialProgressCallback
+    from flux_ray.tune.local_trial import run_local_trial
     from flux_ray.tune.trial import run_trial
 
     base = spec.model_dump(mode="json")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base_spec=base, ctx=ctx),
-                                    {"CPU": TRIAL_DRIVER_CPUS})
+    in_trial = space.trains_in_trial(spec)
+    trainable = tune.with_resources(tune.with_parameters(run_local_trial if in_trial else run_trial, base_spec=base,
+                                                         ctx=ctx),
+                                    space.trial_resources(spec, TRIAL_DRIVER_CPUS) if in_trial
+                                    else {"CPU": TRIAL_DRIVER_CPUS})
     fs, root = storage.resolve(spec.output.uri, spec.storage)
     remote_fs = fs if storage.is_s3(spec.output.uri) else None
     exp_path = storage.join(root, spec.name) if remote_fs else spec.run_uri
@@ -181,8 +191,10 @@ def _tuner(spec: JobSpec, ctx):
     tune_config = tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.mode, num_samples=spec.tune.num_samples,
                                   search_alg=space.build_searcher(spec, concurrency),
                                   scheduler=space.build_scheduler(spec), trial_name_creator=name_fn,
-                                  trial_dirname_creator=name_fn)
+                                  trial_dirname_creator=name_fn, reuse_actors=in_trial)
     run_config = tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=remote_fs,
+                                checkpoint_config=tune.CheckpointConfig(
+                                    num_to_keep=spec.train.checkpoints_total_limit) if in_trial else None,
                                 callbacks=[MlflowTrialStatusCallback(ctx),
                                            TrialProgressCallback(spec.train.max_train_steps)],
                                 verbose=0 if is_quiet() else 1)  # quiet: our lines instead of Tune's tables

@@ -96,23 +96,40 @@ def run_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None:
     """Tune function trainable: sampled {dotted key: value} -> one Train run of the trial's spec."""
     import ray.tune
 
-    from flux_ray.tracking import mlflow_run
     from flux_ray.tracking.ray_callback import MlflowReportCallback
-    from flux_ray.train.driver import train, write_run_summary
-    from flux_ray.tune.space import trial_spec
+    from flux_ray.train.driver import train
 
     t0 = time.time()
-    trial_id = ray.tune.get_context().get_trial_id()
-    name = trial_name(ctx.sweep_name, trial_id)
-    spec = trial_spec(base_spec, config, name=name, overrides={"output.uri": ctx.trials_uri})
-    uri = ctx.tracking_uri
-    run_id = _open_run(spec, ctx, name, trial_id, config)
-    extra = {"mlflow_run_id": run_id, "trial_name": name}
+    spec, trial_id, run_id, extra = start_trial(config, base_spec, ctx)
     report = TrialReportCallback(ctx.metric, ctx.mode, spec.train.max_train_steps, extra)
     # MLflow first: once the Tune callback hands a report over, ASHA may stop (kill) this trial.
     # A stop can surface here as an error too, so the sweep's Tune callback, which knows which
     # it was, closes the run of a trial that does not finish (KILLED or FAILED).
-    outcome = train(spec, extra_callbacks=[MlflowReportCallback(uri, run_id, spec.storage), report])
+    outcome = train(spec, extra_callbacks=[MlflowReportCallback(ctx.tracking_uri, run_id, spec.storage), report])
+    ray.tune.report(finish_trial(spec, ctx, config, trial_id, run_id, outcome, t0))  # must come last
+
+
+def start_trial(config: dict, base_spec: dict, ctx: SweepContext):
+    """The trial's spec (its run under ``ctx.trials_uri``) and MLflow run: (spec, trial id, run id, the ids
+    every Tune report carries)."""
+    import ray.tune
+
+    from flux_ray.tune.space import trial_spec
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = trial_name(ctx.sweep_name, trial_id)
+    spec = trial_spec(base_spec, config, name=name, overrides={"output.uri": ctx.trials_uri})
+    run_id = _open_run(spec, ctx, name, trial_id, config)
+    return spec, trial_id, run_id, {"mlflow_run_id": run_id, "trial_name": name}
+
+
+def finish_trial(spec, ctx: SweepContext, config: dict, trial_id: str, run_id: str, outcome, t0: float) -> dict:
+    """A trained trial's run_summary.json and MLflow outputs, its run closed; returns its final Tune report,
+    which the trial sends last (ASHA may stop it at max_t)."""
+    from flux_ray.tracking import mlflow_run
+    from flux_ray.train.driver import write_run_summary
+
+    uri, name = ctx.tracking_uri, spec.name
     summary = {"name": name, "sweep": ctx.sweep_name, "trial_id": trial_id, "params": config, "run_uri": spec.run_uri,
                "lora": outcome.lora_uri, "cache_uri": spec.cache.uri, "cache_keys": ctx.cache_keys,
                "checkpoint": outcome.checkpoint_uri,
@@ -128,4 +145,4 @@ def run_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None:
     mlflow_run.set_tags(uri, run_id, {"flux_ray.trial_status": "completed"})
     mlflow_run.finish_run(uri, run_id)
     final = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str, bool))}
-    ray.tune.report(tune_metrics(final, ctx.metric, ctx.mode, {**extra, "completed": True}))  # must come last
+    return tune_metrics(final, ctx.metric, ctx.mode, {"mlflow_run_id": run_id, "trial_name": name, "completed": True})

@@ -55,7 +55,7 @@ def test_a_cache_larger_than_the_memory_bound_trains(cached):
     assert len(reports) == 6 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in reports)
     # start-up timings ride on the first report only (issue #18's breakdown: load, build, first step)
     first = {k: v for k, v in reports[0].items() if k.startswith("startup_")}
-    assert set(first) == {"startup_load_s", "startup_build_s", "startup_first_step_s"}
+    assert set(first) == {"startup_load_s", "startup_build_s", "startup_first_step_s", "startup_reused_base"}
     assert 0 < first["startup_load_s"] <= first["startup_build_s"] and first["startup_first_step_s"] > 0
     assert not any(k.startswith("startup_") for r in reports[1:] for k in r)
 

@@ -113,12 +113,32 @@ def test_a_dimension_that_changes_the_cache_key_is_refused(make_spec):
 
 
 def test_default_concurrency_counts_each_trials_workers(make_spec):
-    spec = make_spec(num_samples=4)  # 12 trials
+    spec = make_spec(num_samples=4)  # 12 trials of one worker: each trains in its Tune actor
+    assert space.trains_in_trial(spec) and space.trial_resources(spec, 0.1) == {"CPU": 1.0}
+    assert space.default_concurrency(spec, {"CPU": 8.0}, 0.1) == 8  # the worker's CPU, no driver beside it
+    spec.scaling.use_gpu = True
+    assert space.trial_resources(spec, 0.1) == {"GPU": 1.0, "CPU": 1.0}
+    spec.tune.reuse_actors, spec.scaling.use_gpu = False, False  # a TorchTrainer per trial: driver plus worker
     assert space.default_concurrency(spec, {"CPU": 8.0}, 0.1) == 7  # 1.1 CPU a trial
-    spec.scaling.num_workers, spec.scaling.use_gpu = 2, True
+    spec.tune.reuse_actors = None
+    spec.scaling.num_workers = 2
+    assert not space.trains_in_trial(spec)
+    assert space.default_concurrency(spec, {"CPU": 8.0}, 0.1) == 3  # 2.1 CPUs a trial
+    spec.scaling.use_gpu = True
     assert space.trial_resources(spec, 0.1) == {"GPU": 2.0, "CPU": 0.1}
     assert space.default_concurrency(spec, {"CPU": 16.0, "GPU": 8.0}, 0.1) == 4
     assert space.default_concurrency(spec, {"CPU": 16.0}, 0.1) == 1  # none fits now: one waits for autoscaling
+
+
+def test_reuse_actors_with_multi_worker_trials_is_refused(make_spec):
+    from flux_ray.spec import load_spec
+
+    data = make_spec().model_dump(mode="json")
+    data["scaling"]["num_workers"], data["tune"]["reuse_actors"] = 2, True
+    with pytest.raises(SpecError, match=r"tune.reuse_actors: true needs one-worker trials \(scaling.num_workers is 2"):
+        load_spec(data=data, check_paths=False)
+    data["tune"]["reuse_actors"] = None  # the default: multi-worker trials keep their TorchTrainer
+    assert not space.trains_in_trial(load_spec(data=data, check_paths=False))
 
 
 def test_diverged_metric_becomes_a_finite_worst_value():

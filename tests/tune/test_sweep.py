@@ -157,7 +157,7 @@ def test_best_lora_is_copied_and_the_summary_is_on_disk(sweep):
     assert best["params"]["train.learning_rate"] != ABSURD_LR
     copied = os.path.join(spec.run_uri, "best", "pytorch_lora_weights.safetensors")
     assert open(copied, "rb").read() == open(best["lora"], "rb").read()
-    assert best["lora"].startswith(os.path.join(spec.run_uri, "trials", best["trial"]))
+    assert best["lora"].startswith(os.path.join(spec.run_uri, best["trial"]))  # a one-worker trial: its Tune dir
 
 
 def test_rerunning_the_sweep_restores_it_with_finished_trials_kept(sweep):

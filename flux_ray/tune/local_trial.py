@@ -1,0 +1,114 @@
+"""A one-worker sweep trial trained in its Tune actor's own process, so the next trial can reuse its model.
+
+With ``tune.reuse_actors`` (the default for one-worker trials) the trainable holds the worker's resources and
+runs the worker's loop itself (train/worker_loop.py), and Tune keeps the actor for the next trial
+(``TuneConfig(reuse_actors=True)``): the process's train/base_cache.py still holds the loaded, adapter-wrapped,
+compiled transformer, so a later trial with the same model skips the load and the compile.
+
+Reports go where a Train run's go through MlflowReportCallback and TrialReportCallback: every one to MLflow,
+those that carry the sweep metric (the last one held back: ASHA stops a trial at max_t) to Tune, with the
+newest checkpoint. The trial's run directory is Tune's trial directory: Tune's checkpoint_NNNNNN folders,
+lora/, run_summary.json; a restored sweep resumes the trial from ``ray.tune.get_checkpoint()``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flux_ray import storage
+from flux_ray.tune.trial import SweepContext, finish_trial, start_trial, tune_metrics
+
+
+class TrialReporter:
+    """The loop's ``report(metrics, checkpoint_dir)`` in a trial: MLflow, then Tune.
+
+    A checkpoint whose report lacks the sweep metric cannot go to Tune on its own (Tune requires the metric in
+    every result): a copy waits here and goes with the next report that has it. The last step's checkpoint
+    stays here for the export and the final report.
+    """
+
+    def __init__(self, ctx: SweepContext, run_id: str, extra: dict, last_step: int):
+        self.ctx, self.run_id, self.extra, self.last_step = ctx, run_id, extra, last_step
+        self.tmp = tempfile.mkdtemp(prefix="flux_ray_trial_")
+        self.pending: str | None = None  # a local checkpoint folder not yet handed to Tune
+        self.last: dict = {}
+
+    def __call__(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        from flux_ray.tracking.ray_callback import log_report
+
+        log_report(self.ctx.tracking_uri, self.run_id, metrics, self.ctx.storage)  # first: Tune may stop us
+        self.last = metrics
+        if checkpoint_dir:
+            self._hold(checkpoint_dir, metrics["step"])
+        if self.ctx.metric not in metrics or metrics.get("step", 0) >= self.last_step:
+            return
+        held, self.pending = self.pending, None
+        ckpt = ray.tune.Checkpoint.from_directory(held) if held else None
+        try:
+            ray.tune.report(tune_metrics(metrics, self.ctx.metric, self.ctx.mode, self.extra), checkpoint=ckpt)
+        finally:
+            if held:  # persisted to the trial's directory by now (or the trial was stopped)
+                shutil.rmtree(held, ignore_errors=True)
+
+    def _hold(self, checkpoint_dir: str, step: int) -> None:
+        if self.pending:
+            shutil.rmtree(self.pending, ignore_errors=True)
+        self.pending = shutil.copytree(checkpoint_dir, os.path.join(self.tmp, f"step_{step}"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_local_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None:
+    """Tune function trainable: sampled {dotted key: value} -> the trial's spec trained in this process."""
+    import ray.tune
+
+    from flux_ray.train.driver import TrainOutcome, export_final_lora
+    from flux_ray.train.worker_loop import run_worker
+
+    t0 = time.time()
+    spec, trial_id, run_id, extra = start_trial(config, base_spec, ctx)
+    device = trial_device(spec)
+    reporter = TrialReporter(ctx, run_id, extra, spec.train.max_train_steps)
+    restored = ray.tune.get_checkpoint()
+    try:
+        run_worker(spec, device, 0, 1, checkpoint=restored, report=reporter, reuse_base=True, started_at=t0,
+                   wrap=lambda m: m if spec.model.enable_group_offload else m.to(device))
+        final_dir, metrics = reporter.pending, reporter.last
+        if final_dir is None:  # resumed at the last step: nothing left to train
+            final_dir = shutil.copytree(restored.to_directory(), os.path.join(reporter.tmp, "restored"))
+            metrics = json.loads((Path(final_dir) / "trainer_state.json").read_text()).get("metrics", {})
+        outcome = TrainOutcome(run_uri=spec.run_uri, lora_uri=export_final_lora(spec, final_dir, metrics),
+                               checkpoint_uri=storage.join(spec.run_uri, next_checkpoint_name()),
+                               steps=int(metrics.get("step", 0)), final_loss=metrics.get("train_loss"),
+                               eval_loss=metrics.get("eval_loss"), metrics=metrics)
+        final = finish_trial(spec, ctx, config, trial_id, run_id, outcome, t0)
+        ray.tune.report(final, checkpoint=ray.tune.Checkpoint.from_directory(final_dir))  # must come last
+    finally:
+        reporter.close()
+
+
+def trial_device(spec) -> torch.device:
+    """The trial's GPU (Ray set CUDA_VISIBLE_DEVICES to the one it holds), or the CPU."""
+    if not spec.scaling.use_gpu:
+        return torch.device("cpu")
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
+
+
+def next_checkpoint_name() -> str:
+    """The folder Tune gives the next reported checkpoint: ``checkpoint_NNNNNN``, one past the newest this trial
+    reported or resumed from (Ray's StorageContext numbering)."""
+    import ray.tune
+
+    last = ray.tune.get_checkpoint()
+    index = int(Path(last.path).name.rsplit("_", 1)[1]) + 1 if last is not None else 0
+    return f"checkpoint_{index:06d}"

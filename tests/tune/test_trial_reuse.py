@@ -1,0 +1,91 @@
+"""One-worker sweep trials train in their Tune actor, which the next trial reuses with its loaded model.
+
+Three trials, one at a time: LoRA rank 4, 4, 8 (a grid keeps that order) and a sampled learning rate. The
+second trial finds the first one's model in its process and only resets the adapter; the third has another
+rank and builds afresh. Each trial's final loss equals a fresh build's of the same trial spec.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 4
+TUNE = {"param_space": {"lora.lora_rank": {"type": "grid", "values": [4, 4, 8]},
+                        "train.learning_rate": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2}},
+        "num_samples": 1, "metric": "train_loss", "scheduler": "fifo", "max_concurrent_trials": 1}
+
+
+@pytest.fixture(scope="module")
+def reused_sweep(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_spec):
+    from flux_ray.tune.sweep import run_sweep
+
+    out = tmp_path_factory.mktemp("reuse")
+    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="reuse",
+                     train={"max_train_steps": MAX_STEPS, "log_every": 2, "checkpointing_steps": 2},
+                     eval={"eval_steps_interval": None, "validation_step_interval": None}, tune=TUNE)
+    return spec, run_sweep(spec)
+
+
+def _in_start_order(summary) -> list[dict]:
+    c = MlflowClient(summary["mlflow"]["tracking_uri"])
+    return sorted(summary["trials"], key=lambda r: c.get_run(r["mlflow_run_id"]).info.start_time)
+
+
+def _tune_results(spec, trial: str) -> list[dict]:
+    with open(os.path.join(spec.run_uri, trial, "result.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_later_trials_reuse_the_process_and_its_model(reused_sweep):
+    spec, summary = reused_sweep
+    rows = _in_start_order(summary)
+    assert [r["status"] for r in rows] == ["completed"] * 3, rows
+    assert [r["params"]["lora.lora_rank"] for r in rows] == [4, 4, 8]
+    c = MlflowClient(summary["mlflow"]["tracking_uri"])
+    reused = [c.get_run(r["mlflow_run_id"]).data.metrics["startup_reused_base"] for r in rows]
+    assert reused == [0, 1, 0]  # same model: reused; another rank: built afresh
+    pids = [{res["pid"] for res in _tune_results(spec, r["trial"])} for r in rows]
+    assert all(len(p) == 1 for p in pids) and pids[0] == pids[1] == pids[2]  # one actor ran them all
+    loads = [c.get_run(r["mlflow_run_id"]).data.metrics["startup_load_s"] for r in rows]
+    assert loads[1] < loads[0] / 5 and loads[1] < loads[2] / 5
+
+
+def test_a_trial_keeps_its_outputs_in_its_tune_directory(reused_sweep):
+    spec, summary = reused_sweep
+    for row in summary["trials"]:
+        run_dir = os.path.join(spec.run_uri, row["trial"])
+        run_summary = json.load(open(os.path.join(run_dir, "run_summary.json")))
+        assert run_summary["steps"] == MAX_STEPS and row["lora"].startswith(run_dir)
+        assert os.path.exists(row["lora"])
+        final = run_summary["checkpoint"]
+        assert os.path.isdir(final) and os.path.dirname(final) == run_dir
+        state = json.load(open(os.path.join(final, "trainer_state.json")))
+        assert state["position"]["step"] == MAX_STEPS
+        kept = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_"))
+        assert len(kept) <= spec.train.checkpoints_total_limit and os.path.basename(final) == kept[-1]
+
+
+def test_each_trial_trains_as_a_fresh_build_would(reused_sweep):
+    from flux_ray.train.build import build_loop_parts
+    from flux_ray.train.loop import train_loop
+    from flux_ray.tune.space import trial_spec
+
+    spec, summary = reused_sweep
+    base = spec.model_dump(mode="json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial's actor (Ray gives a 1-CPU actor one thread)
+    try:
+        for row in _in_start_order(summary)[1:]:  # the reused trial, and the one rebuilt after it
+            fresh = trial_spec(base, row["params"], name=row["trial"], overrides={"output.uri": spec.run_uri})
+            reports: list[dict] = []
+            train_loop(build_loop_parts(fresh, torch.device("cpu"), 0, 1), lambda m, _: reports.append(m))
+            got = json.load(open(os.path.join(spec.run_uri, row["trial"], "run_summary.json")))["final_loss"]
+            assert got == pytest.approx(reports[-1]["train_loss"], rel=1e-5, abs=1e-7), row["trial"]
+    finally:
+        torch.set_num_threads(threads)
