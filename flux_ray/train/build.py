@@ -15,6 +15,7 @@ from flux_ray.data.loader import CacheReader
 from flux_ray.families import get_family
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
+from flux_ray.train.startup import warm_compile_workers
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import DeepSpeedStepper, TorchStepper, init_deepspeed
 
@@ -30,8 +31,19 @@ def build_transformer(spec: JobSpec, device: torch.device):
     """Load the spec's base transformer and prepare it (:func:`prepare_base`)."""
     if spec.model.base_compute_dtype == "fp8":  # before the load: refuse a device without FP8 tensor cores early
         _fp8_module().check_fp8_supported(device)
-    transformer = get_family(spec.model.model_family).load_transformer(spec.model, dtype=base_dtype(spec, device))
+    transformer = get_family(spec.model.model_family).load_transformer(spec.model, dtype=base_dtype(spec, device),
+                                                                       device=load_device(spec, device))
     return prepare_base(transformer, spec, device)
+
+
+def load_device(spec: JobSpec, device: torch.device) -> torch.device | None:
+    """Where the base transformer loads: straight onto the GPU it trains on (each tensor from the memory-mapped
+    safetensors to the device, no CPU copy of the model first: the family loader's ``device``) when it trains
+    there as loaded; None (the CPU, moved later) on a CPU, and when it is quantized (on the CPU with
+    quantize_via cpu; tensor subclasses) or group-offloaded (the base stays on the CPU)."""
+    if device.type != "cuda" or spec.model.enable_group_offload or spec.model.base_model_precision != "no_change":
+        return None
+    return device
 
 
 def prepare_base(transformer: torch.nn.Module, spec: JobSpec, device: torch.device, *, emulate_fp8: bool = False):
@@ -101,9 +113,13 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
     torch.manual_seed(spec.train.seed)
     # s3:// model, LoRA and prompt inputs are read from this node's copy; cache keys name the spec's URIs.
     local = localize(spec)
+    # inductor's compile workers come up while the base loads, not inside the first step (train/startup.py)
+    warm_s = warm_compile_workers(spec, device)
     t_load = time.perf_counter()
     transformer, adapter, lora_init = build_transformer(local, device)
     startup = {"startup_load_s": time.perf_counter() - t_load}
+    if warm_s is not None:
+        startup["startup_compile_workers_s"] = warm_s
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     cast_trainable_params(spec.train, [p for p in transformer.parameters() if p.requires_grad])  # before wrap
     model = wrap(transformer)

@@ -17,6 +17,7 @@ from flux_ray.core.step import FluxBatch, FluxLossFn
 from flux_ray.data.loader import CacheReader, Sample
 from flux_ray.data.prefetch import PREFETCH_BATCHES, BatchStream
 from flux_ray.train.checkpoint import Position, save_checkpoint
+from flux_ray.train.startup import compile_breakdown
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import Stepper
 
@@ -54,7 +55,8 @@ class LoopParts(StepParts):
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
     position: Position = field(default_factory=Position)
     startup: dict = field(default_factory=dict)
-    """Start-up timings (``startup_*`` seconds, ``worker_started_at``), sent once with the first report."""
+    """Start-up timings (``startup_*`` seconds; ``*_at`` wall-clock times: ``worker_started_at``,
+    ``first_step_done_at``...), sent once with the first report."""
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -152,6 +154,9 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
                     if parts.device.type == "cuda":
                         torch.cuda.synchronize(parts.device)
                     parts.startup["startup_first_step_s"] = time.perf_counter() - t0
+                    parts.startup["first_step_done_at"] = time.time()  # wall clock: the driver's train() -> here
+                    if parts.spec.train.compile:  # torch's counters are per process: only ours when we compiled
+                        parts.startup.update(compile_breakdown())
                 report_step(parts, tally, report)
         finally:
             stream.close()

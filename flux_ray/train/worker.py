@@ -9,6 +9,7 @@ import torch
 from flux_ray.spec import JobSpec
 
 log = logging.getLogger("flux_ray.worker")
+_IMPORTED_AT = time.time()  # on a worker: when Ray unpickled the train function (start-up timeline)
 
 
 def _report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -19,14 +20,16 @@ def _report(metrics: dict, checkpoint_dir: str | None) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    started_at = time.time()
     import ray.train
     import ray.train.torch
 
     from flux_ray.train.build import build_loop_parts
     from flux_ray.train.checkpoint import load_checkpoint
     from flux_ray.train.loop import train_loop
+    from flux_ray.train.startup import worker_timeline
 
-    started_at = time.time()
+    imports_s = time.time() - started_at
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
@@ -44,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         parts.position = load_checkpoint(local_path(spec.train.resume_from_checkpoint, spec.storage),
                                          state_io=parts.state_io, lr_scheduler=parts.lr_scheduler)
-    parts.startup["worker_started_at"] = started_at
+    parts.startup.update(worker_timeline(started_at, _IMPORTED_AT), startup_imports_s=imports_s)
     from flux_ray.train.profile import StepProfiler
 
     profiler = StepProfiler.from_env(parts.rank, device)
