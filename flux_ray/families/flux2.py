@@ -56,7 +56,8 @@ class Flux2:
 
         model = Flux2Transformer2DModel.from_pretrained(_base(model_spec), subfolder="transformer", torch_dtype=dtype,
                                                         revision=model_spec.revision, **straight_to(device))
-        return model.requires_grad_(False)
+        model.requires_grad_(False)
+        return model.to(device) if device is not None else model  # already there, unless accelerate was missing
 
     def load_vae(self, model_spec, dtype: torch.dtype = torch.float32, device=None) -> torch.nn.Module:
         from diffusers import AutoencoderKLFlux2

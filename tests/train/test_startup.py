@@ -5,20 +5,34 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_ray.core import model as M
 from flux_ray.spec import ModelSpec
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
+@pytest.fixture(scope="module")
+def tiny_flux2_dir(tmp_path_factory) -> str:
+    from flux_ray.core.flux2.tiny import write_tiny_flux2
+
+    return str(write_tiny_flux2(tmp_path_factory.mktemp("flux2") / "klein-4b", "klein-4b"))
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_base_loads_straight_onto_a_device_with_the_same_weights(tiny_model_dir, device):
-    """diffusers' device_map on one device: every weight on the device, frozen, equal to the CPU load, and no
-    accelerate dispatch hooks left on the modules (DDP, PEFT and compile see a plain module)."""
-    spec = ModelSpec(pretrained_model_name_or_path=tiny_model_dir)
-    plain = M.load_transformer(spec, torch.float32)
-    direct = M.load_transformer(spec, torch.float32, device=torch.device(device))
+def test_the_base_loads_straight_onto_a_device_with_the_same_weights(request, family, device):
+    """diffusers' device_map on one device (each family's loader): every weight on the device, frozen, equal to
+    the CPU load, and no accelerate dispatch hooks left on the modules (DDP, PEFT and compile see a plain module)."""
+    from flux_ray.families import get_family
+
+    if family == "flux":
+        spec = ModelSpec(pretrained_model_name_or_path=request.getfixturevalue("tiny_model_dir"))
+    else:
+        spec = ModelSpec(model_family="flux2", model_flavour="klein-4b",
+                         pretrained_model_name_or_path=request.getfixturevalue("tiny_flux2_dir"))
+    load = get_family(family).load_transformer
+    plain = load(spec, torch.float32)
+    direct = load(spec, torch.float32, device=torch.device(device))
     want = plain.state_dict()
     got = direct.state_dict()
     assert got.keys() == want.keys()
