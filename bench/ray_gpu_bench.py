@@ -17,10 +17,16 @@ for [dev]): the transformer sees prompt embeddings of the real shape, disk and t
           samples/s from the workers' reports after the first --warmup-reports reports; scaling efficiency
           = samples/s(G) / (G x samples/s(1)); --strategy ddp|fsdp|deepspeed. Memory per GPU: rank 0's peak
           over the steps (``step_peak_gpu_mem_gib``: after the build, so FSDP's pre-shard replica is not in
-          it) and the maximum over ranks (``*_max``), plus the whole process's peak (the load included)
+          it) and the maximum over ranks (``*_max``), plus the whole process's peak (the load included);
+          start-up per run: train() -> the first optimizer step, split into Ray's part (the worker process, the
+          worker module, the train function's entry, as seconds after train()) and the worker's (imports, base
+          load, build, first step), and the first step's compile (dynamo tracing, backend, backward, CUDA graph
+          recording, inductor / AOT autograd cache hits and misses; train/startup.py). The warm start issue #18
+          defines: --gpus 1 1 --fresh-node-caches 1 (the second run on a "fresh node" finds the first's compile
+          artifacts in the run's storage). CUDA graphs: --dynamo-mode reduce-overhead (1 or N GPUs under DDP).
 
 Prints JSON lines as it goes and markdown tables at the end (also written to --out/ray_gpu_bench.json).
-CPU smoke test (tiny model, CPU workers): --tiny --cpu.
+CPU smoke test (tiny model, CPU workers): --tiny --cpu (reduce-overhead needs GPUs: refused on a CPU).
 
 usage: python bench/ray_gpu_bench.py --work .bench_work --phases cache train --gpus 1 2 --out $OUT
 """
