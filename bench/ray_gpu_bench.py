@@ -17,7 +17,13 @@ for [dev]): the transformer sees prompt embeddings of the real shape, disk and t
           samples/s from the workers' reports after the first --warmup-reports reports; scaling efficiency
           = samples/s(G) / (G x samples/s(1)); --strategy ddp|fsdp|deepspeed. Memory per GPU: rank 0's peak
           over the steps (``step_peak_gpu_mem_gib``: after the build, so FSDP's pre-shard replica is not in
-          it) and the maximum over ranks (``*_max``), plus the whole process's peak (the load included)
+          it) and the maximum over ranks (``*_max``), plus the whole process's peak (the load included);
+          start-up per run: train() -> the first optimizer step, split into Ray's part (the worker process, the
+          worker module, the train function's entry, as seconds after train()) and the worker's (imports, base
+          load, build, first step), and the first step's compile (dynamo tracing, backend, backward, CUDA graph
+          recording, inductor / AOT autograd cache hits and misses; train/startup.py). The warm start issue #18
+          defines: --gpus 1 1 --fresh-node-caches 1 (the second run on a "fresh node" finds the first's compile
+          artifacts in the run's storage). CUDA graphs: --dynamo-mode reduce-overhead (1 or N GPUs under DDP).
 
   sweep   ``run_sweep`` of --sweep-trials one-worker trials x --steps steps at --sweep-concurrency trials at
           once (a grid over the learning rate, FIFO): wall time, each trial's start-up (build, first step,
@@ -25,7 +31,7 @@ for [dev]): the transformer sees prompt embeddings of the real shape, disk and t
           1.3 x (sum of the trials' step time) / concurrency + one cold start
 
 Prints JSON lines as it goes and markdown tables at the end (also written to --out/ray_gpu_bench.json).
-CPU smoke test (tiny model, CPU workers): --tiny --cpu.
+CPU smoke test (tiny model, CPU workers): --tiny --cpu (reduce-overhead needs GPUs: refused on a CPU).
 
 usage: python bench/ray_gpu_bench.py --work .bench_work --phases cache train --gpus 1 2 --out $OUT
 """
@@ -163,13 +169,10 @@ def phase_train(a, model_dir: str) -> list[dict]:
             local = Path(a.work) / f"node-{int(time.time())}-{i}"
             os.environ.update(TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"), TRITON_CACHE_DIR=str(local / "triton"))
             start_ray(a)
-        spec = load_spec(data=base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}",
-                                        a.train_captions))
-        spec.train.compile_cache = bool(a.compile_cache)
-        spec.train.dynamo_mode = a.dynamo_mode
-        spec.scaling.num_workers, spec.scaling.strategy = g, a.strategy
-        if a.cpu:
-            spec.scaling.resources_per_worker = {"CPU": 1}
+        data = base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", a.train_captions)
+        data["train"].update(compile_cache=bool(a.compile_cache), dynamo_mode=a.dynamo_mode)
+        data["scaling"].update(num_workers=g, strategy=a.strategy, **({"resources_per_worker": {"CPU": 1}} if a.cpu else {}))
+        spec = load_spec(data=data)  # validated here, as the workers will: a refused combination fails at once
         run_cache(spec)  # cached once, found by key on the next G
         reports = Path(a.work) / f"reports-{spec.name}.jsonl"
         t0, t_wall = time.perf_counter(), time.time()
@@ -264,12 +267,30 @@ def _memory(sink: list[dict]) -> dict:
 
 
 def _startup(first: dict, t_wall: float) -> dict:
-    """Where the time to the first report went: Ray and Train start-up until the worker's entry, the base
-    load and prepare, the rest of the worker's build (wrap, compile setup, optimizer, reader), the first step."""
-    out = {k.removeprefix("startup_"): round(first[k], 1) for k in first if k.startswith("startup_")}
-    if "worker_started_at" in first:
-        out["to_worker"] = round(first["worker_started_at"] - t_wall, 1)
+    """Where the time to the first report went, as seconds after ``train()`` on the driver: the worker's process
+    began (negative: Ray had it ready before), Ray imported the worker module, the train function was entered
+    (Train's controller, worker group and process group before it); then the worker's own spans: imports, the
+    base load and prepare, the rest of the build (wrap, compile setup, optimizer, reader), the first step and its
+    compile (``compile_*``, train/startup.py: dynamo tracing, backend, backward, CUDA graph recording, cache hits
+    and misses)."""
+    out = {}
+    for key, name in (("worker_process_started_at", "to_process"), ("worker_module_imported_at", "to_module"),
+                      ("worker_started_at", "to_worker"), ("first_step_done_at", "to_first_step")):
+        if key in first:
+            out[name] = round(first[key] - t_wall, 2)
+    out.update({k.removeprefix("startup_"): round(first[k], 2) for k in first if k.startswith("startup_")})
     return out
+
+
+def startup_line(r: dict) -> str:
+    """One run's start-up: train() to the first optimizer step and its parts, then the first step's compile."""
+    st = r.get("startup") or {}
+    g = lambda k: st.get(k, "?")  # noqa: E731
+    compile_ = {k.removeprefix("compile_"): v for k, v in st.items() if k.startswith("compile_")}
+    return (f"start-up {r['gpus']} GPUs, fresh node {r['fresh_node']}, {r['dynamo_mode']}: train() -> first step "
+            f"**{g('to_first_step')} s** (process {g('to_process')}, module {g('to_module')}, entry "
+            f"{g('to_worker')}; imports {g('imports_s')}, load {g('load_s')}, build {g('build_s')}, "
+            f"first step {g('first_step_s')}); first report {r['first_report_s']} s; compile {compile_}")
 
 
 def write_flux2(a, work: Path) -> Path:
@@ -404,8 +425,7 @@ def main() -> None:
                   f"{r['step_peak_gib']} / {r['step_peak_gib_max_rank']} | {r['peak_gib']} / {r['peak_gib_max_rank']} "
                   f"| {r['first_report_s']} |")
         for r in results["train"]:
-            print(f"start-up {r['gpus']} GPUs, fresh node {r['fresh_node']}: {r.get('startup')} "
-                  f"(first report {r['first_report_s']} s)")
+            print(startup_line(r))
         for r in results["train"]:
             for p in r.get("profile") or []:
                 print(f"profile {r['gpus']} GPUs rank {p['rank']} steps {p['steps']}: wall {p['wall_s_per_step']} s/step, "

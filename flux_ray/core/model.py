@@ -47,9 +47,21 @@ def load_transformer(model_spec, dtype: torch.dtype = torch.bfloat16, device: st
     else:
         path, sub = model_spec.base_path, "transformer"
     model = FluxTransformer2DModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype,
-                                                   revision=model_spec.revision)
+                                                   revision=model_spec.revision, **straight_to(device))
     model.requires_grad_(False)
-    return model.to(device) if device is not None else model
+    return model.to(device) if device is not None else model  # already there, unless accelerate was missing
+
+
+def straight_to(device: str | torch.device | None) -> dict:
+    """``from_pretrained`` kwargs that load a model's weights straight onto ``device``: diffusers' ``device_map``
+    on one device copies each tensor from the memory-mapped safetensors to it (the CPU never holds the whole
+    model) and then moves the model there without hooks (accelerate's ``dispatch_model``). None, or no
+    accelerate: the CPU (the caller moves the model)."""
+    from diffusers.utils import is_accelerate_available
+
+    if device is None or not is_accelerate_available():
+        return {}
+    return {"device_map": {"": torch.device(device)}}
 
 
 def load_vae(model_spec, dtype: torch.dtype = torch.float32, device=None):

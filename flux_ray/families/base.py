@@ -29,7 +29,7 @@ class ModelFamily(Protocol):
         """The base path; the family's tiny model is written there first with ``make_tiny_if_missing``."""
 
     def load_transformer(self, model_spec, dtype: torch.dtype = torch.bfloat16, device=None) -> torch.nn.Module:
-        """The frozen base transformer."""
+        """The frozen base transformer; ``device``: its weights loaded straight onto it (no CPU copy first)."""
 
     def load_vae(self, model_spec, dtype: torch.dtype = torch.float32, device=None) -> torch.nn.Module:
         """The frozen VAE, in eval mode."""

@@ -52,10 +52,12 @@ class Flux2:
     def load_transformer(self, model_spec, dtype: torch.dtype = torch.bfloat16, device=None) -> torch.nn.Module:
         from diffusers import Flux2Transformer2DModel
 
+        from flux_ray.core.model import straight_to
+
         model = Flux2Transformer2DModel.from_pretrained(_base(model_spec), subfolder="transformer", torch_dtype=dtype,
-                                                        revision=model_spec.revision)
+                                                        revision=model_spec.revision, **straight_to(device))
         model.requires_grad_(False)
-        return model.to(device) if device is not None else model
+        return model.to(device) if device is not None else model  # already there, unless accelerate was missing
 
     def load_vae(self, model_spec, dtype: torch.dtype = torch.float32, device=None) -> torch.nn.Module:
         from diffusers import AutoencoderKLFlux2

@@ -17,6 +17,7 @@ from flux_ray.train import base_cache
 from flux_ray.train.base_cache import CachedBase
 from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
+from flux_ray.train.startup import warm_compile_workers
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import DeepSpeedStepper, TorchStepper, init_deepspeed
 
@@ -32,8 +33,19 @@ def build_transformer(spec: JobSpec, device: torch.device):
     """Load the spec's base transformer and prepare it (:func:`prepare_base`)."""
     if spec.model.base_compute_dtype == "fp8":  # before the load: refuse a device without FP8 tensor cores early
         _fp8_module().check_fp8_supported(device)
-    transformer = get_family(spec.model.model_family).load_transformer(spec.model, dtype=base_dtype(spec, device))
+    transformer = get_family(spec.model.model_family).load_transformer(spec.model, dtype=base_dtype(spec, device),
+                                                                       device=load_device(spec, device))
     return prepare_base(transformer, spec, device)
+
+
+def load_device(spec: JobSpec, device: torch.device) -> torch.device | None:
+    """Where the base transformer loads: straight onto the GPU it trains on (each tensor from the memory-mapped
+    safetensors to the device, no CPU copy of the model first: the family loader's ``device``) when it trains
+    there as loaded; None (the CPU, moved later) on a CPU, and when it is quantized (on the CPU with
+    quantize_via cpu; tensor subclasses) or group-offloaded (the base stays on the CPU)."""
+    if device.type != "cuda" or spec.model.enable_group_offload or spec.model.base_model_precision != "no_change":
+        return None
+    return device
 
 
 def prepare_base(transformer: torch.nn.Module, spec: JobSpec, device: torch.device, *, emulate_fp8: bool = False):
@@ -128,12 +140,18 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
     t_load = time.perf_counter()
     built = base_cache.take(spec, device) if reuse_base else None
     artifacts, reused = None, built is not None
+    warm_s = None
     if built is None:
+        # inductor's compile workers come up while the base loads, not inside the first step (train/startup.py)
+        warm_s = warm_compile_workers(spec, device)
+        t_load = time.perf_counter()
         built, artifacts = build_model(spec, local, device, rank, wrap)
         if reuse_base and base_cache.reusable(spec):
             built.key = base_cache.base_key(spec, device)
             base_cache.keep(built, device)
     startup = {"startup_load_s": time.perf_counter() - t_load, "startup_reused_base": int(reused)}
+    if warm_s is not None:
+        startup["startup_compile_workers_s"] = warm_s
     transformer, adapter, lora_init, tread, model = (built.transformer, built.adapter, built.lora_init,
                                                      built.tread, built.model)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP

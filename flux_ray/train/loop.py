@@ -17,6 +17,7 @@ from flux_ray.core.step import FluxBatch, FluxLossFn
 from flux_ray.data.loader import CacheReader, Sample
 from flux_ray.data.prefetch import PREFETCH_BATCHES, BatchStream
 from flux_ray.train.checkpoint import Position, save_checkpoint
+from flux_ray.train.startup import compile_breakdown
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import Stepper
 
@@ -54,7 +55,8 @@ class LoopParts(StepParts):
     validate: Callable[[int], dict] | None = None   # rank-0 validation images -> metrics
     position: Position = field(default_factory=Position)
     startup: dict = field(default_factory=dict)
-    """Start-up timings (``startup_*`` seconds, ``worker_started_at``), sent once with the first report."""
+    """Start-up timings (``startup_*`` seconds; ``*_at`` wall-clock times: ``worker_started_at``,
+    ``first_step_done_at``...), sent once with the first report."""
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -155,6 +157,10 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
                     parts.startup["startup_first_step_s"] = time.perf_counter() - t0
                     if graphs0 is not None:  # 0 when a reused model's compiled blocks served the step
                         parts.startup["startup_graphs_compiled"] = compiled_graphs() - graphs0
+                    parts.startup["first_step_done_at"] = time.time()  # wall clock: the driver's train() -> here
+                    # torch's counters are per process: only this run's when it compiled (not a reused model)
+                    if parts.spec.train.compile and not parts.startup.get("startup_reused_base"):
+                        parts.startup.update(compile_breakdown())
                 report_step(parts, tally, report)
         finally:
             stream.close()

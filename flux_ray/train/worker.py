@@ -7,6 +7,7 @@ import torch
 
 from flux_ray.spec import JobSpec
 
+_IMPORTED_AT = time.time()  # on a worker: when Ray unpickled the train function (start-up timeline)
 
 def _report(metrics: dict, checkpoint_dir: str | None) -> None:
     import ray.train
@@ -16,18 +17,21 @@ def _report(metrics: dict, checkpoint_dir: str | None) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    started_at = time.time()
     import ray.train
     import ray.train.torch
 
+    from flux_ray.train.startup import worker_timeline
     from flux_ray.train.worker_loop import run_worker
 
-    started_at = time.time()
+    imports_s = time.time() - started_at
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     # Ray's checkpoint is this run's own: a restart after a worker failure, or the run resumed by name.
     run_worker(spec, device, ctx.get_world_rank(), ctx.get_world_size(), checkpoint=ray.train.get_checkpoint(),
-               report=_report, wrap=lambda m: _wrap(spec, m, device), started_at=started_at)
+               report=_report, wrap=lambda m: _wrap(spec, m, device), started_at=started_at,
+               startup={**worker_timeline(started_at, _IMPORTED_AT), "startup_imports_s": imports_s})
 
 
 def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -20,16 +20,17 @@ log = logging.getLogger("flux_ray.worker")
 
 def run_worker(spec: JobSpec, device: torch.device, rank: int, world_size: int, *, checkpoint, report: Report,
                wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m, reuse_base: bool = False,
-               started_at: float | None = None) -> dict:
+               started_at: float | None = None, startup: dict | None = None) -> dict:
     """Train the spec on this worker; ``checkpoint``: the run's own checkpoint (an object with
-    ``as_directory()``) or None. Returns the last reported metrics."""
+    ``as_directory()``) or None; ``startup``: more start-up metrics for the first report. Returns the last
+    reported metrics."""
     from flux_ray.train.build import build_loop_parts
 
     started_at = started_at or time.time()
     parts = build_loop_parts(spec, device, rank, world_size, wrap=wrap, reuse_base=reuse_base)
     try:
         restore(parts, checkpoint)
-        parts.startup["worker_started_at"] = started_at
+        parts.startup.update(startup or {}, worker_started_at=started_at)
         add_profiler(parts)
         if parts.position.step:
             # warning: Ray's workers show WARNING and above in the job's logs, and a resume should be seen there

@@ -58,6 +58,8 @@ def test_a_cache_larger_than_the_memory_bound_trains(cached):
     assert set(first) == {"startup_load_s", "startup_build_s", "startup_first_step_s", "startup_reused_base"}
     assert 0 < first["startup_load_s"] <= first["startup_build_s"] and first["startup_first_step_s"] > 0
     assert not any(k.startswith("startup_") for r in reports[1:] for k in r)
+    # the wall-clock mark the driver subtracts its train() time from (bench/ray_gpu_bench.py: train() -> first step)
+    assert "first_step_done_at" in reports[0] and not any("first_step_done_at" in r for r in reports[1:])
 
 
 def test_same_lora_same_eval_loss(cached):
