@@ -29,7 +29,8 @@ still counts the unrouted model's FLOPs, so it reads as an effective rate), offl
 frozen base group-offloaded to the CPU, n blocks a group | leaf: each layer; an s suffix prefetches on a
 CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1), fp8 (1: the frozen
 base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/build.py applies it; emulated on
-a CPU), fp8_gacc (full | fast: fast accumulation in FP8's input-gradient GEMM as well). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
+a CPU), fp8_gacc (full | fast: fast accumulation in FP8's input-gradient GEMM as well), cdt (1: inductor's
+coordinate-descent tuning of its Triton kernels). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
 FLUX.2 (family=flux2,flavour=klein-4b|klein-9b|dev) takes the same knobs as its trainer. Its stock
@@ -59,7 +60,7 @@ from step_bench_models import (FAMILIES, FLUX2_FLAVOURS, PEAK_FLOPS, latent_hw, 
 
 DEFAULTS = dict(family="flux", flavour="", res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="full")
+                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="full", cdt=0)
 STRINGS = ("family", "flavour", "targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
            "dynamo_mode", "fp8_gacc")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
@@ -161,6 +162,10 @@ def build(v: dict):
         import flux_ray.core.fp8 as fp8_module
 
         fp8_module.GRAD_FAST_ACCUM = True
+    if v["cdt"]:  # an experiment's knob: inductor tunes each Triton kernel's block sizes (longer compile)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     if v["family"] == "flux2":
         from flux_ray.core.flux2.full_size import build_component
 
@@ -299,7 +304,10 @@ def run_variant(v: dict) -> dict:
 
 
 def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
-    """GPU kernel milliseconds per step, summed by kind (attention, gemm, triton, optimizer, other)."""
+    """GPU kernel milliseconds per step, summed by kind (attention, gemm, triton, optimizer, other), plus where
+    the GPU sat idle: the busy span's gaps between kernels (``idle_ms``, the largest with their neighbours) and
+    the kernels that took the most time (``top_kernels``)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from flux_ray.train.profile import kernel_kind
@@ -325,7 +333,29 @@ def kernel_time_by_kind(step, sync, n: int = 2) -> dict:
     out["total"] = sum(out.values())
     res = {k: round(x, 1) for k, x in out.items()}
     res["top_attention_kernel"] = top_attention[1]
+    res.update(gpu_gaps([e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start], n))
     return res
+
+
+def gpu_gaps(kernels: list, n: int, top: int = 8) -> dict:
+    """Idle time between consecutive kernels (per step), its largest gaps, and the costliest kernels by name."""
+    kernels = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps, end, prev = [], None, None
+    for e in kernels:
+        if end is not None and e.time_range.start > end:
+            gaps.append((e.time_range.start - end, prev.name[:50], e.name[:50]))
+        if end is None or e.time_range.end > end:
+            end, prev = e.time_range.end, e
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        t = by_name.setdefault(e.name[:70], [0.0, 0])
+        t[0], t[1] = t[0] + e.time_range.elapsed_us(), t[1] + 1
+    gaps.sort(reverse=True)
+    return {"kernels_per_step": len(kernels) // n, "idle_ms": round(sum(g[0] for g in gaps) / 1000 / n, 1),
+            "idle_ms_in_gaps_over_100us": round(sum(g[0] for g in gaps if g[0] > 100) / 1000 / n, 1),
+            "top_gaps_us": [[round(g[0]), g[1], g[2]] for g in gaps[:top]],
+            "top_kernels": [[k, round(t / 1000 / n, 2), c // n] for k, (t, c) in
+                            sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top * 2]]}
 
 
 def cmd_run(spec: str) -> None:

@@ -195,6 +195,10 @@ def _tuner(spec: JobSpec, ctx):
     run_config = tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=remote_fs,
                                 checkpoint_config=tune.CheckpointConfig(
                                     num_to_keep=spec.train.checkpoints_total_limit) if in_trial else None,
+                                # a trial trained in its actor is restarted by Tune from its last checkpoint, as
+                                # Train restarts its workers (a Train trial's retries are Train's own)
+                                failure_config=tune.FailureConfig(
+                                    max_failures=spec.scaling.max_failures) if in_trial else None,
                                 callbacks=[MlflowTrialStatusCallback(ctx),
                                            TrialProgressCallback(spec.train.max_train_steps)],
                                 verbose=0 if is_quiet() else 1)  # quiet: our lines instead of Tune's tables
