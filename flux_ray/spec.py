@@ -568,8 +568,8 @@ class TrainSpec(_Section):
     dynamo_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     """With compile: ``torch.compile``'s mode for the blocks (accelerate's / SimpleTuner's ``dynamo_mode``).
     reduce-overhead replays each compiled block as a CUDA graph: the bs1 step is host-bound and ran 2x faster
-    (H200, 512 px bs1 0.248 -> 0.126 s/step, the same losses; bench/RESULTS.md call 25). GPU workers under DDP
-    (one or several), a bf16 or fp8 base; the validation pipeline then runs the blocks eagerly."""
+    (H200, 512 px bs1 0.248 -> 0.126 s/step, the same losses; bench/RESULTS.md call 25). One GPU worker, a bf16
+    or fp8 base; the validation pipeline then runs the blocks eagerly."""
     compile_cache: bool = True
     """With compile: share torch.compile's artifacts through ``<cache.uri>/compile/``: rank 0 uploads them after
     any step that compiled something new (the first; a later bucket's shape), and a later run or trial with the
@@ -960,10 +960,7 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _check_cuda_graphs(self) -> JobSpec:
         """CUDA-graph modes replay each block's kernels with fixed addresses: refused where that was not measured
-        or cannot hold (weights moved or gathered per step, tensor-subclass weights, routed token counts). DDP on
-        several workers is allowed: the graphs are the compiled blocks' forwards and backwards, and DDP's gradient
-        hooks fire on each LoRA parameter's AccumulateGrad node, outside them, after a block's backward graph
-        returned its gradients; the bucket copies and all-reduces then run eagerly, never inside a capture."""
+        or cannot hold (weights moved or gathered per step, tensor-subclass weights, routed token counts)."""
         if not self.train.uses_cuda_graphs:
             return self
         key = f"train.dynamo_mode {self.train.dynamo_mode}"
@@ -972,6 +969,9 @@ class JobSpec(_Section):
                                        "on a CPU without a word)"),
             (self.scaling.strategy != "ddp", f"scaling.strategy is {self.scaling.strategy} (FSDP gathers and "
                                              "DeepSpeed manages the weights per step outside the graphs; use ddp)"),
+            (self.scaling.num_workers > 1, f"scaling.num_workers is {self.scaling.num_workers} (two DDP workers "
+                                           "under CUDA graphs stalled in their first step on 2 H200s, "
+                                           "bench/RESULTS.md call 33; one worker per run)"),
             (self.model.base_model_precision != "no_change", f"model.base_model_precision is "
                                                              f"{self.model.base_model_precision} (quantised weights "
                                                              "are not measured under CUDA graphs)"),

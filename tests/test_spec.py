@@ -177,8 +177,10 @@ def test_group_offload_refuses_what_it_cannot_run(tmp_path, demo_data_dir, model
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": False}, "scaling.use_gpu is false"),
     ({}, {"compile": True, "dynamo_mode": "max-autotune"}, {"use_gpu": True, "strategy": "fsdp"},
      "scaling.strategy is fsdp"),
-    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2,
-                                                               "strategy": "deepspeed"}, "scaling.strategy is deepspeed"),
+    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2},
+     "scaling.num_workers is 2"),
+    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "strategy": "deepspeed"},
+     "scaling.strategy is deepspeed"),
     ({"base_model_precision": "int8-quanto"}, {"compile": True, "dynamo_mode": "reduce-overhead"},
      {"use_gpu": True}, "model.base_model_precision is int8-quanto"),
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead",
@@ -196,8 +198,6 @@ def test_cuda_graph_modes_refuse_what_was_not_measured(tmp_path, demo_data_dir, 
     assert spec.train.dynamo_mode == "max-autotune-no-cudagraphs" and not spec.train.uses_cuda_graphs
     data["train"].update(dynamo_mode="reduce-overhead", tread_config=None)
     data.update(model={}, scaling={"use_gpu": True})
-    assert load_spec(_write(tmp_path, data)).train.uses_cuda_graphs
-    data.update(scaling={"use_gpu": True, "num_workers": 2, "strategy": "ddp"})  # DDP on several GPUs: allowed
     assert load_spec(_write(tmp_path, data)).train.uses_cuda_graphs
 
 

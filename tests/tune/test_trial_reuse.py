@@ -2,12 +2,17 @@
 
 Three trials, one at a time: LoRA rank 4, 4, 8 (a grid keeps that order) and a sampled learning rate. The
 second trial finds the first one's model in its process and only resets the adapter; the third has another
-rank and builds afresh. Each trial's final loss equals a fresh build's of the same trial spec.
+rank and builds afresh, and its actor is killed (SIGKILL) once its first checkpoint is in: Tune restarts it in
+a new process from that checkpoint (``scaling.max_failures``). Each trial's final loss equals a fresh,
+uninterrupted build's of the same trial spec.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +20,7 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 4
+MAX_STEPS = 10
 TUNE = {"param_space": {"lora.lora_rank": {"type": "grid", "values": [4, 4, 8]},
                         "train.learning_rate": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2}},
         "num_samples": 1, "metric": "train_loss", "scheduler": "fifo", "max_concurrent_trials": 1}
@@ -26,10 +31,34 @@ def reused_sweep(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, d
     from flux_ray.tune.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("reuse")
-    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="reuse",
-                     train={"max_train_steps": MAX_STEPS, "log_every": 2, "checkpointing_steps": 2},
+    spec = demo_spec(tiny_model_dir, demo_data_dir, out, name="reuse", scaling={"max_failures": 1},
+                     train={"max_train_steps": MAX_STEPS, "log_every": 1, "checkpointing_steps": 1},
                      eval={"eval_steps_interval": None, "validation_step_interval": None}, tune=TUNE)
-    return spec, run_sweep(spec)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_third_trial_at_its_first_checkpoint, args=(spec.run_uri, killed, stop))
+    killer.start()
+    try:
+        summary = run_sweep(spec)
+    finally:
+        stop.set()
+        killer.join()
+    return spec, summary, killed
+
+
+def _kill_third_trial_at_its_first_checkpoint(run_dir: str, killed: list, stop: threading.Event) -> None:
+    """The grid's third trial (Tune's id suffix _00002): SIGKILL its actor once Tune holds a checkpoint of it."""
+    while not stop.is_set():
+        trial = next((d for d in os.listdir(run_dir) if d.endswith("_00002")), None) if os.path.isdir(run_dir) else None
+        results = os.path.join(run_dir, trial, "result.json") if trial else ""
+        if trial and os.path.isdir(os.path.join(run_dir, trial, "checkpoint_000000")) and os.path.exists(results):
+            with open(results) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            if lines:
+                os.kill(lines[0]["pid"], signal.SIGKILL)
+                killed.append(lines[0]["pid"])
+                return
+        time.sleep(0.02)
 
 
 def _in_start_order(summary) -> list[dict]:
@@ -43,21 +72,32 @@ def _tune_results(spec, trial: str) -> list[dict]:
 
 
 def test_later_trials_reuse_the_process_and_its_model(reused_sweep):
-    spec, summary = reused_sweep
+    spec, summary, killed = reused_sweep
     rows = _in_start_order(summary)
     assert [r["status"] for r in rows] == ["completed"] * 3, rows
     assert [r["params"]["lora.lora_rank"] for r in rows] == [4, 4, 8]
     c = MlflowClient(summary["mlflow"]["tracking_uri"])
     reused = [c.get_run(r["mlflow_run_id"]).data.metrics["startup_reused_base"] for r in rows]
     assert reused == [0, 1, 0]  # same model: reused; another rank: built afresh
-    pids = [{res["pid"] for res in _tune_results(spec, r["trial"])} for r in rows]
-    assert all(len(p) == 1 for p in pids) and pids[0] == pids[1] == pids[2]  # one actor ran them all
+    pids = [[res["pid"] for res in _tune_results(spec, r["trial"])] for r in rows]
+    assert set(pids[0]) == set(pids[1]) == {pids[2][0]} == set(killed)  # one actor ran them all, until the kill
     loads = [c.get_run(r["mlflow_run_id"]).data.metrics["startup_load_s"] for r in rows]
     assert loads[1] < loads[0] / 5 and loads[1] < loads[2] / 5
 
 
+def test_a_killed_trial_is_restarted_from_its_checkpoint_in_a_new_process(reused_sweep):
+    spec, summary, killed = reused_sweep
+    third = _in_start_order(summary)[2]
+    assert killed and third["status"] == "completed" and third["steps"] == MAX_STEPS
+    results = _tune_results(spec, third["trial"])
+    after = [r for r in results if r["pid"] != killed[0]]
+    assert after and {r["pid"] for r in after} != set(killed)
+    steps = [r["step"] for r in results if "step" in r]
+    assert steps[-1] == MAX_STEPS and min(r["step"] for r in after if "step" in r) > 1  # resumed, not from step 1
+
+
 def test_a_trial_keeps_its_outputs_in_its_tune_directory(reused_sweep):
-    spec, summary = reused_sweep
+    spec, summary, _ = reused_sweep
     for row in summary["trials"]:
         run_dir = os.path.join(spec.run_uri, row["trial"])
         run_summary = json.load(open(os.path.join(run_dir, "run_summary.json")))
@@ -76,12 +116,12 @@ def test_each_trial_trains_as_a_fresh_build_would(reused_sweep):
     from flux_ray.train.loop import train_loop
     from flux_ray.tune.space import trial_spec
 
-    spec, summary = reused_sweep
+    spec, summary, _ = reused_sweep
     base = spec.model_dump(mode="json")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial's actor (Ray gives a 1-CPU actor one thread)
     try:
-        for row in _in_start_order(summary)[1:]:  # the reused trial, and the one rebuilt after it
+        for row in _in_start_order(summary)[1:]:  # the reused trial, and the one rebuilt and resumed after it
             fresh = trial_spec(base, row["params"], name=row["trial"], overrides={"output.uri": spec.run_uri})
             reports: list[dict] = []
             train_loop(build_loop_parts(fresh, torch.device("cpu"), 0, 1), lambda m, _: reports.append(m))
