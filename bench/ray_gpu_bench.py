@@ -38,6 +38,7 @@ usage: python bench/ray_gpu_bench.py --work .bench_work --phases cache train --g
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -221,6 +222,8 @@ def phase_sweep(a, model_dir: str) -> dict:
                           sizes)
     data = base_spec(a, model_dir, images, a.train_res, f"sweep-{int(time.time())}", a.train_captions)
     data["train"]["compile_cache"], data["train"]["dynamo_mode"] = bool(a.compile_cache), a.dynamo_mode
+    if importlib.util.find_spec("sqlalchemy") is None:  # the device's mlflow-skinny: no sqlite store, a file one
+        data.setdefault("tracking", {})["mlflow_tracking_uri"] = (Path(a.work).resolve() / "mlruns").as_uri()
     if a.cpu:
         data["scaling"]["resources_per_worker"] = {"CPU": 1}
     lrs = [1e-4 * (1 + i) for i in range(a.sweep_trials)]
