@@ -263,8 +263,10 @@ def test_export_a_run_in_s3_from_a_client_without_files(cluster, s3_inputs, tmp_
 
 
 def test_a_two_trial_sweep_runs_its_trials_on_both_nodes_from_one_cache(cluster, s3_inputs, tmp_path):
-    """Each node has one `trial_slot`; each trial's worker needs one, so 2 concurrent trials use both nodes.
-    The cache is the one the S3 run above wrote (same model URI, data and resolution): nothing is encoded."""
+    """Each node has one `trial_slot`; each trial's worker needs one, so 2 concurrent trials use both nodes. The
+    trials have one worker each, so each trains in its Tune actor (``ImplicitFunc``, tune/local_trial.py), which
+    holds the worker's resources. The cache is the one the S3 run above wrote (same model URI, data and
+    resolution): nothing is encoded."""
     from flux_ray import storage
 
     data = _spec(cluster, s3_inputs, "s3-sweep")
@@ -289,11 +291,12 @@ def test_a_two_trial_sweep_runs_its_trials_on_both_nodes_from_one_cache(cluster,
         ray.init()
         ids = {{n["NodeID"]: [k for k in n["Resources"] if k.startswith("node_")][0] for n in ray.nodes() if n["Alive"]}}
         print(sorted(ids.get(a.node_id, "?") for a in list_actors(filters=[("job_id", "=", job_id)], detail=True,
-                                                                  limit=10000) if a.class_name == "RayTrainWorker"))
+                                                                  limit=10000) if a.class_name in ("RayTrainWorker", "ImplicitFunc")))
     """).strip().splitlines()[-1]
     # Two trials whose workers ran at the same time held both nodes' single trial_slot. On a loaded machine a tiny
-    # trial's worker can finish before the other trial's worker asks for its slot, which may then reuse the first
-    # node. Each worker's span: from its entry (``worker_started_at``, first report) to its last report.
+    # trial can finish before the other trial's actor asks for its slot: the second trial may then run on the same
+    # node, or in the same (reused) actor. Each worker's span: from its entry (``worker_started_at``, first report)
+    # to its last report.
     from mlflow import MlflowClient
 
     client = MlflowClient(cluster["mlflow"])
@@ -303,7 +306,7 @@ def test_a_two_trial_sweep_runs_its_trials_on_both_nodes_from_one_cache(cluster,
         last = max(m.timestamp for m in client.get_metric_history(t["mlflow_run_id"], "train_loss")) / 1000
         spans.append((started[0].value, last))
     overlapped = max(a for a, _ in spans) < min(b for _, b in spans)
-    assert nodes == "['node_a', 'node_b']" or (not overlapped and nodes == "['node_a', 'node_a']"), (nodes, spans)
+    assert nodes == "['node_a', 'node_b']" or (not overlapped and nodes != "[]"), (nodes, spans)
     import re
 
     assert re.search(r"cache demo: \d+ usable, 0 encoded now", proc.stdout), proc.stdout[-3000:]  # one cache, read
