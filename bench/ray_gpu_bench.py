@@ -23,7 +23,7 @@ for [dev]): the transformer sees prompt embeddings of the real shape, disk and t
           load, build, first step), and the first step's compile (dynamo tracing, backend, backward, CUDA graph
           recording, inductor / AOT autograd cache hits and misses; train/startup.py). The warm start issue #18
           defines: --gpus 1 1 --fresh-node-caches 1 (the second run on a "fresh node" finds the first's compile
-          artifacts in the run's storage). CUDA graphs: --dynamo-mode reduce-overhead (1 or N GPUs under DDP).
+          artifacts in the run's storage). CUDA graphs: --dynamo-mode reduce-overhead (1 GPU; the spec refuses several).
 
   sweep   ``run_sweep`` of --sweep-trials one-worker trials x --steps steps at --sweep-concurrency trials at
           once (a grid over the learning rate, FIFO): wall time, each trial's start-up (build, first step,
@@ -153,6 +153,13 @@ def _lora_dtypes(checkpoint_uri: str | None) -> list[str]:
     return sorted({str(t.dtype) for t in load_file(str(path)).values()}) if path.exists() else []
 
 
+def train_photos(a) -> Path:
+    """--train-images photos in --train-sizes (64x64 with --tiny), written once per size set."""
+    sizes = [(64, 64)] if a.tiny else [tuple(int(v) for v in wh.split("x")) for wh in a.train_sizes]
+    return write_photos(Path(a.work) / ("photos_train" + "".join(f"_{w}x{h}" for w, h in sizes)), a.train_images,
+                        sizes)
+
+
 def phase_train(a, model_dir: str) -> list[dict]:
     import ray
 
@@ -160,9 +167,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
     from flux_ray.spec import load_spec
     from flux_ray.train.driver import train
 
-    sizes = [(64, 64)] if a.tiny else [tuple(int(v) for v in wh.split("x")) for wh in a.train_sizes]
-    images = write_photos(Path(a.work) / ("photos_train" + "".join(f"_{w}x{h}" for w, h in sizes)), a.train_images,
-                          sizes)
+    images = train_photos(a)
     rows = []
     for i, g in enumerate(a.gpus):
         if a.fresh_node_caches:  # a new "node": Ray restarted with empty local compile caches
@@ -217,11 +222,9 @@ def phase_sweep(a, model_dir: str) -> dict:
     from flux_ray.spec import load_spec
     from flux_ray.tune.sweep import run_sweep
 
-    sizes = [(64, 64)] if a.tiny else [tuple(int(v) for v in wh.split("x")) for wh in a.train_sizes]
-    images = write_photos(Path(a.work) / ("photos_train" + "".join(f"_{w}x{h}" for w, h in sizes)), a.train_images,
-                          sizes)
+    images = train_photos(a)
     data = base_spec(a, model_dir, images, a.train_res, f"sweep-{int(time.time())}", a.train_captions)
-    data["train"]["compile_cache"], data["train"]["dynamo_mode"] = bool(a.compile_cache), a.dynamo_mode
+    data["train"].update(compile_cache=bool(a.compile_cache), dynamo_mode=a.dynamo_mode)
     if importlib.util.find_spec("sqlalchemy") is None:  # the device's mlflow-skinny: no sqlite store, a file one
         data.setdefault("tracking", {})["mlflow_tracking_uri"] = (Path(a.work).resolve() / "mlruns").as_uri()
     if a.cpu:
@@ -235,9 +238,10 @@ def phase_sweep(a, model_dir: str) -> dict:
     summary = run_sweep(spec)
     wall = time.perf_counter() - t0
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
-    trials = []
+    trials, runs = [], []
     for r in summary["trials"]:
         run = client.get_run(r["mlflow_run_id"])
+        runs.append(run.info)
         steps = client.get_metric_history(r["mlflow_run_id"], "step_time_s")
         step_s = statistics.median(m.value for m in steps[1:] or steps) if steps else 0.0  # the first holds compile
         m = run.data.metrics
@@ -250,7 +254,6 @@ def phase_sweep(a, model_dir: str) -> dict:
                            steps_s=round(step_s * (r["steps"] or 0), 1),
                            span_s=round((run.info.end_time - run.info.start_time) / 1000, 1)))
     cold = max(t["startup_s"] for t in trials)  # the first wave's (all cold) start-up
-    runs = [client.get_run(r["mlflow_run_id"]).info for r in summary["trials"]]
     span = (max(r.end_time for r in runs) - min(r.start_time for r in runs)) / 1000  # Tune's part of the wall
     bound = 1.3 * sum(t["steps_s"] for t in trials) / a.sweep_concurrency + cold
     row = dict(phase="sweep", trials=len(trials), steps=a.steps, concurrency=a.sweep_concurrency,

@@ -108,7 +108,3 @@ def drop() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def cached_key() -> str | None:
-    return _entry.key if _entry else None

@@ -137,21 +137,19 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
     torch.manual_seed(spec.train.seed)
     # s3:// model, LoRA and prompt inputs are read from this node's copy; cache keys name the spec's URIs.
     local = localize(spec)
-    t_load = time.perf_counter()
     built = base_cache.take(spec, device) if reuse_base else None
-    artifacts, reused = None, built is not None
-    warm_s = None
+    startup, artifacts = {"startup_reused_base": int(built is not None)}, None
+    # inductor's compile workers come up while the base loads, not inside the first step (train/startup.py)
+    warm_s = warm_compile_workers(spec, device) if built is None else None
+    if warm_s is not None:
+        startup["startup_compile_workers_s"] = warm_s
+    t_load = time.perf_counter()
     if built is None:
-        # inductor's compile workers come up while the base loads, not inside the first step (train/startup.py)
-        warm_s = warm_compile_workers(spec, device)
-        t_load = time.perf_counter()
         built, artifacts = build_model(spec, local, device, rank, wrap)
         if reuse_base and base_cache.reusable(spec):
             built.key = base_cache.base_key(spec, device)
             base_cache.keep(built, device)
-    startup = {"startup_load_s": time.perf_counter() - t_load, "startup_reused_base": int(reused)}
-    if warm_s is not None:
-        startup["startup_compile_workers_s"] = warm_s
+    startup["startup_load_s"] = time.perf_counter() - t_load
     transformer, adapter, lora_init, tread, model = (built.transformer, built.adapter, built.lora_init,
                                                      built.tread, built.model)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: DTensors under FSDP

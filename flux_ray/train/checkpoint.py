@@ -51,3 +51,8 @@ def load_checkpoint(directory: str | Path, *, state_io, lr_scheduler) -> Positio
 
 def checkpoint_position(directory: str | Path) -> Position:
     return Position(**json.loads((Path(directory) / STATE_FILE).read_text())["position"])
+
+
+def checkpoint_metrics(directory: str | Path) -> dict:
+    """The report saved with a checkpoint (``save_checkpoint``'s ``extra``)."""
+    return json.loads((Path(directory) / STATE_FILE).read_text()).get("metrics", {})

@@ -17,7 +17,7 @@ from flux_ray.core.step import FluxBatch, FluxLossFn
 from flux_ray.data.loader import CacheReader, Sample
 from flux_ray.data.prefetch import PREFETCH_BATCHES, BatchStream
 from flux_ray.train.checkpoint import Position, save_checkpoint
-from flux_ray.train.startup import compile_breakdown
+from flux_ray.train.startup import compile_breakdown, compiled_graphs
 from flux_ray.train.state_io import StateIO
 from flux_ray.train.stepper import Stepper
 
@@ -167,13 +167,6 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
         if pos.batch_index >= usable:
             pos.epoch, pos.batch_index = pos.epoch + 1, 0
     return tally.last
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
 
 
 def _counted(stream: BatchStream, tally: Tally) -> Iterator[tuple[FluxBatch, torch.Generator]]:

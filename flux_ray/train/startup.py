@@ -42,6 +42,14 @@ COMPILE_COUNTERS = {
 }
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (``startup_compile_graphs`` is this count)."""
+    from torch._dynamo.utils import counters
+
+    group, key = COMPILE_COUNTERS["graphs"]
+    return counters[group][key]
+
+
 def compile_breakdown() -> dict[str, float]:
     """This process's compile so far as flat ``startup_compile_*`` metrics; ``tracing_s`` is dynamo's time less
     the backend's (tracing, guards, bytecode). Empty when nothing was compiled."""

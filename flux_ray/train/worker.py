@@ -9,6 +9,7 @@ from flux_ray.spec import JobSpec
 
 _IMPORTED_AT = time.time()  # on a worker: when Ray unpickled the train function (start-up timeline)
 
+
 def _report(metrics: dict, checkpoint_dir: str | None) -> None:
     import ray.train
 

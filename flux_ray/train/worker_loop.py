@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from flux_ray.spec import JobSpec
-from flux_ray.train.loop import LoopParts, Report
+from flux_ray.train.loop import LoopParts, Report, train_loop
 
 log = logging.getLogger("flux_ray.worker")
 
@@ -36,8 +36,6 @@ def run_worker(spec: JobSpec, device: torch.device, rank: int, world_size: int, 
             # warning: Ray's workers show WARNING and above in the job's logs, and a resume should be seen there
             log.warning("rank %d resumes at step %d (epoch %d, batch %d)", parts.rank, parts.position.step,
                         parts.position.epoch, parts.position.batch_index)
-        from flux_ray.train.loop import train_loop
-
         return train_loop(parts, report)
     finally:
         release(parts)

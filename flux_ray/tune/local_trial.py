@@ -12,7 +12,6 @@ lora/, run_summary.json; a restored sweep resumes the trial from ``ray.tune.get_
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from flux_ray import storage
-from flux_ray.tune.trial import SweepContext, finish_trial, start_trial, tune_metrics
+from flux_ray.tune.trial import SweepContext, finish_trial, goes_to_tune, start_trial, tune_metrics
 
 
 class TrialReporter:
@@ -46,16 +45,17 @@ class TrialReporter:
 
         log_report(self.ctx.tracking_uri, self.run_id, metrics, self.ctx.storage)  # first: Tune may stop us
         self.last = metrics
-        if checkpoint_dir:
-            self._hold(checkpoint_dir, metrics["step"])
-        if self.ctx.metric not in metrics or metrics.get("step", 0) >= self.last_step:
+        if not goes_to_tune(metrics, self.ctx.metric, self.last_step):
+            if checkpoint_dir:  # the loop deletes its folder once we return: keep a copy for later
+                self._hold(checkpoint_dir, metrics["step"])
             return
         held, self.pending = self.pending, None
-        ckpt = ray.tune.Checkpoint.from_directory(held) if held else None
+        newest = checkpoint_dir or held  # this report's own checkpoint supersedes a held, older one
+        ckpt = ray.tune.Checkpoint.from_directory(newest) if newest else None
         try:
             ray.tune.report(tune_metrics(metrics, self.ctx.metric, self.ctx.mode, self.extra), checkpoint=ckpt)
         finally:
-            if held:  # persisted to the trial's directory by now (or the trial was stopped)
+            if held:  # persisted to the trial's directory by now (or superseded, or the trial was stopped)
                 shutil.rmtree(held, ignore_errors=True)
 
     def _hold(self, checkpoint_dir: str, step: int) -> None:
@@ -71,6 +71,7 @@ def run_local_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None
     """Tune function trainable: sampled {dotted key: value} -> the trial's spec trained in this process."""
     import ray.tune
 
+    from flux_ray.train.checkpoint import checkpoint_metrics
     from flux_ray.train.driver import TrainOutcome, export_final_lora
     from flux_ray.train.worker_loop import run_worker
 
@@ -85,7 +86,7 @@ def run_local_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None
         final_dir, metrics = reporter.pending, reporter.last
         if final_dir is None:  # resumed at the last step: nothing left to train
             final_dir = shutil.copytree(restored.to_directory(), os.path.join(reporter.tmp, "restored"))
-            metrics = json.loads((Path(final_dir) / "trainer_state.json").read_text()).get("metrics", {})
+            metrics = checkpoint_metrics(final_dir)
         outcome = TrainOutcome(run_uri=spec.run_uri, lora_uri=export_final_lora(spec, final_dir, metrics),
                                checkpoint_uri=storage.join(spec.run_uri, next_checkpoint_name()),
                                steps=int(metrics.get("step", 0)), final_loss=metrics.get("train_loss"),

@@ -55,6 +55,12 @@ def tune_metrics(metrics: dict, metric: str, mode: str, extra: dict) -> dict:
     return m
 
 
+def goes_to_tune(metrics: dict, metric: str, last_step: int) -> bool:
+    """Whether a report goes to Tune now: it carries the sweep metric (Tune's strict metric check) and is not
+    the last one, which the trial sends itself once its LoRA is exported (see TrialReportCallback)."""
+    return metric in metrics and metrics.get("step", 0) < last_step
+
+
 class TrialReportCallback(TuneReportCallback):
     """Forward to Tune the reports that carry the sweep metric, except the last one.
 
@@ -70,7 +76,7 @@ class TrialReportCallback(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
-        if self.metric not in m or m.get("step", 0) >= self.last_step:
+        if not goes_to_tune(m, self.metric, self.last_step):
             return
         super().after_report(run_context, [tune_metrics(m, self.metric, self.mode, self.extra)], checkpoint)
 
