@@ -129,3 +129,24 @@ def test_each_trial_trains_as_a_fresh_build_would(reused_sweep):
             assert got == pytest.approx(reports[-1]["train_loss"], rel=1e-5, abs=1e-7), row["trial"]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_reuse_actors_false_runs_a_torch_trainer_per_trial(ray_session, tiny_model_dir, demo_data_dir,
+                                                          tmp_path_factory, demo_spec):
+    """The same one-worker trials with tune.reuse_actors: false: each trial drives its own Train run (under
+    <sweep>/trials/), and no trial finds a live model."""
+    from flux_ray.tune.sweep import run_sweep
+
+    tune = {**TUNE, "param_space": {"lora.lora_rank": {"type": "grid", "values": [4, 4]}}, "reuse_actors": False}
+    spec = demo_spec(tiny_model_dir, demo_data_dir, tmp_path_factory.mktemp("noreuse"), name="noreuse",
+                     train={"max_train_steps": 2, "log_every": 1, "checkpointing_steps": 2},
+                     eval={"eval_steps_interval": None, "validation_step_interval": None}, tune=tune)
+    summary = run_sweep(spec)
+    c = MlflowClient(summary["mlflow"]["tracking_uri"])
+    rows = _in_start_order(summary)
+    assert [r["status"] for r in rows] == ["completed"] * 2
+    assert [c.get_run(r["mlflow_run_id"]).data.metrics["startup_reused_base"] for r in rows] == [0, 0]
+    for r in rows:
+        run_dir = os.path.join(spec.run_uri, "trials", r["trial"])
+        assert r["lora"].startswith(run_dir) and os.path.exists(os.path.join(run_dir, "run_summary.json"))
+        assert not os.path.exists(os.path.join(spec.run_uri, r["trial"], "run_summary.json"))
