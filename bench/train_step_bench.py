@@ -29,7 +29,8 @@ still counts the unrouted model's FLOPs, so it reads as an effective rate), offl
 frozen base group-offloaded to the CPU, n blocks a group | leaf: each layer; an s suffix prefetches on a
 CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1), fp8 (1: the frozen
 base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/build.py applies it; emulated on
-a CPU), fp8_gacc (full | fast: fast accumulation in FP8's input-gradient GEMM as well), cdt (1: inductor's
+a CPU), fp8_gacc (fast: fast accumulation in FP8's input-gradient GEMM as well, the trainer's default | full), fp8_fuse (1: each
+attention's q/k/v as one FP8 GEMM, the trainer's default | 0: one GEMM per projection), cdt (1: inductor's
 coordinate-descent tuning of its Triton kernels). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
@@ -60,7 +61,7 @@ from step_bench_models import (FAMILIES, FLUX2_FLAVOURS, PEAK_FLOPS, latent_hw, 
 
 DEFAULTS = dict(family="flux", flavour="", res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="full", cdt=0)
+                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="fast", cdt=0, fp8_fuse=1)
 STRINGS = ("family", "flavour", "targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
            "dynamo_mode", "fp8_gacc")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
@@ -158,10 +159,14 @@ def build(v: dict):
     spec = bench_spec(v)
     if v["fp8"] and (spec.model.enable_group_offload or spec.model.base_model_precision != "no_change"):
         raise ValueError("fp8=1 needs quant=none and offload=none (as the spec requires)")
-    if v["fp8"] and v["fp8_gacc"] == "fast":  # an experiment's knob: fast accumulation in the gradient GEMM
+    if v["fp8"] and v["fp8_gacc"] == "full":  # full accumulation in the gradient GEMM (torchao's default)
         import flux_ray.core.fp8 as fp8_module
 
-        fp8_module.GRAD_FAST_ACCUM = True
+        fp8_module.GRAD_FAST_ACCUM = False
+    if v["fp8"] and not v["fp8_fuse"]:  # the per-projection GEMMs, to measure what fusing q/k/v pays
+        import flux_ray.core.fp8 as fp8_module
+
+        fp8_module.FUSE_PROJECTIONS = False
     if v["cdt"]:  # an experiment's knob: inductor tunes each Triton kernel's block sizes (longer compile)
         import torch._inductor.config as inductor_config
 
@@ -235,9 +240,16 @@ def run_variant(v: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     position, losses = Position(), []
 
-    def next_batch():  # the same host batches and step generators in every process
+    # Already on the device, as the trainer's BatchStream (data/prefetch.py) hands them to the training thread: its
+    # background thread pins and copies each batch on a side stream. Copying here, on the step's thread, put the
+    # pinning of the 8 MB text embeddings between the GPU's steps (2-3 ms idle gaps, call 34's profile).
+    staged = [b.to(device) for b in batches]
+    if cuda:
+        torch.cuda.synchronize()
+
+    def next_batch():  # the same batches and step generators in every process
         while True:
-            yield batches[position.step % len(batches)].to(device), step_generator(train_spec.seed, position.step, 0, 0)
+            yield staged[position.step % len(staged)], step_generator(train_spec.seed, position.step, 0, 0)
 
     feed = next_batch()
 
@@ -518,7 +530,7 @@ def print_table(rows: list[dict]) -> None:
 def print_loss_tracking(rows: list[dict]) -> None:
     """Each fp8=1 job against its fp8=0 twin (same spec otherwise): relative loss difference per step."""
     ours = [r for r in rows if r.get("who") == "ours" and "error" not in r and r.get("losses")]
-    same = lambda a, b: all(a[k] == b[k] for k in DEFAULTS if k not in ("fp8", "fp8_gacc"))  # noqa: E731
+    same = lambda a, b: all(a[k] == b[k] for k in DEFAULTS if k not in ("fp8", "fp8_gacc", "fp8_fuse"))  # noqa: E731
     for r in (r for r in ours if r.get("fp8")):
         ref = next((b for b in ours if not b.get("fp8") and same(r, b)), None)
         if ref is None:

@@ -15,6 +15,8 @@ checkpointing), it saves the bf16 input for a weight gradient, and its backward 
 gradient (a third GEMM as large as the others) whether or not the weight wants one. A frozen base needs
 the forward and the input gradient only; the LoRA's A/B stay in their own dtype beside it.
 
+Linears that read one input run as one FP8 GEMM (core/fp8_fused.py, ``FUSE_PROJECTIONS``).
+
 ``emulate``: the same quantisation, the GEMMs dequantised to fp32 (CPU tests; torchao's ``emulate`` too).
 """
 from __future__ import annotations
@@ -26,9 +28,13 @@ from torchao.float8.inference import addmm_float8_unwrapped_inference
 
 E4M3 = torch.float8_e4m3fn
 KEY = "model.base_compute_dtype='fp8'"
-GRAD_FAST_ACCUM = False
-"""Fast (fp8-precision) accumulation in the input-gradient GEMM too; torchao's default, and ours, is full
-accumulation there (bench/train_step_bench.py's ``fp8_gacc=fast`` measures the difference)."""
+GRAD_FAST_ACCUM = True
+"""Fast (fp8-precision) accumulation in the input-gradient GEMM too, as in the forward. torchao's default is full
+accumulation there; at full size the loss with fast accumulation tracked the bf16 base's within 0.03 % over 24
+steps (bench/RESULTS.md call 31) and the step was faster (call 28). ``fp8_gacc=full`` in the bench turns it off."""
+FUSE_PROJECTIONS = True
+"""Linears sharing an input as one FP8 GEMM (core/fp8_fused.py); bench/train_step_bench.py's ``fp8_fuse=0``
+turns it off."""
 
 
 def check_fp8_supported(device: torch.device) -> None:
@@ -73,8 +79,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
         ctx.save_for_backward(wt, wt_inv)
         ctx.emulate, ctx.x_dtype = emulate, x.dtype
         xq, x_inv = quantize_rows(x.reshape(-1, x.shape[-1]))
-        # torchao's defaults: fast accumulation for the forward GEMM, full for the gradient's
-        out = scaled_mm(xq, x_inv, w.t(), w_inv, bias, fast_accum=True, emulate=emulate)
+        out = scaled_mm(xq, x_inv, w.t(), w_inv, bias, fast_accum=True, emulate=emulate)  # torchao's forward default
         return out.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -96,8 +101,8 @@ class Fp8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, emulate: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.emulate = linear.in_features, linear.out_features, emulate
         w = linear.weight.detach()
+        (self.out_features, self.in_features), self.emulate = w.shape, emulate
         wq, w_inv = quantize_rows(w)
         wtq, wt_inv = quantize_rows(w.t())
         frozen = lambda t: torch.nn.Parameter(t.contiguous(), requires_grad=False)  # noqa: E731
@@ -135,6 +140,10 @@ def convert_base_to_fp8(transformer: torch.nn.Module, device: torch.device, *, e
     if not emulate:
         check_fp8_supported(device)
     count = 0
+    if FUSE_PROJECTIONS:
+        from flux_ray.core.fp8_fused import fuse_projections
+
+        count = fuse_projections(transformer, emulate=emulate)
     for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
         for blk in blocks:
             for name, mod in list(blk.named_modules()):

@@ -10,7 +10,11 @@ pytest.importorskip("torchao")
 
 from flux_ray.core.checkpointing import apply_gradient_checkpointing  # noqa: E402
 from flux_ray.core.compile import compile_blocks  # noqa: E402
+from flux_ray.core import fp8 as fp8_module  # noqa: E402
+from flux_ray.core.adapters import AdapterSwitch  # noqa: E402
 from flux_ray.core.fp8 import Fp8Linear, check_fp8_supported, convert_base_to_fp8  # noqa: E402
+from flux_ray.core.fp8_fused import Fp8FusedProjections, Fp8Slice  # noqa: E402
+from flux_ray.core.lora import peft_state_dict  # noqa: E402
 from flux_ray.core.lora import add_lora  # noqa: E402
 from flux_ray.core.model import build_transformer_from_config  # noqa: E402
 from flux_ray.core.step import FluxBatch, FluxLossFn  # noqa: E402
@@ -61,7 +65,7 @@ def loss_and_grads(fn, params):
 def test_block_linears_become_fp8_the_rest_stays():
     model, params, _ = lora_model(fp8=True)
     blk = model.single_transformer_blocks[0]
-    assert isinstance(blk.proj_out.base_layer, Fp8Linear) and isinstance(blk.proj_mlp.base_layer, Fp8Linear)
+    assert isinstance(blk.proj_out.base_layer, Fp8Linear) and isinstance(blk.proj_mlp.base_layer, Fp8Slice)
     assert type(blk.norm.linear) is torch.nn.Linear  # AdaLN: one row a sample, left in bf16
     assert type(model.proj_out.base_layer) is torch.nn.Linear  # outside the blocks: bf16
     fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
@@ -70,6 +74,68 @@ def test_block_linears_become_fp8_the_rest_stays():
     assert all(m.weight_fp8.dtype == torch.uint8 for m in fp8)
     assert all(not p.requires_grad for m in fp8 for p in m.parameters())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)  # LoRA A/B untouched
+
+
+def test_shared_input_projections_become_one_fp8_gemm_and_keep_their_peft_loras():
+    """A double block's q/k/v (and text q/k/v) run as diffusers' own fused ``to_qkv`` / ``to_added_qkv``; a
+    single block's MLP input and q/k/v as one GEMM. The LoRA parameters stay in the members' PEFT layers."""
+    model, params, _ = lora_model(fp8=True, b_init=0.1)
+    unfused = lora_model(fp8=False, b_init=0.1)[0]
+    for blk in model.transformer_blocks:
+        attn = blk.attn
+        assert attn.fused_projections and isinstance(attn.to_qkv, Fp8FusedProjections)
+        assert isinstance(attn.to_added_qkv, Fp8FusedProjections)
+        assert isinstance(attn.to_q.base_layer, Fp8Slice) and attn.to_qkv.sizes == [attn.to_q.out_features] * 3
+    for blk in model.single_transformer_blocks:
+        assert blk.proj_mlp_qkv.sizes == [blk.proj_mlp.out_features] + [blk.attn.to_q.out_features] * 3
+        assert isinstance(blk.attn.to_v.base_layer, Fp8Slice) and "forward" in vars(blk)
+    assert peft_state_dict(model).keys() == peft_state_dict(unfused).keys()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in unfused.named_parameters() if p.requires_grad]  # the optimizer's and checkpoints' view
+    attn = model.transformer_blocks[0].attn
+    attn.to_q.scaling["default"], attn.to_v.scaling["default"] = 0.5, 2.0  # alpha / r, its own per member
+    x = torch.randn(2, 9, attn.to_q.in_features, dtype=torch.bfloat16)
+    fused = attn.to_qkv(x)  # the fused A / block-diagonal B against PEFT's own forward of each member
+    members = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
+    lora_part = fused - attn.to_qkv.base(x)
+    assert lora_part.abs().max() > 0.01  # the LoRA contributes, so the comparison means something
+    torch.testing.assert_close(fused, members, rtol=1e-2, atol=1e-2)
+    attn.to_k.lora_dropout["default"] = torch.nn.Dropout(0.5).eval()  # PEFT's per-member path, same output
+    torch.testing.assert_close(attn.to_qkv(x), fused, rtol=0, atol=1e-2)
+    with AdapterSwitch(model).off():  # adapters off: the base GEMM alone
+        torch.testing.assert_close(attn.to_qkv(x), attn.to_qkv.base(x), rtol=0, atol=0)
+
+
+def test_fused_single_block_is_diffusers_forward():
+    """``single_block_forward`` (one GEMM for the MLP input and q/k/v) against diffusers' own block forward
+    running each member alone (its rows of the same FP8 GEMM plus its PEFT LoRA)."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, _get_projections
+
+    model, _, _ = lora_model(fp8=True, b_init=0.1)
+    blk, g = model.single_transformer_blocks[0], torch.Generator().manual_seed(5)
+    dim = blk.attn.inner_dim
+    hidden, text, temb = (torch.randn(2, n, dim, generator=g, dtype=torch.bfloat16) for n in (12, 5, 1))
+    rope = model.pos_embed(torch.randn(17, 3, generator=g))
+    fused = blk(hidden, text, temb[:, 0], image_rotary_emb=rope)
+    attn = blk.attn
+    attn.to_qkv = type("Members", (torch.nn.Module,), {"forward": lambda self, x: torch.cat(_get_projections(attn, x)[:3], -1)})()
+    reference = FluxSingleTransformerBlock.forward(blk, hidden, text, temb[:, 0], image_rotary_emb=rope)
+    for a, b in zip(fused, reference):
+        assert a.shape == b.shape and (b - b.mean()).abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_projections_step_tracks_the_unfused_fp8_step(monkeypatch):
+    """Fusing changes only the scales shared across q/k/v (the weight's per-column and the gradient's per-row
+    amax): the step stays the per-projection FP8 step's."""
+    loss, grads = fp8_step()
+    monkeypatch.setattr(fp8_module, "FUSE_PROJECTIONS", False)
+    model, params, fn = lora_model(fp8=True, b_init=0.1)
+    assert not any(isinstance(m, Fp8FusedProjections) for m in model.modules())
+    ref_loss, ref_grads = loss_and_grads(fn, params)
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in grads]),
+                                                torch.cat([g.flatten() for g in ref_grads]), dim=0)
+    assert cos > 0.999 and abs(loss - ref_loss) < 0.005 * ref_loss
 
 
 def test_fp8_linear_matches_bf16_and_saves_no_activation():
