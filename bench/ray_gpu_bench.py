@@ -369,7 +369,8 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
     ap.add_argument("--gradient-sync", default="auto", choices=["auto", "ddp", "allreduce"],
-                    help="scaling.gradient_sync (auto: one flat all-reduce, no DDP, with several GPUs under CUDA graphs)")
+                    help="scaling.gradient_sync (auto: one flat all-reduce, no DDP, for several GPUs under CUDA "
+                         "graphs)")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--fresh-node-caches", type=int, default=0,
                     help="1: restart Ray before each --gpus run with empty local inductor/Triton caches (a fresh node)")

@@ -204,8 +204,8 @@ def test_cuda_graph_modes_refuse_what_was_not_measured(tmp_path, demo_data_dir, 
 
 @pytest.mark.parametrize("train, scaling, allreduce", [
     ({"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2}, True),
-    ({"compile": True, "dynamo_mode": "max-autotune"}, {"use_gpu": True, "num_workers": 4, "gradient_sync": "allreduce"},
-     True),
+    ({"compile": True, "dynamo_mode": "max-autotune"},
+     {"use_gpu": True, "num_workers": 4, "gradient_sync": "allreduce"}, True),
     ({"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 1}, False),
     ({"compile": True, "dynamo_mode": "max-autotune-no-cudagraphs"}, {"use_gpu": True, "num_workers": 2}, False),
     ({}, {"num_workers": 2}, False),

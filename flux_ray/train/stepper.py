@@ -119,8 +119,7 @@ class _FlatBucket:
 
     def pack(self) -> list[int]:
         """Gradients (zeros where None) and flags into the buffer; returns the indices of params without one."""
-        lacking = [i for i, p in enumerate(self.params) if p.grad is None]
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        have, lacking = self._split()
         if have:
             torch._foreach_copy_([self.views[i] for i in have], [self.params[i].grad for i in have])
         if lacking:
@@ -134,7 +133,7 @@ class _FlatBucket:
 
     def unpack(self, lacking: list[int]) -> None:
         """The averaged gradients back; a param that lacked one gets it where some rank had one."""
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        have, _ = self._split()
         if have:
             torch._foreach_copy_([self.params[i].grad for i in have], [self.views[i] for i in have])
         if lacking:
@@ -142,6 +141,11 @@ class _FlatBucket:
             for i in lacking:
                 if used[i] > 0:
                     self.params[i].grad = self.views[i].clone()
+
+    def _split(self) -> tuple[list[int], list[int]]:
+        """Indices of the params with a gradient, and of those without."""
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        return have, sorted(set(range(len(self.params))) - set(have))
 
 
 class DeepSpeedStepper:
