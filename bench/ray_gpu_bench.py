@@ -23,7 +23,10 @@ for [dev]): the transformer sees prompt embeddings of the real shape, disk and t
           load, build, first step), and the first step's compile (dynamo tracing, backend, backward, CUDA graph
           recording, inductor / AOT autograd cache hits and misses; train/startup.py). The warm start issue #18
           defines: --gpus 1 1 --fresh-node-caches 1 (the second run on a "fresh node" finds the first's compile
-          artifacts in the run's storage). CUDA graphs: --dynamo-mode reduce-overhead (1 GPU; the spec refuses several).
+          artifacts in the run's storage). CUDA graphs: --dynamo-mode reduce-overhead; several GPUs then sync
+          their LoRA gradients with one flat all-reduce per step, no DDP wrapper (scaling.gradient_sync auto;
+          --gradient-sync ddp is refused there, call 33), e.g. --phases train --gpus 1 2 --dynamo-mode
+          reduce-overhead. --gradient-sync allreduce forces that path without CUDA graphs too.
 
   sweep   ``run_sweep`` of --sweep-trials one-worker trials x --steps steps at --sweep-concurrency trials at
           once (a grid over the learning rate, FIFO): wall time, each trial's start-up (build, first step,
@@ -177,7 +180,8 @@ def phase_train(a, model_dir: str) -> list[dict]:
             start_ray(a)
         data = base_spec(a, model_dir, images, a.train_res, f"scale-{g}-{int(time.time())}", a.train_captions)
         data["train"].update(compile_cache=bool(a.compile_cache), dynamo_mode=a.dynamo_mode)
-        data["scaling"].update(num_workers=g, strategy=a.strategy, **({"resources_per_worker": {"CPU": 1}} if a.cpu else {}))
+        data["scaling"].update(num_workers=g, strategy=a.strategy, gradient_sync=a.gradient_sync,
+                               **({"resources_per_worker": {"CPU": 1}} if a.cpu else {}))
         spec = load_spec(data=data)  # validated here, as the workers will: a refused combination fails at once
         run_cache(spec)  # cached once, found by key on the next G
         reports = Path(a.work) / f"reports-{spec.name}.jsonl"
@@ -196,6 +200,7 @@ def phase_train(a, model_dir: str) -> list[dict]:
         row = dict(phase="train", gpus=g, res=a.train_res, bs_per_gpu=a.bs, steps=outcome.steps,
                    train_images=a.train_images, captions=a.train_captions,
                    strategy=a.strategy, optimizer=a.optimizer, dynamo_mode=a.dynamo_mode,
+                   gradient_sync="allreduce" if spec.syncs_gradients_by_allreduce else a.strategy,
                    lora_dtypes=_lora_dtypes(outcome.checkpoint_uri),
                    fresh_node=bool(a.fresh_node_caches), compile_cache=bool(a.compile_cache),
                    samples_per_s=round(sps, 2), step_time_s=round(step_s, 4), wall_s=round(wall, 1),
@@ -363,6 +368,9 @@ def main() -> None:
     ap.add_argument("--dynamo-mode", default="default", help="train.dynamo_mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
+    ap.add_argument("--gradient-sync", default="auto", choices=["auto", "ddp", "allreduce"],
+                    help="scaling.gradient_sync (auto: one flat all-reduce, no DDP, for several GPUs under CUDA "
+                         "graphs)")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--fresh-node-caches", type=int, default=0,
                     help="1: restart Ray before each --gpus run with empty local inductor/Triton caches (a fresh node)")
@@ -426,7 +434,8 @@ def main() -> None:
               "| steps' peak GiB/GPU (rank 0 / max) | process peak GiB/GPU (rank 0 / max) | first report s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results["train"]:
-            print(f"| {r['gpus']} | {r['strategy']} | {r['res']} | {r['bs_per_gpu']} | {r['fresh_node']} | "
+            strategy = r["strategy"] + (" (flat all-reduce)" if r["gradient_sync"] == "allreduce" else "")
+            print(f"| {r['gpus']} | {strategy} | {r['res']} | {r['bs_per_gpu']} | {r['fresh_node']} | "
                   f"{r['compile_cache']} | {r['samples_per_s']} | {r['step_time_s']} | {r.get('scaling_efficiency')} | "
                   f"{r['step_peak_gib']} / {r['step_peak_gib_max_rank']} | {r['peak_gib']} / {r['peak_gib_max_rank']} "
                   f"| {r['first_report_s']} |")

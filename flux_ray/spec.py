@@ -568,8 +568,9 @@ class TrainSpec(_Section):
     dynamo_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     """With compile: ``torch.compile``'s mode for the blocks (accelerate's / SimpleTuner's ``dynamo_mode``).
     reduce-overhead replays each compiled block as a CUDA graph: the bs1 step is host-bound and ran 2x faster
-    (H200, 512 px bs1 0.248 -> 0.126 s/step, the same losses; bench/RESULTS.md call 25). One GPU worker, a bf16
-    or fp8 base; the validation pipeline then runs the blocks eagerly."""
+    (H200, 512 px bs1 0.248 -> 0.126 s/step, the same losses; bench/RESULTS.md call 25). GPU workers with
+    strategy ddp (several sync by one flat all-reduce: scaling.gradient_sync), a bf16 or fp8 base; the validation
+    pipeline then runs the blocks eagerly."""
     compile_cache: bool = True
     """With compile: share torch.compile's artifacts through ``<cache.uri>/compile/``: rank 0 uploads them after
     any step that compiled something new (the first; a later bucket's shape), and a later run or trial with the
@@ -677,6 +678,13 @@ class ScalingSpec(_Section):
     max_failures: int = Field(0, ge=-1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement of the training workers (Ray Train's ScalingConfig); STRICT_SPREAD: one worker per node."""
+    gradient_sync: Literal["auto", "ddp", "allreduce"] = "auto"
+    """How several ddp workers average their LoRA gradients. ddp: torch's DistributedDataParallel wrapper (bucketed
+    all-reduces from autograd hooks during the backward). allreduce: no wrapper; the trainable parameters are
+    broadcast from rank 0 at the start, and after each step's last backward every trainable gradient goes through
+    one all-reduce of one flat buffer (train/stepper.py ``FlatAllReduceStepper``). auto: allreduce with a CUDA-graph
+    ``train.dynamo_mode`` and num_workers > 1 (two DDP workers under CUDA graphs stalled, bench/RESULTS.md call
+    33), ddp otherwise. strategy fsdp / deepspeed sync their own way: only auto goes with them."""
 
 
 class TrackingSpec(_Section):
@@ -957,10 +965,30 @@ class JobSpec(_Section):
                              "captured before the base is converted)")
         return self
 
+    @property
+    def syncs_gradients_by_allreduce(self) -> bool:
+        """Several workers average gradients with one flat all-reduce per step, not a DDP wrapper
+        (``scaling.gradient_sync`` allreduce, or auto under CUDA graphs)."""
+        sync = self.scaling.gradient_sync
+        if self.scaling.num_workers == 1 or self.scaling.strategy != "ddp":
+            return False
+        return sync == "allreduce" or (sync == "auto" and self.train.uses_cuda_graphs)
+
+    @model_validator(mode="after")
+    def _check_gradient_sync(self) -> JobSpec:
+        sync = self.scaling.gradient_sync
+        if sync != "auto" and self.scaling.strategy != "ddp":
+            raise ValueError(f"scaling.gradient_sync {sync} cannot be used with scaling.strategy "
+                             f"{self.scaling.strategy} (FSDP and DeepSpeed reduce the gradients themselves): remove "
+                             "scaling.gradient_sync (auto) or use scaling.strategy ddp")
+        return self
+
     @model_validator(mode="after")
     def _check_cuda_graphs(self) -> JobSpec:
         """CUDA-graph modes replay each block's kernels with fixed addresses: refused where that was not measured
-        or cannot hold (weights moved or gathered per step, tensor-subclass weights, routed token counts)."""
+        or cannot hold (weights moved or gathered per step, tensor-subclass weights, routed token counts). Several
+        workers sync gradients with one flat all-reduce after the backward (``syncs_gradients_by_allreduce``), not
+        DDP's hooks inside it."""
         if not self.train.uses_cuda_graphs:
             return self
         key = f"train.dynamo_mode {self.train.dynamo_mode}"
@@ -969,9 +997,10 @@ class JobSpec(_Section):
                                        "on a CPU without a word)"),
             (self.scaling.strategy != "ddp", f"scaling.strategy is {self.scaling.strategy} (FSDP gathers and "
                                              "DeepSpeed manages the weights per step outside the graphs; use ddp)"),
-            (self.scaling.num_workers > 1, f"scaling.num_workers is {self.scaling.num_workers} (two DDP workers "
-                                           "under CUDA graphs stalled in their first step on 2 H200s, "
-                                           "bench/RESULTS.md call 33; one worker per run)"),
+            (self.scaling.num_workers > 1 and self.scaling.gradient_sync == "ddp",
+             f"scaling.num_workers is {self.scaling.num_workers} with scaling.gradient_sync ddp (two DDP workers "
+             "under CUDA graphs stalled in their first step on 2 H200s, bench/RESULTS.md call 33; use "
+             "gradient_sync auto or allreduce: one flat all-reduce after the backward)"),
             (self.model.base_model_precision != "no_change", f"model.base_model_precision is "
                                                              f"{self.model.base_model_precision} (quantised weights "
                                                              "are not measured under CUDA graphs)"),

@@ -143,6 +143,7 @@ EFFECT_TESTS: dict[str, str] = {
         "tests/core/test_clip_score.py::test_score_is_clip_models_cosine_and_tells_prompts_apart",
     "scaling.num_workers": "tests/train/test_distributed.py::test_strategies_train_the_same_lora",
     "scaling.strategy": "tests/train/test_distributed.py::test_strategies_train_the_same_lora",
+    "scaling.gradient_sync": "tests/train/test_distributed.py::test_strategies_train_the_same_lora",
     "scaling.max_failures": "tests/train/test_distributed.py::test_killed_worker_recovers_from_last_checkpoint",
     "tracking.mlflow_tracking_uri": "tests/tracking/test_mlflow_server.py",
     "tracking.experiment_name": "tests/tune/test_sweep.py::test_mlflow_has_one_parent_and_a_nested_run_per_trial",

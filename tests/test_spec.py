@@ -177,8 +177,9 @@ def test_group_offload_refuses_what_it_cannot_run(tmp_path, demo_data_dir, model
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": False}, "scaling.use_gpu is false"),
     ({}, {"compile": True, "dynamo_mode": "max-autotune"}, {"use_gpu": True, "strategy": "fsdp"},
      "scaling.strategy is fsdp"),
-    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2},
-     "scaling.num_workers is 2"),
+    ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2,
+                                                               "gradient_sync": "ddp"},
+     "scaling.num_workers is 2 with scaling.gradient_sync ddp (two DDP workers under CUDA graphs stalled"),
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "strategy": "deepspeed"},
      "scaling.strategy is deepspeed"),
     ({"base_model_precision": "int8-quanto"}, {"compile": True, "dynamo_mode": "reduce-overhead"},
@@ -199,6 +200,33 @@ def test_cuda_graph_modes_refuse_what_was_not_measured(tmp_path, demo_data_dir, 
     data["train"].update(dynamo_mode="reduce-overhead", tread_config=None)
     data.update(model={}, scaling={"use_gpu": True})
     assert load_spec(_write(tmp_path, data)).train.uses_cuda_graphs
+
+
+@pytest.mark.parametrize("train, scaling, allreduce", [
+    ({"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2}, True),
+    ({"compile": True, "dynamo_mode": "max-autotune"},
+     {"use_gpu": True, "num_workers": 4, "gradient_sync": "allreduce"}, True),
+    ({"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 1}, False),
+    ({"compile": True, "dynamo_mode": "max-autotune-no-cudagraphs"}, {"use_gpu": True, "num_workers": 2}, False),
+    ({}, {"num_workers": 2}, False),
+    ({}, {"num_workers": 2, "gradient_sync": "allreduce"}, True),
+    ({}, {"num_workers": 2, "strategy": "fsdp"}, False),
+])
+def test_gradient_sync_resolves_to_allreduce_under_cuda_graphs(tmp_path, demo_data_dir, train, scaling, allreduce):
+    """auto: several workers under a CUDA-graph mode sync by one flat all-reduce (the refusal of call 33 is lifted
+    for them), DDP otherwise; allreduce can be forced without graphs (the CPU tests run it)."""
+    data = dict(_minimal(tmp_path, demo_data_dir), train=train, scaling=scaling)
+    assert load_spec(_write(tmp_path, data)).syncs_gradients_by_allreduce is allreduce
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("sync", ["ddp", "allreduce"])
+def test_gradient_sync_is_refused_with_other_strategies(tmp_path, demo_data_dir, strategy, sync):
+    data = dict(_minimal(tmp_path, demo_data_dir),
+                scaling={"num_workers": 2, "strategy": strategy, "gradient_sync": sync})
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, data))
+    assert f"scaling.gradient_sync {sync} cannot be used with scaling.strategy {strategy}" in str(e.value)
 
 
 def test_group_offload_options_follow_simpletuner_names(tmp_path, demo_data_dir):

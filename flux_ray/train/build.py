@@ -19,7 +19,7 @@ from flux_ray.train.loop import LoopParts
 from flux_ray.train.optim import build_lr_scheduler, build_optimizer, cast_trainable_params
 from flux_ray.train.startup import warm_compile_workers
 from flux_ray.train.state_io import StateIO
-from flux_ray.train.stepper import DeepSpeedStepper, TorchStepper, init_deepspeed
+from flux_ray.train.stepper import DeepSpeedStepper, FlatAllReduceStepper, TorchStepper, init_deepspeed
 
 if TYPE_CHECKING:
     from flux_ray.spec import JobSpec
@@ -158,8 +158,9 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
     if spec.scaling.strategy == "deepspeed":
         model, optimizer, lr_scheduler = init_deepspeed(spec, model, params, optimizer, lr_scheduler, device)
         stepper = DeepSpeedStepper(model)
-    else:
-        stepper = TorchStepper(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
+    else:  # several unwrapped replicas (worker._wrap) average their gradients in one all-reduce per step
+        cls = FlatAllReduceStepper if world_size > 1 and spec.syncs_gradients_by_allreduce else TorchStepper
+        stepper = cls(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
     family = get_family(spec.model.model_family)
     loss_fn = build_loss_fn(spec, model, family.load_scheduler_config(local.model), tread)
     reader = CacheReader(spec, family.load_vae_config(local.model))

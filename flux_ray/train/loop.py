@@ -32,7 +32,7 @@ Report = Callable[[dict, "str | None"], None]
 class StepParts:
     """What one optimizer step needs; bench/train_step_bench.py builds only these."""
     loss_fn: FluxLossFn
-    stepper: Stepper                                 # TorchStepper | DeepSpeedStepper
+    stepper: Stepper                                 # TorchStepper | FlatAllReduceStepper | DeepSpeedStepper
     device: torch.device
     gradient_accumulation_steps: int = 1
     after_step: Callable[[int], None] | None = None  # e.g. profile.StepProfiler.after_step
@@ -42,7 +42,7 @@ class StepParts:
 class LoopParts(StepParts):
     """Everything the loop needs, built by the worker (train/build.py)."""
     spec: JobSpec
-    model: torch.nn.Module            # possibly DDP/FSDP-wrapped transformer with LoRA
+    model: torch.nn.Module            # the transformer with LoRA; DDP/FSDP-wrapped or not (gradient_sync allreduce)
     params: list[torch.nn.Parameter]
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     reader: CacheReader
@@ -129,6 +129,7 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
     tr, accum = spec.train, spec.train.gradient_accumulation_steps
     dropout = {d.id: d.caption_dropout_probability for d in spec.enabled_datasets()}
     tally = Tally()
+    parts.stepper.start()  # after the build and any restore: e.g. rank 0's LoRA to every unwrapped replica
     parts.model.train()
     while pos.step < tr.max_train_steps:
         windows = parts.reader.plan(parts.train_samples, tr.train_batch_size, parts.world_size, tr.seed, pos.epoch,

@@ -36,7 +36,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Distribute the LoRA-wrapped transformer by the spec's strategy."""
+    """Distribute the LoRA-wrapped transformer by the spec's strategy and ``scaling.gradient_sync``."""
     import ray.train
     import ray.train.torch
 
@@ -48,4 +48,6 @@ def _wrap(spec: JobSpec, model: torch.nn.Module, device: torch.device) -> torch.
         from flux_ray.train.fsdp import shard_transformer
 
         return shard_transformer(model.to(device))
+    if spec.syncs_gradients_by_allreduce:  # no DDP: train/stepper.py's FlatAllReduceStepper syncs the replicas
+        return model.to(device)
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
