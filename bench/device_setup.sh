@@ -5,11 +5,12 @@
 # (64 MiB carry limit); mlflow then needs a databricks stub at import (made below).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WHL=${WHL:-.whl}
-if [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-    && touch /tmp/site/.installed || return 1
-  if [ -d /tmp/site/mlflow ]; then mkdir -p /tmp/site/databricks && touch /tmp/site/databricks/__init__.py; fi
+SITE=/tmp/site$(basename "$WHL" | tr -d .)  # one install per wheelhouse: a warm machine may have had the other
+if [ ! -f $SITE/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "$WHL"/*.whl \
+    && touch $SITE/.installed || return 1
+  if [ -d $SITE/mlflow ]; then mkdir -p $SITE/databricks && touch $SITE/databricks/__init__.py; fi
 fi
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+export PYTHONPATH=$SITE:$PWD PATH=$SITE/bin:$PATH
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, diffusers, peft, ray; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'ray', ray.__version__)"

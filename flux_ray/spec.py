@@ -999,7 +999,7 @@ class JobSpec(_Section):
                                              "DeepSpeed manages the weights per step outside the graphs; use ddp)"),
             (self.scaling.num_workers > 1 and self.scaling.gradient_sync == "ddp",
              f"scaling.num_workers is {self.scaling.num_workers} with scaling.gradient_sync ddp (two DDP workers "
-             "under CUDA graphs stalled in their first step on 2 H200s, bench/RESULTS.md call 33; use "
+             "under CUDA graphs gave no first report within the run's time on 2 H200s, bench/RESULTS.md call 33; use "
              "gradient_sync auto or allreduce: one flat all-reduce after the backward)"),
             (self.model.base_model_precision != "no_change", f"model.base_model_precision is "
                                                              f"{self.model.base_model_precision} (quantised weights "

@@ -179,7 +179,7 @@ def test_group_offload_refuses_what_it_cannot_run(tmp_path, demo_data_dir, model
      "scaling.strategy is fsdp"),
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "num_workers": 2,
                                                                "gradient_sync": "ddp"},
-     "scaling.num_workers is 2 with scaling.gradient_sync ddp (two DDP workers under CUDA graphs stalled"),
+     "scaling.num_workers is 2 with scaling.gradient_sync ddp (two DDP workers under CUDA graphs gave no first report"),
     ({}, {"compile": True, "dynamo_mode": "reduce-overhead"}, {"use_gpu": True, "strategy": "deepspeed"},
      "scaling.strategy is deepspeed"),
     ({"base_model_precision": "int8-quanto"}, {"compile": True, "dynamo_mode": "reduce-overhead"},

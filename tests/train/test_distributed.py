@@ -93,7 +93,7 @@ def test_adamw_bf16_trains_under_nccl(dist_env, ddp_run, strategy):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
 def test_two_gpu_workers_under_cuda_graphs_sync_by_flat_all_reduce(dist_env, ddp_run):
     """Two NCCL workers with compiled blocks replayed as CUDA graphs (reduce-overhead): gradient_sync auto takes
-    the flat all-reduce (no DDP wrapper; DDP stalled here, bench/RESULTS.md call 33), the run finishes, and each
+    the flat all-reduce (no DDP wrapper; DDP gave no first report here, bench/RESULTS.md call 33), the run finishes, and each
     step's loss follows the eager CPU DDP run within compile's rounding."""
     spec_for, job = dist_env
     steps = 4
