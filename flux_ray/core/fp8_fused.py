@@ -50,13 +50,15 @@ class Fp8FusedProjections(torch.nn.Module):
             return out
         if all(len(a) == 1 for a in active) and all(_plain(m, a[0]) for m, a in zip(self._members, active)):
             # one A GEMM over the members' stacked A, one B GEMM with their scaled B on the block diagonal
-            loras = [(m.lora_A[a[0]].weight, m.lora_B[a[0]].weight * m.scaling[a[0]]) for m, a in zip(self._members, active)]
+            loras = [(m.lora_A[a[0]].weight, m.lora_B[a[0]].weight * m.scaling[a[0]])
+                     for m, a in zip(self._members, active)]
             h = F.linear(x.to(loras[0][0].dtype), torch.cat([a for a, _ in loras]))
             return (out + F.linear(h, torch.block_diag(*[b for _, b in loras]))).to(out.dtype)
         parts = list(out.split(self.sizes, dim=-1))  # PEFT's own per-adapter sum, member by member
         for i, (m, names) in enumerate(zip(self._members, active)):
             for name in names:
-                parts[i] = parts[i] + m.lora_B[name](m.lora_A[name](m.lora_dropout[name](x.to(m.lora_A[name].weight.dtype)))) * m.scaling[name]
+                xa = m.lora_dropout[name](x.to(m.lora_A[name].weight.dtype))
+                parts[i] = parts[i] + m.lora_B[name](m.lora_A[name](xa)) * m.scaling[name]
         return torch.cat(parts, dim=-1).to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -51,9 +51,9 @@ class TorchStepper:
 
 class FlatAllReduceStepper(TorchStepper):
     """Several workers without a DDP wrapper (``scaling.gradient_sync: allreduce``): each rank's backward stays
-    local (no hooks, no collective inside it, where compiled blocks replay as CUDA graphs: DDP's gave no first report there,
-    bench/RESULTS.md call 33); after the last micro-batch of a step one all-reduce averages every trainable
-    gradient (:class:`FlatGradientSync`), then clip, step, schedule and zero as on one worker. Gradient
+    local (no hooks, no collective inside it, where compiled blocks replay as CUDA graphs: DDP's gave no first
+    report there, bench/RESULTS.md call 33); after the last micro-batch of a step one all-reduce averages every
+    trainable gradient (:class:`FlatGradientSync`), then clip, step, schedule and zero as on one worker. Gradient
     accumulation needs no ``no_sync``: nothing is reduced before the step's boundary."""
 
     def __init__(self, model, params, optimizer, lr_scheduler, max_grad_norm: float):

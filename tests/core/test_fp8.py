@@ -118,7 +118,8 @@ def test_fused_single_block_is_diffusers_forward():
     rope = model.pos_embed(torch.randn(17, 3, generator=g))
     fused = blk(hidden, text, temb[:, 0], image_rotary_emb=rope)
     attn = blk.attn
-    attn.to_qkv = type("Members", (torch.nn.Module,), {"forward": lambda self, x: torch.cat(_get_projections(attn, x)[:3], -1)})()
+    members = {"forward": lambda self, x: torch.cat(_get_projections(attn, x)[:3], -1)}  # each member alone
+    attn.to_qkv = type("Members", (torch.nn.Module,), members)()
     reference = FluxSingleTransformerBlock.forward(blk, hidden, text, temb[:, 0], image_rotary_emb=rope)
     for a, b in zip(fused, reference):
         assert a.shape == b.shape and (b - b.mean()).abs().max() > 0
