@@ -29,8 +29,9 @@ still counts the unrouted model's FLOPs, so it reads as an effective rate), offl
 frozen base group-offloaded to the CPU, n blocks a group | leaf: each layer; an s suffix prefetches on a
 CUDA stream, e.g. block1s; core/offload.py as train/build.py applies it; pair with ckpt=1), fp8 (1: the frozen
 base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/build.py applies it; emulated on
-a CPU), fp8_gacc (fast: fast accumulation in FP8's input-gradient GEMM as well, the trainer's default | full), fp8_fuse (1: each
-attention's q/k/v as one FP8 GEMM, the trainer's default | 0: one GEMM per projection), cdt (1: inductor's
+a CPU), fp8_gacc (fast: fast accumulation in FP8's input-gradient GEMM as well, the trainer's default | full),
+fp8_fuse (1: Linears that share an input as one FP8 GEMM, core/fp8_fused.py, the trainer's default | 0: one GEMM
+per Linear), cdt (1: inductor's
 coordinate-descent tuning of its Triton kernels). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
@@ -159,14 +160,11 @@ def build(v: dict):
     spec = bench_spec(v)
     if v["fp8"] and (spec.model.enable_group_offload or spec.model.base_model_precision != "no_change"):
         raise ValueError("fp8=1 needs quant=none and offload=none (as the spec requires)")
-    if v["fp8"] and v["fp8_gacc"] == "full":  # full accumulation in the gradient GEMM (torchao's default)
-        import flux_ray.core.fp8 as fp8_module
+    if v["fp8"]:  # experiments' knobs: full accumulation in the gradient GEMM (torchao's default); one GEMM per
+        import flux_ray.core.fp8 as fp8_module  # Linear, to measure what fusing shared-input Linears pays
 
-        fp8_module.GRAD_FAST_ACCUM = False
-    if v["fp8"] and not v["fp8_fuse"]:  # the per-projection GEMMs, to measure what fusing q/k/v pays
-        import flux_ray.core.fp8 as fp8_module
-
-        fp8_module.FUSE_PROJECTIONS = False
+        fp8_module.GRAD_FAST_ACCUM = v["fp8_gacc"] != "full"
+        fp8_module.FUSE_PROJECTIONS = bool(v["fp8_fuse"])
     if v["cdt"]:  # an experiment's knob: inductor tunes each Triton kernel's block sizes (longer compile)
         import torch._inductor.config as inductor_config
 

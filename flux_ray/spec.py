@@ -683,8 +683,8 @@ class ScalingSpec(_Section):
     all-reduces from autograd hooks during the backward). allreduce: no wrapper; the trainable parameters are
     broadcast from rank 0 at the start, and after each step's last backward every trainable gradient goes through
     one all-reduce of one flat buffer (train/stepper.py ``FlatAllReduceStepper``). auto: allreduce with a CUDA-graph
-    ``train.dynamo_mode`` and num_workers > 1 (two DDP workers under CUDA graphs stalled, bench/RESULTS.md call
-    33), ddp otherwise. strategy fsdp / deepspeed sync their own way: only auto goes with them."""
+    ``train.dynamo_mode`` and num_workers > 1 (two DDP workers under CUDA graphs gave no first report in the run's
+    time, bench/RESULTS.md call 33), ddp otherwise. strategy fsdp / deepspeed sync their own way: only auto goes with them."""
 
 
 class TrackingSpec(_Section):

@@ -159,7 +159,7 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
         model, optimizer, lr_scheduler = init_deepspeed(spec, model, params, optimizer, lr_scheduler, device)
         stepper = DeepSpeedStepper(model)
     else:  # several unwrapped replicas (worker._wrap) average their gradients in one all-reduce per step
-        cls = FlatAllReduceStepper if world_size > 1 and spec.syncs_gradients_by_allreduce else TorchStepper
+        cls = FlatAllReduceStepper if spec.syncs_gradients_by_allreduce else TorchStepper
         stepper = cls(model, params, optimizer, lr_scheduler, spec.train.max_grad_norm)
     family = get_family(spec.model.model_family)
     loss_fn = build_loss_fn(spec, model, family.load_scheduler_config(local.model), tread)

@@ -100,10 +100,10 @@ class FlatGradientSync:
     @torch.no_grad()
     def all_reduce_grads(self) -> None:
         for b in self.buckets:
-            lacking = b.pack()
+            have, lacking = b.pack()
             dist.all_reduce(b.flat)
             b.flat.div_(self.world_size)
-            b.unpack(lacking)
+            b.unpack(have, lacking)
 
 
 class _FlatBucket:
@@ -117,9 +117,11 @@ class _FlatBucket:
         self.values, self.flags = self.flat[:n], self.flat[n:]
         self.views = list(_unflatten_dense_tensors(self.values, params))  # each a view of the buffer
 
-    def pack(self) -> list[int]:
-        """Gradients (zeros where None) and flags into the buffer; returns the indices of params without one."""
-        have, lacking = self._split()
+    def pack(self) -> tuple[list[int], list[int]]:
+        """Gradients (zeros where None) and flags into the buffer; returns the indices of the params with a
+        gradient and of those without."""
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        lacking = [i for i, p in enumerate(self.params) if p.grad is None]
         if have:
             torch._foreach_copy_([self.views[i] for i in have], [self.params[i].grad for i in have])
         if lacking:
@@ -129,11 +131,10 @@ class _FlatBucket:
             self.flags.copy_(flags)
         else:
             self.flags.fill_(1)  # the usual case: no host-to-device copy
-        return lacking
+        return have, lacking
 
-    def unpack(self, lacking: list[int]) -> None:
+    def unpack(self, have: list[int], lacking: list[int]) -> None:
         """The averaged gradients back; a param that lacked one gets it where some rank had one."""
-        have, _ = self._split()
         if have:
             torch._foreach_copy_([self.params[i].grad for i in have], [self.views[i] for i in have])
         if lacking:
@@ -141,11 +142,6 @@ class _FlatBucket:
             for i in lacking:
                 if used[i] > 0:
                     self.params[i].grad = self.views[i].clone()
-
-    def _split(self) -> tuple[list[int], list[int]]:
-        """Indices of the params with a gradient, and of those without."""
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
-        return have, sorted(set(range(len(self.params))) - set(have))
 
 
 class DeepSpeedStepper:
