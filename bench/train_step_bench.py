@@ -32,7 +32,10 @@ base's block Linears in FP8, model.base_compute_dtype fp8, core/fp8.py as train/
 a CPU), fp8_gacc (fast: fast accumulation in FP8's input-gradient GEMM as well, the trainer's default | full),
 fp8_fuse (1: Linears that share an input as one FP8 GEMM, core/fp8_fused.py, the trainer's default | 0: one GEMM
 per Linear), cdt (1: inductor's
-coordinate-descent tuning of its Triton kernels). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
+coordinate-descent tuning of its Triton kernels), pyprof (1: each warm-up step after the first timed with a sync and
+run under cProfile; prints the functions with the most cumulative time: what a cold process's second and third
+steps spend, e.g. CUDA graph recording), cgfast (1: core/cudagraph_lookup.py's lookups while CUDA graphs record,
+the trainer's FLUX_RAY_FAST_GRAPH_RECORDING=1 | 0: torch's own, the default). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
 FLUX.2 (family=flux2,flavour=klein-4b|klein-9b|dev) takes the same knobs as its trainer. Its stock
@@ -62,7 +65,8 @@ from step_bench_models import (FAMILIES, FLUX2_FLAVOURS, PEAK_FLOPS, latent_hw, 
 
 DEFAULTS = dict(family="flux", flavour="", res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
-                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="fast", cdt=0, fp8_fuse=1)
+                profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="fast", cdt=0, fp8_fuse=1,
+                pyprof=0, cgfast=0)
 STRINGS = ("family", "flavour", "targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
            "dynamo_mode", "fp8_gacc")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
@@ -165,6 +169,8 @@ def build(v: dict):
 
         fp8_module.GRAD_FAST_ACCUM = v["fp8_gacc"] != "full"
         fp8_module.FUSE_PROJECTIONS = bool(v["fp8_fuse"])
+    if v["cgfast"]:  # an experiment's knob: faster lookups while recording CUDA graphs (core/compile.py reads it)
+        os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = "1"
     if v["cdt"]:  # an experiment's knob: inductor tunes each Triton kernel's block sizes (longer compile)
         import torch._inductor.config as inductor_config
 
@@ -261,9 +267,21 @@ def run_variant(v: dict) -> dict:
     step()
     sync()
     first_s = time.time() - t0  # includes compilation when compile=1
+    warm_steps = []
     for _ in range(v["warmup"] - 1):
-        step()
-    sync()
+        t1 = time.time()
+        if v["pyprof"]:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(lambda: (step(), sync()))
+            print(f"--- warm-up step {len(warm_steps) + 2}: {time.time() - t1:.2f} s", flush=True)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        else:
+            step()
+            sync()
+        warm_steps.append(round(time.time() - t1, 2))
     warm_s = time.time() - t0
     static_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     first_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # includes compilation
@@ -308,6 +326,7 @@ def run_variant(v: dict) -> dict:
                 static_gib=round(static_gib, 2), first_peak_gib=first_peak_gib and round(first_peak_gib, 2),
                 total_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
                 build_s=round(build_s, 1), first_step_s=round(first_s, 1), warmup_s=round(warm_s, 1),
+                warm_steps_s=warm_steps,
                 host_syncs_per_step=host_syncs, gpu_ms_per_step=gpu_ms, rope_ms=None if rope_ms is None else round(rope_ms, 3),
                 ckpt_blocks=checkpointed_blocks(int(v["ckpt"]), num_blocks(config)), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
                 loss=round(float(loss), 4), losses=[round(float(x), 5) for x in losses], gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)

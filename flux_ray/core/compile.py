@@ -10,10 +10,16 @@ serves that graph to a later run asking for another. Clear TORCHINDUCTOR_CACHE_D
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from flux_ray.core.checkpointing import transformer_blocks
+
+
+FAST_RECORDING_ENV = "FLUX_RAY_FAST_GRAPH_RECORDING"
+"""``1`` in the workers' environment: core/cudagraph_lookup.py's lookups while CUDA graphs record (opt-in until a
+sweep with them is measured against one without: bench/RESULTS.md call 42)."""
 
 
 def _has_subclass_weights(module: torch.nn.Module) -> bool:
@@ -36,6 +42,10 @@ def _unaliased(forward):
 def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU; ``mode``:
     torch.compile's, e.g. reduce-overhead for CUDA graphs of each block)."""
+    if mode in ("reduce-overhead", "max-autotune") and os.environ.get(FAST_RECORDING_ENV) == "1":
+        from flux_ray.core.cudagraph_lookup import install  # CUDA graph trees: record the blocks' graphs faster
+
+        install()
     blocks, singles = transformer_blocks(transformer), set(transformer.single_transformer_blocks)
     for blk in blocks:
         if blk in singles and _has_subclass_weights(blk):

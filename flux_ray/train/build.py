@@ -108,8 +108,10 @@ def build_loss_fn(spec: JobSpec, model: torch.nn.Module, scheduler_config: dict,
 
 
 def build_model(spec: JobSpec, local: JobSpec, device: torch.device, rank: int,
-                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> tuple[CachedBase, object]:
-    """Load, prepare, wrap and compile the transformer: (its parts, compile artifacts or None)."""
+                wrap: Callable[[torch.nn.Module], torch.nn.Module], startup: dict | None = None
+                ) -> tuple[CachedBase, object]:
+    """Load, prepare, wrap and compile the transformer: (its parts, compile artifacts or None). The artifacts
+    add their publishing time to ``startup``."""
     transformer, adapter, lora_init = build_transformer(local, device)
     tread = TokenRouter.from_spec(transformer, spec.train.tread_config)  # hooks before wrap and compile
     cast_trainable_params(spec.train, [p for p in transformer.parameters() if p.requires_grad])  # before wrap
@@ -119,7 +121,7 @@ def build_model(spec: JobSpec, local: JobSpec, device: torch.device, rank: int,
         from flux_ray.train.compile_cache import CompileArtifacts
 
         if spec.train.compile_cache:
-            artifacts = CompileArtifacts(spec, dict(transformer.config), device, rank)
+            artifacts = CompileArtifacts(spec, dict(transformer.config), device, rank, startup)
             artifacts.load()
         compile_model(model, spec)
     return CachedBase(key="", transformer=transformer, model=model, adapter=adapter, lora_init=lora_init,
@@ -145,7 +147,7 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
         startup["startup_compile_workers_s"] = warm_s
     t_load = time.perf_counter()
     if built is None:
-        built, artifacts = build_model(spec, local, device, rank, wrap)
+        built, artifacts = build_model(spec, local, device, rank, wrap, startup)
         if reuse_base and base_cache.reusable(spec):
             built.key = base_cache.base_key(spec, device)
             base_cache.keep(built, device)
@@ -177,6 +179,7 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
     if device.type == "cuda":  # the load's peak (a full replica per GPU before FSDP shards it), then steps' own
         startup["startup_peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
+    startup["startup_build_s"] = time.perf_counter() - t_build
     return LoopParts(spec=spec, model=model, params=params, lr_scheduler=lr_scheduler,
                      loss_fn=loss_fn, reader=reader, train_samples=train_samples, eval_samples=eval_samples,
                      device=device, rank=rank, world_size=world_size,
@@ -185,4 +188,4 @@ def build_loop_parts(spec: JobSpec, device: torch.device, rank: int, world_size:
                                       optimizer_state=spec.scaling.strategy != "deepspeed"),
                      stepper=stepper, lora_init=lora_init,
                      validate=validate, after_step=artifacts.after_step if artifacts else None,
-                     startup={**startup, "startup_build_s": time.perf_counter() - t_build})
+                     startup=startup)  # the same dict: the artifacts add their publishing time to it

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +74,9 @@ class CompileArtifacts:
     an earlier one adds its blob beside the earlier one's, so no shape is lost, and concurrent trials never
     write the same name. A worker loads every blob of its key."""
 
-    def __init__(self, spec, transformer_config: dict, device: torch.device, rank: int):
+    def __init__(self, spec, transformer_config: dict, device: torch.device, rank: int,
+                 timings: dict | None = None):
+        self.timings = {} if timings is None else timings  # startup_compile_publish_s: seconds publishing took
         self.uri = storage.join(spec.cache.uri, "compile", artifact_key(spec, transformer_config, device))
         self.st, self.rank = spec.storage, rank
         self.loaded = False
@@ -112,6 +115,7 @@ class CompileArtifacts:
         if misses == self._compiles_published:
             return
         self._compiles_published = misses
+        t0 = time.perf_counter()
         try:
             saved = torch.compiler.save_cache_artifacts()
             if saved is None:
@@ -126,6 +130,9 @@ class CompileArtifacts:
             log.info("published compile artifacts %s (%d bytes, after step %d)", uri, len(blob), step)
         except Exception as e:  # noqa: BLE001
             log.warning("could not publish compile artifacts under %s (%s: %s)", self.uri, type(e).__name__, e)
+        finally:
+            key = "startup_compile_publish_s"
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _compiles() -> int:

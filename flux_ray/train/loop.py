@@ -24,6 +24,8 @@ from flux_ray.train.stepper import Stepper
 if TYPE_CHECKING:
     from flux_ray.spec import JobSpec
 
+TIMED_FIRST_STEPS = 4
+"""Steps timed with a device sync at the start of each run (``startup_first_step_s``, ``startup_step_<n>_s``)."""
 Report = Callable[[dict, "str | None"], None]
 """``report(metrics, checkpoint_dir_or_None)``: Ray Train's report on a worker, a list append in tests."""
 
@@ -57,6 +59,7 @@ class LoopParts(StepParts):
     startup: dict = field(default_factory=dict)
     """Start-up timings (``startup_*`` seconds; ``*_at`` wall-clock times: ``worker_started_at``,
     ``first_step_done_at``...), sent once with the first report."""
+    startup_steps: list[float] = field(default_factory=list)  # this process's first steps' seconds
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -149,25 +152,38 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
         try:
             batches = _counted(stream, tally)
             while pos.batch_index < usable and pos.step < tr.max_train_steps:
-                t0 = time.perf_counter() if "startup_first_step_s" not in parts.startup else None
-                graphs0 = compiled_graphs() if t0 is not None and spec.train.compile else None
+                timed = len(parts.startup_steps) < TIMED_FIRST_STEPS
+                t0 = time.perf_counter() if timed else None
+                graphs0 = compiled_graphs() if timed and spec.train.compile else None
                 tally.losses.append(train_step(parts, batches, pos))
-                if t0 is not None:  # the first step's wall time: compile (or artifact load), graphs, first batch
+                if timed:  # wall time of each of this process's first steps: compile, CUDA graph recording
                     if parts.device.type == "cuda":
                         torch.cuda.synchronize(parts.device)
-                    parts.startup["startup_first_step_s"] = time.perf_counter() - t0
-                    if graphs0 is not None:  # 0 when a reused model's compiled blocks served the step
-                        parts.startup["startup_graphs_compiled"] = compiled_graphs() - graphs0
-                    parts.startup["first_step_done_at"] = time.time()  # wall clock: the driver's train() -> here
-                    # torch's counters are per process: only this run's when it compiled (not a reused model)
-                    if parts.spec.train.compile and not parts.startup.get("startup_reused_base"):
-                        parts.startup.update(compile_breakdown())
+                    _record_first_steps(parts, time.perf_counter() - t0, graphs0)
                 report_step(parts, tally, report)
         finally:
             stream.close()
         if pos.batch_index >= usable:
             pos.epoch, pos.batch_index = pos.epoch + 1, 0
     return tally.last
+
+
+def _record_first_steps(parts: LoopParts, seconds: float, graphs0: int | None) -> None:
+    """``startup_first_step_s`` (compile or artifact load, first batch), ``startup_step_<n>_s`` for the next ones
+    (under CUDA graphs the second step records them), the graphs the first step compiled and its compile
+    breakdown."""
+    parts.startup_steps.append(seconds)
+    n = len(parts.startup_steps)
+    if n > 1:
+        parts.startup[f"startup_step_{n}_s"] = seconds
+        return
+    parts.startup["startup_first_step_s"] = seconds
+    if graphs0 is not None:  # 0 when a reused model's compiled blocks served the step
+        parts.startup["startup_graphs_compiled"] = compiled_graphs() - graphs0
+    parts.startup["first_step_done_at"] = time.time()  # wall clock: the driver's train() -> here
+    # torch's counters are per process: only this run's when it compiled (not a reused model)
+    if parts.spec.train.compile and not parts.startup.get("startup_reused_base"):
+        parts.startup.update(compile_breakdown())
 
 
 def _counted(stream: BatchStream, tally: Tally) -> Iterator[tuple[FluxBatch, torch.Generator]]:

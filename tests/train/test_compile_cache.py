@@ -30,7 +30,8 @@ STEP = textwrap.dedent("""
     config = dict(TINY_TRANSFORMER, num_layers=1, num_single_layers=1)
     model = build_transformer_from_config(config, "cpu", torch.float32, seed=0)
     add_lora(model, spec.lora)
-    artifacts = CompileArtifacts(spec, config, torch.device("cpu"), rank=0)
+    timings = {}
+    artifacts = CompileArtifacts(spec, config, torch.device("cpu"), rank=0, timings=timings)
     loaded = artifacts.load()
     compile_blocks(model)
     steps = []
@@ -43,7 +44,8 @@ STEP = textwrap.dedent("""
         loss.backward()
         artifacts.after_step(len(steps) + 1)
         steps.append({"loss": loss.item(), "hits": counters["inductor"]["fxgraph_cache_hit"],
-                      "misses": counters["inductor"]["fxgraph_cache_miss"], "breakdown": compile_breakdown()})
+                      "misses": counters["inductor"]["fxgraph_cache_miss"], "breakdown": compile_breakdown(),
+                      "publish_s": timings.get("startup_compile_publish_s", 0.0)})
     print(json.dumps({"loaded": loaded, "uri": artifacts.uri, "steps": steps}))
 """)
 
@@ -77,6 +79,7 @@ def test_a_cold_run_compiles_and_publishes(first):
     assert b["startup_compile_aot_trace_s"] > 0 and b["startup_compile_inductor_fw_s"] > 0
     assert b["startup_compile_backward_s"] > 0 and 0 <= b["startup_compile_tracing_s"] < b["startup_compile_dynamo_s"]
     assert [os.path.getsize(p) > 0 for p in _blobs(cold["uri"])] == [True]
+    assert step["publish_s"] > 0  # the time publishing took rides with the start-up metrics
 
 
 def _blobs(folder: str) -> list[str]:
@@ -94,6 +97,7 @@ def test_a_fresh_process_loads_the_artifacts_and_a_new_shape_still_compiles(firs
     assert b["startup_compile_aot_cache_hits"] > 0 and b["startup_compile_aot_cache_misses"] == 0
     assert "startup_compile_aot_trace_s" not in b and b["startup_compile_cache_load_s"] > 0
     assert other["misses"] > 0  # the artifacts hold the 8x8 graphs only: 12x12 compiles its own
+    assert same["publish_s"] == 0 and other["publish_s"] > 0  # published only after the step that compiled
     assert len(_blobs(cold["uri"])) == 2  # ... and is published beside the cold run's blob, never over it
 
 

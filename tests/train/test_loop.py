@@ -26,8 +26,8 @@ def cached(ray_session, tiny_model_dir, demo_data_dir, tmp_path_factory, demo_sp
     return make
 
 
-def run_steps(spec, steps: int) -> list[dict]:
-    spec.train.max_train_steps, spec.train.log_every = steps, 1
+def run_steps(spec, steps: int, log_every: int = 1) -> list[dict]:
+    spec.train.max_train_steps, spec.train.log_every = steps, log_every
     parts = build_loop_parts(spec, CPU, 0, 1)
     reports = []
     train_loop(parts, lambda metrics, ckpt: reports.append(metrics))
@@ -60,6 +60,11 @@ def test_a_cache_larger_than_the_memory_bound_trains(cached):
     assert not any(k.startswith("startup_") for r in reports[1:] for k in r)
     # the wall-clock mark the driver subtracts its train() time from (bench/ray_gpu_bench.py: train() -> first step)
     assert "first_step_done_at" in reports[0] and not any("first_step_done_at" in r for r in reports[1:])
+    # a first report after the timed steps also carries the next ones' seconds (CUDA graph recording on a GPU)
+    later = run_steps(spec, 6, log_every=5)[0]
+    assert sorted(k for k in later if k.startswith("startup_step_")) == ["startup_step_2_s", "startup_step_3_s",
+                                                                         "startup_step_4_s"]
+    assert all(later[f"startup_step_{n}_s"] > 0 for n in (2, 3, 4))
 
 
 def test_same_lora_same_eval_loss(cached):
