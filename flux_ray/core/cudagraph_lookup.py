@@ -22,6 +22,9 @@ import hashlib
 import inspect
 import logging
 
+from torch._inductor import cudagraph_trees
+from torch._inductor.cudagraph_trees import maybe_deref
+
 log = logging.getLogger("flux_ray.cudagraph")
 
 # sha256 (first 16 hex) of the replaced methods' source in the torch versions checked (2.11, 2.13)
@@ -53,8 +56,6 @@ def is_cuda_graph_recorded_tensor(self, t) -> bool:
 
 def is_alias_of_live_recorded_tensor(self, t):
     "The (depth, output index) of the first live output in this path that shares the tensor's storage, or None"
-    from torch._inductor.cudagraph_trees import maybe_deref
-
     ptr = t.untyped_storage().data_ptr()
     for depth, node in enumerate(self._path_from_root):
         if ptr not in _output_ptrs(node):
@@ -71,8 +72,6 @@ REPLACEMENTS = {"_is_cuda_graph_recorded_tensor": is_cuda_graph_recorded_tensor,
 
 def install() -> bool:
     """Replace the two lookups on ``CUDAGraphNode`` when torch's are the checked ones; returns whether it did."""
-    from torch._inductor import cudagraph_trees
-
     cls = cudagraph_trees.CUDAGraphNode
     current = {name: getattr(cls, name, None) for name in REPLACEMENTS}
     if all(fn is REPLACEMENTS[name] for name, fn in current.items()):

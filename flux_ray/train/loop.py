@@ -59,7 +59,6 @@ class LoopParts(StepParts):
     startup: dict = field(default_factory=dict)
     """Start-up timings (``startup_*`` seconds; ``*_at`` wall-clock times: ``worker_started_at``,
     ``first_step_done_at``...), sent once with the first report."""
-    startup_steps: list[float] = field(default_factory=list)  # this process's first steps' seconds
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -132,6 +131,7 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
     tr, accum = spec.train, spec.train.gradient_accumulation_steps
     dropout = {d.id: d.caption_dropout_probability for d in spec.enabled_datasets()}
     tally = Tally()
+    timed = 0  # this run's steps timed so far (TIMED_FIRST_STEPS)
     parts.stepper.start()  # after the build and any restore: e.g. rank 0's LoRA to every unwrapped replica
     parts.model.train()
     while pos.step < tr.max_train_steps:
@@ -152,14 +152,15 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
         try:
             batches = _counted(stream, tally)
             while pos.batch_index < usable and pos.step < tr.max_train_steps:
-                timed = len(parts.startup_steps) < TIMED_FIRST_STEPS
-                t0 = time.perf_counter() if timed else None
-                graphs0 = compiled_graphs() if timed and spec.train.compile else None
+                n = timed + 1 if timed < TIMED_FIRST_STEPS else 0  # this step's number among the timed ones
+                t0 = time.perf_counter() if n else None
+                graphs0 = compiled_graphs() if n == 1 and spec.train.compile else None
                 tally.losses.append(train_step(parts, batches, pos))
-                if timed:  # wall time of each of this process's first steps: compile, CUDA graph recording
+                if n:  # wall time of each of this run's first steps: compile, CUDA graph warm-up and recording
                     if parts.device.type == "cuda":
                         torch.cuda.synchronize(parts.device)
-                    _record_first_steps(parts, time.perf_counter() - t0, graphs0)
+                    _record_first_steps(parts, n, time.perf_counter() - t0, graphs0)
+                    timed = n
                 report_step(parts, tally, report)
         finally:
             stream.close()
@@ -168,12 +169,10 @@ def train_loop(parts: LoopParts, report: Report) -> dict:
     return tally.last
 
 
-def _record_first_steps(parts: LoopParts, seconds: float, graphs0: int | None) -> None:
-    """``startup_first_step_s`` (compile or artifact load, first batch), ``startup_step_<n>_s`` for the next ones
-    (under CUDA graphs the second step records them), the graphs the first step compiled and its compile
-    breakdown."""
-    parts.startup_steps.append(seconds)
-    n = len(parts.startup_steps)
+def _record_first_steps(parts: LoopParts, n: int, seconds: float, graphs0: int | None) -> None:
+    """Step ``n`` of the timed ones: ``startup_first_step_s`` (compile or artifact load, first batch) with the
+    graphs it compiled and its compile breakdown, then ``startup_step_<n>_s`` (under CUDA graphs the second step
+    warms the graphs up and the third records them)."""
     if n > 1:
         parts.startup[f"startup_step_{n}_s"] = seconds
         return

@@ -120,8 +120,9 @@ class _FlatBucket:
     def pack(self) -> tuple[list[int], list[int]]:
         """Gradients (zeros where None) and flags into the buffer; returns the indices of the params with a
         gradient and of those without."""
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
-        lacking = [i for i, p in enumerate(self.params) if p.grad is None]
+        have, lacking = [], []
+        for i, p in enumerate(self.params):
+            (lacking if p.grad is None else have).append(i)
         if have:
             torch._foreach_copy_([self.views[i] for i in have], [self.params[i].grad for i in have])
         if lacking:
