@@ -433,8 +433,9 @@ def main() -> None:
     ap.add_argument("--gradient-sync", default="auto", choices=["auto", "ddp", "allreduce"],
                     help="scaling.gradient_sync (auto: one flat all-reduce, no DDP, for several GPUs under CUDA "
                          "graphs)")
-    ap.add_argument("--fast-graph-recording", type=int, default=0,
-                    help="1: FLUX_RAY_FAST_GRAPH_RECORDING=1 in the workers (core/cudagraph_lookup.py)")
+    ap.add_argument("--fast-graph-recording", default=None, choices=["0", "1", "check"],
+                    help="FLUX_RAY_FAST_GRAPH_RECORDING in the workers (core/cudagraph_lookup.py; default: the "
+                         "trainer's, 1; 0: torch's lookups; check: torch's answers, each compared with ours)")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--fresh-node-caches", type=int, default=0,
                     help="1: restart Ray before each --gpus run with empty local inductor/Triton caches (a fresh node)")
@@ -469,8 +470,8 @@ def main() -> None:
     # job.init_ray's worker setup hook is a runtime_env, which needs ray[default]'s agent; the device
     # carries Ray without it, so start the local Ray the same way minus that hook (only Tune needs it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if a.fast_graph_recording:  # before ray.init: the local cluster's workers inherit it (core/compile.py reads it)
-        os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = "1"
+    if a.fast_graph_recording:  # before ray.init: the local cluster's workers inherit it (core/compile.py)
+        os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = a.fast_graph_recording
     if a.profile_steps:  # set before ray.init: Ray's workers inherit the environment the local cluster starts with
         os.environ.update(FLUX_RAY_PROFILE_STEPS=a.profile_steps,
                           FLUX_RAY_PROFILE_DIR=str(Path(a.out).resolve() / "profile"))

@@ -35,7 +35,7 @@ per Linear), cdt (1: inductor's
 coordinate-descent tuning of its Triton kernels), pyprof (1: each warm-up step after the first timed with a sync and
 run under cProfile; prints the functions with the most cumulative time: what a cold process's second and third
 steps spend, e.g. CUDA graph recording), cgfast (1: core/cudagraph_lookup.py's lookups while CUDA graphs record,
-the trainer's FLUX_RAY_FAST_GRAPH_RECORDING=1 | 0: torch's own, the default). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
+the trainer's default | 0: torch's own, FLUX_RAY_FAST_GRAPH_RECORDING=0). Every run lists its per-step losses in order (``losses``; the same seeds, batches and step generators in
 every process), and the suite compares each fp8=1 job's curve with its fp8=0 twin's.
 
 FLUX.2 (family=flux2,flavour=klein-4b|klein-9b|dev) takes the same knobs as its trainer. Its stock
@@ -66,7 +66,7 @@ from step_bench_models import (FAMILIES, FLUX2_FLAVOURS, PEAK_FLOPS, latent_hw, 
 DEFAULTS = dict(family="flux", flavour="", res=512, bs=1, targets="all+ffs", rank=16, ckpt="0", compile=0, attn="flash", quant="none",
                 lora_dtype="fp32", opt="adamw", uncast=1, model="dev", device="cuda", steps=10, warmup=3, txt=512,
                 profile=0, tread="0", offload="none", fp8=0, dynamo_mode="default", fp8_gacc="fast", cdt=0, fp8_fuse=1,
-                pyprof=0, cgfast=0)
+                pyprof=0, cgfast=1)
 STRINGS = ("family", "flavour", "targets", "ckpt", "attn", "quant", "lora_dtype", "opt", "model", "device", "tread", "offload",
            "dynamo_mode", "fp8_gacc")
 TREAD_BLOCKS = {"dev": (2, -2), "tiny": (0, -1)}
@@ -169,8 +169,8 @@ def build(v: dict):
 
         fp8_module.GRAD_FAST_ACCUM = v["fp8_gacc"] != "full"
         fp8_module.FUSE_PROJECTIONS = bool(v["fp8_fuse"])
-    if v["cgfast"]:  # an experiment's knob: faster lookups while recording CUDA graphs (core/compile.py reads it)
-        os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = "1"
+    # faster lookups while recording CUDA graphs (core/compile.py reads it; the trainer's default) or torch's
+    os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = "1" if v["cgfast"] else "0"
     if v["cdt"]:  # an experiment's knob: inductor tunes each Triton kernel's block sizes (longer compile)
         import torch._inductor.config as inductor_config
 

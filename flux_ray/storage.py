@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlparse
@@ -135,6 +136,34 @@ def write_bytes_atomic(uri: str, data: bytes, storage: StorageSpec | None = None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def put_file_atomic(local_path: str | os.PathLike, uri: str, storage: StorageSpec | None = None) -> None:
+    """Move a local file to ``uri`` (the local file is consumed); readers see the old object or the new one.
+
+    Local: moved beside its destination (a rename on one filesystem, else a copy), fsync, then os.replace; no
+    bytes pass through Python. S3: uploaded in one PUT (or multipart upload), then the local file removed.
+    """
+    fs, path = resolve(uri, storage)
+    if is_s3(uri):
+        with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.unlink(local_path)
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.move(os.fspath(local_path), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

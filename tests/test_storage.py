@@ -35,6 +35,27 @@ def test_local_round_trip_and_atomic_write(tmp_path):
     assert os.listdir(tmp_path / "deep" / "dir") == ["state.json"]
 
 
+def test_put_file_atomic_moves_a_local_file_into_place(tmp_path, s3_server):
+    """Local: the file is moved (its bytes and a umask mode arrive, the source is gone, no temp file is left),
+    replacing the old one; a failed move keeps the old file. S3: uploaded, then the local file removed."""
+    src, uri = tmp_path / "made.bin", str(tmp_path / "out" / "lora.safetensors")
+    storage.write_bytes_atomic(uri, b"old")
+    src.write_bytes(b"new" * 1000)
+    storage.put_file_atomic(src, uri)
+    assert storage.read_bytes(uri) == b"new" * 1000 and not src.exists()
+    assert os.listdir(tmp_path / "out") == ["lora.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(uri).st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(FileNotFoundError):  # nothing to move: the old file stays, no temp file is left
+        storage.put_file_atomic(tmp_path / "missing.bin", uri)
+    assert storage.read_bytes(uri) == b"new" * 1000 and os.listdir(tmp_path / "out") == ["lora.safetensors"]
+    root = s3_server.create_bucket("put-file")
+    src.write_bytes(b"up")
+    storage.put_file_atomic(src, root + "/lora/x.bin", s3_server.storage)
+    assert storage.read_bytes(root + "/lora/x.bin", s3_server.storage) == b"up" and not src.exists()
+
+
 def test_local_list_and_delete(tmp_path):
     for rel in ["b/2.PNG", "a.txt", "b/c/3.jpg", "1.png"]:
         storage.write_bytes_atomic(str(tmp_path / rel), b"x" * len(rel))

@@ -18,8 +18,8 @@ from flux_ray.core.checkpointing import transformer_blocks
 
 
 FAST_RECORDING_ENV = "FLUX_RAY_FAST_GRAPH_RECORDING"
-"""``1`` in the workers' environment: core/cudagraph_lookup.py's lookups while CUDA graphs record (opt-in until a
-sweep with them is measured against one without: bench/RESULTS.md call 42)."""
+"""In the workers' environment: ``1`` (the default) core/cudagraph_lookup.py's lookups while CUDA graphs record;
+``0`` torch's own; ``check`` torch's answers, each compared with ours (a difference raises)."""
 
 
 def _has_subclass_weights(module: torch.nn.Module) -> bool:
@@ -42,10 +42,11 @@ def _unaliased(forward):
 def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU; ``mode``:
     torch.compile's, e.g. reduce-overhead for CUDA graphs of each block)."""
-    if mode in ("reduce-overhead", "max-autotune") and os.environ.get(FAST_RECORDING_ENV) == "1":
+    fast = os.environ.get(FAST_RECORDING_ENV, "1")
+    if mode in ("reduce-overhead", "max-autotune") and fast in ("1", "check"):
         from flux_ray.core.cudagraph_lookup import install  # CUDA graph trees: record the blocks' graphs faster
 
-        install()
+        install(check=fast == "check")
     blocks, singles = transformer_blocks(transformer), set(transformer.single_transformer_blocks)
     for blk in blocks:
         if blk in singles and _has_subclass_weights(blk):

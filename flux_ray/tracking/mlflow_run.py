@@ -98,6 +98,9 @@ def log_storage_file(uri: str, run_id: str, file_uri: str, storage_spec, artifac
     """Log a file that lives at a storage URI (local or s3) as an artifact."""
     from flux_ray import storage
 
+    if not storage.is_s3(file_uri):  # a local file is logged where it is: one copy, into the artifact store
+        log_artifact(uri, run_id, storage.resolve(file_uri, storage_spec)[1], artifact_path)
+        return
     name = file_uri.rstrip("/").rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, name)

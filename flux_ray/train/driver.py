@@ -77,14 +77,14 @@ def export_final_lora(spec: JobSpec, checkpoint_dir: str, metrics: dict) -> str:
     out_uri = storage.join(spec.run_uri, "lora")
     with tempfile.TemporaryDirectory() as d:
         path = save_diffusers_lora(d, peft_sd, lora_spec, extra_metadata=meta)
-        storage.write_bytes_atomic(storage.join(out_uri, LORA_WEIGHT_NAME), path.read_bytes(), spec.storage)
-        for fmt in spec.output.export_formats:
+        for fmt in spec.output.export_formats:  # each converted from the diffusers file, which moves last
             if fmt == "diffusers":
                 continue
             from flux_ray.families import get_family
 
             p = get_family(spec.model.model_family).export_lora_file(path, fmt, Path(d) / fmt, spec=spec, metadata=meta)
-            storage.write_bytes_atomic(storage.join(out_uri, fmt, p.name), p.read_bytes(), spec.storage)
+            storage.put_file_atomic(p, storage.join(out_uri, fmt, p.name), spec.storage)
+        storage.put_file_atomic(path, storage.join(out_uri, LORA_WEIGHT_NAME), spec.storage)
     return storage.join(out_uri, LORA_WEIGHT_NAME)
 
 

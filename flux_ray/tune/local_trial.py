@@ -9,13 +9,21 @@ Reports go where a Train run's go through MlflowReportCallback and TrialReportCa
 those that carry the sweep metric (the last one held back: ASHA stops a trial at max_t) to Tune, with the
 newest checkpoint. The trial's run directory is Tune's trial directory: Tune's checkpoint_NNNNNN folders,
 lora/, run_summary.json; a restored sweep resumes the trial from ``ray.tune.get_checkpoint()``.
+
+Tune runs each trial's function in a new thread; the model's training runs in one thread the process keeps for
+every trial (``in_trainer_thread``): torch keeps CUDA graph trees, the current device and stream per thread, so a
+reused trial steps the compiled model's recorded graphs from the thread that recorded them, and no thread that
+owned them exits between trials.
 """
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -46,7 +54,7 @@ class TrialReporter:
         log_report(self.ctx.tracking_uri, self.run_id, metrics, self.ctx.storage)  # first: Tune may stop us
         self.last = metrics
         if not goes_to_tune(metrics, self.ctx.metric, self.last_step):
-            if checkpoint_dir:  # the loop deletes its folder once we return: keep a copy for later
+            if checkpoint_dir:  # the loop deletes its folder once we return: keep its files for later
                 self._hold(checkpoint_dir, metrics["step"])
             return
         held, self.pending = self.pending, None
@@ -59,9 +67,13 @@ class TrialReporter:
                 shutil.rmtree(held, ignore_errors=True)
 
     def _hold(self, checkpoint_dir: str, step: int) -> None:
+        """Take the checkpoint's files (renames: the loop removes its emptied folder when we return)."""
         if self.pending:
             shutil.rmtree(self.pending, ignore_errors=True)
-        self.pending = shutil.copytree(checkpoint_dir, os.path.join(self.tmp, f"step_{step}"))
+        self.pending = os.path.join(self.tmp, f"step_{step}")
+        os.makedirs(self.pending)
+        for name in os.listdir(checkpoint_dir):
+            shutil.move(os.path.join(checkpoint_dir, name), os.path.join(self.pending, name))
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -77,12 +89,17 @@ def run_local_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None
 
     t0 = time.time()
     spec, trial_id, run_id, extra = start_trial(config, base_spec, ctx)
-    device = trial_device(spec)
     reporter = TrialReporter(ctx, run_id, extra, spec.train.max_train_steps)
     restored = ray.tune.get_checkpoint()
-    try:
+
+    def train() -> int:
+        device = trial_device(spec)
         run_worker(spec, device, 0, 1, checkpoint=restored, report=reporter, reuse_base=True, started_at=t0,
                    wrap=lambda m: m if spec.model.enable_group_offload else m.to(device))
+        return threading.get_native_id()
+
+    try:
+        trainer = in_trainer_thread(train)
         final_dir, metrics = reporter.pending, reporter.last
         if final_dir is None:  # resumed at the last step: nothing left to train
             final_dir = shutil.copytree(restored.to_directory(), os.path.join(reporter.tmp, "restored"))
@@ -92,9 +109,46 @@ def run_local_trial(config: dict, *, base_spec: dict, ctx: SweepContext) -> None
                                steps=int(metrics.get("step", 0)), final_loss=metrics.get("train_loss"),
                                eval_loss=metrics.get("eval_loss"), metrics=metrics)
         final = finish_trial(spec, ctx, config, trial_id, run_id, outcome, t0)
+        final.update(trainer_thread=trainer, trial_thread=threading.get_native_id())  # kernel ids: never reused soon
         ray.tune.report(final, checkpoint=ray.tune.Checkpoint.from_directory(final_dir))  # must come last
     finally:
         reporter.close()
+
+
+class _TrainerThread:
+    """One daemon thread that runs the functions handed to it, one at a time, for the life of the process."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="flux_ray_trainer", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, future = self.jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # SystemExit too: Tune's report ends a stopped trial with it
+                future.set_exception(e)
+            del fn, future
+
+    def run(self, fn):
+        future: Future = Future()
+        self.jobs.put((fn, future))
+        return future.result()
+
+
+_trainer: _TrainerThread | None = None
+_trainer_lock = threading.Lock()
+
+
+def in_trainer_thread(fn):
+    """``fn()`` in the process's trainer thread (started on first use); returns its result or raises its error."""
+    global _trainer
+    with _trainer_lock:
+        if _trainer is None:
+            _trainer = _TrainerThread()
+    return _trainer.run(fn)
 
 
 def trial_device(spec) -> torch.device:

@@ -109,10 +109,34 @@ def test_lookups_answer_as_torch_does():
         _same_answers(nodes, queries)
 
 
-@pytest.mark.parametrize("env, mode, installed", [(None, "reduce-overhead", False), ("1", "reduce-overhead", True),
-                                                  ("1", None, False)])
+def test_check_mode_answers_as_torch_and_raises_on_a_difference(restore_torch):
+    """``check``: torch's answer returned, ours compared (counted); a stale pointer set makes ours differ."""
+    cls = cudagraph_trees.CUDAGraphNode
+    assert cudagraph_lookup.install(check=True)
+    for name in cudagraph_lookup.REPLACEMENTS:
+        assert getattr(cls, name).flux_ray and getattr(cls, name) is not cudagraph_lookup.REPLACEMENTS[name]
+    assert cudagraph_lookup.install()  # already installed (checking): left as it is
+    a, c = torch.randn(4), torch.randn(4)
+    root = Node(None)
+    root.outputs_weakrefs.append(cudagraph_trees.StorageWeakRefWrapper(a))
+    leaf = Node(root)
+    before = cudagraph_lookup.CHECKS["lookups"]
+    assert cls._is_cuda_graph_recorded_tensor(leaf, a) and not cls._is_cuda_graph_recorded_tensor(leaf, c)
+    assert cls._is_alias_of_live_recorded_tensor(leaf, a[1:]) == (0, 0)
+    assert cudagraph_lookup.CHECKS["lookups"] == before + 3
+    root.__dict__["_flux_ray_ptrs"] = (1, frozenset())  # a pointer set that missed an output
+    with pytest.raises(RuntimeError, match="_is_cuda_graph_recorded_tensor answered False where torch's answered True"):
+        cls._is_cuda_graph_recorded_tensor(leaf, a)
+    with pytest.raises(RuntimeError, match="_is_alias_of_live_recorded_tensor answered None"):
+        cls._is_alias_of_live_recorded_tensor(leaf, a)
+
+
+@pytest.mark.parametrize("env, mode, installed", [(None, "reduce-overhead", True), ("0", "reduce-overhead", False),
+                                                  ("1", "reduce-overhead", True), ("check", "reduce-overhead", "check"),
+                                                  (None, None, False), ("1", None, False)])
 def test_compile_blocks_installs_them_when_asked(restore_torch, monkeypatch, env, mode, installed):
-    """Opt-in: FLUX_RAY_FAST_GRAPH_RECORDING=1 with a CUDA-graph mode (torch.compile is lazy: nothing compiles)."""
+    """With a CUDA-graph mode, unless FLUX_RAY_FAST_GRAPH_RECORDING=0; check: the comparing lookups (torch.compile
+    is lazy: nothing compiles)."""
     from flux_ray.core.compile import FAST_RECORDING_ENV, compile_blocks
     from flux_ray.core.model import build_transformer_from_config
     from flux_ray.core.tiny import TINY_TRANSFORMER
@@ -125,4 +149,8 @@ def test_compile_blocks_installs_them_when_asked(restore_torch, monkeypatch, env
                                           torch.float32, seed=0)
     compile_blocks(model, backend="eager", mode=mode)
     for name, fn in cudagraph_lookup.REPLACEMENTS.items():
-        assert (getattr(cudagraph_trees.CUDAGraphNode, name) is fn) == installed
+        now = getattr(cudagraph_trees.CUDAGraphNode, name)
+        if installed == "check":
+            assert getattr(now, "flux_ray", False) and now is not fn
+        else:
+            assert (now is fn) == installed

@@ -83,6 +83,10 @@ def test_later_trials_reuse_the_process_and_its_model(reused_sweep):
     assert set(pids[0]) == set(pids[1]) == {pids[2][0]} == set(killed)  # one actor ran them all, until the kill
     loads = [c.get_run(r["mlflow_run_id"]).data.metrics["startup_load_s"] for r in rows]
     assert loads[1] < loads[0] / 5 and loads[1] < loads[2] / 5
+    # Tune ran each trial's function in a thread of its own; both trained in the process's one trainer thread
+    first, second = (_tune_results(spec, r["trial"])[-1] for r in rows[:2])
+    assert first["trainer_thread"] == second["trainer_thread"] != first["trial_thread"]
+    assert first["trial_thread"] != second["trial_thread"]
 
 
 def test_a_killed_trial_is_restarted_from_its_checkpoint_in_a_new_process(reused_sweep):
@@ -150,3 +154,26 @@ def test_reuse_actors_false_runs_a_torch_trainer_per_trial(ray_session, tiny_mod
         run_dir = os.path.join(spec.run_uri, "trials", r["trial"])
         assert r["lora"].startswith(run_dir) and os.path.exists(os.path.join(run_dir, "run_summary.json"))
         assert not os.path.exists(os.path.join(spec.run_uri, r["trial"], "run_summary.json"))
+
+
+def test_in_trainer_thread_runs_every_call_in_one_thread():
+    """Calls from several threads run one at a time in one kept thread; results and errors (SystemExit, which
+    Tune's report raises in a stopped trial, too) come back to the caller, and the thread outlives them."""
+    from flux_ray.tune.local_trial import in_trainer_thread
+
+    seen, out = [], []
+
+    def call():
+        out.append(in_trainer_thread(lambda: seen.append(threading.get_ident()) or threading.get_ident()))
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(set(seen)) == 1 and out == seen and seen[0] != threading.get_ident()
+    with pytest.raises(SystemExit):
+        in_trainer_thread(lambda: __import__("sys").exit(0))
+    with pytest.raises(ValueError, match="bad"):
+        in_trainer_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert in_trainer_thread(threading.get_ident) == seen[0]
