@@ -13,8 +13,8 @@ same storage (``_initialize_cached_tensors``), so a pointer set keyed on the lis
 holds the pointer, the graph's outputs are walked in order as before (liveness included), so the first live
 alias found is the one torch's loop finds. Installed only over the torch functions this was checked against
 (their source is compared); any other version keeps torch's own. The bare step at 512 px recorded in 3.95 s
-instead of 14.71 s with the same losses (call 43); through Ray a cold trial's third step took 2.3-3.3 s instead
-of 18-22 s, and in ``check`` mode 20,000 lookups of a 1-GPU run gave torch's answers (calls 44-46). On by default
+instead of 14.71 s with the same losses (call 43); through Ray a cold run's third step took 2.3-4.2 s instead
+of 18-22 s, and in ``check`` mode 20,000 lookups of a 1-GPU run gave torch's answers (calls 44-47). On by default
 (``FLUX_RAY_FAST_GRAPH_RECORDING=0``: torch's own; core/compile.py).
 """
 from __future__ import annotations
@@ -78,8 +78,8 @@ def _checked(name: str, ours, torchs):
     def lookup(self, t):
         mine, theirs = ours(self, t), torchs(self, t)
         if mine != theirs:
-            raise RuntimeError(f"flux_ray's {name} answered {mine!r} where torch's answered {theirs!r}: unset "
-                               "FLUX_RAY_FAST_GRAPH_RECORDING and report this")
+            raise RuntimeError(f"flux_ray's {name} answered {mine!r} where torch's answered {theirs!r}: set "
+                               "FLUX_RAY_FAST_GRAPH_RECORDING=0 (torch's lookups) and report this")
         CHECKS["lookups"] += 1
         if CHECKS["lookups"] % 5000 == 0:
             log.warning("CUDA graph lookups: %d answered by flux_ray's and torch's code alike", CHECKS["lookups"])
