@@ -471,7 +471,9 @@ def main() -> None:
     # carries Ray without it, so start the local Ray the same way minus that hook (only Tune needs it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if a.fast_graph_recording:  # before ray.init: the local cluster's workers inherit it (core/compile.py)
-        os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = a.fast_graph_recording
+        from flux_ray.core.compile import FAST_RECORDING_ENV
+
+        os.environ[FAST_RECORDING_ENV] = a.fast_graph_recording
     if a.profile_steps:  # set before ray.init: Ray's workers inherit the environment the local cluster starts with
         os.environ.update(FLUX_RAY_PROFILE_STEPS=a.profile_steps,
                           FLUX_RAY_PROFILE_DIR=str(Path(a.out).resolve() / "profile"))

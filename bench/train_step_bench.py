@@ -170,7 +170,9 @@ def build(v: dict):
         fp8_module.GRAD_FAST_ACCUM = v["fp8_gacc"] != "full"
         fp8_module.FUSE_PROJECTIONS = bool(v["fp8_fuse"])
     # faster lookups while recording CUDA graphs (core/compile.py reads it; the trainer's default) or torch's
-    os.environ["FLUX_RAY_FAST_GRAPH_RECORDING"] = "1" if v["cgfast"] else "0"
+    from flux_ray.core.compile import FAST_RECORDING_ENV
+
+    os.environ[FAST_RECORDING_ENV] = "1" if v["cgfast"] else "0"
     if v["cdt"]:  # an experiment's knob: inductor tunes each Triton kernel's block sizes (longer compile)
         import torch._inductor.config as inductor_config
 

@@ -534,6 +534,10 @@ class TreadConfig(_Section):
     routes: list[TreadRoute] = Field(min_length=1)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""``train.dynamo_mode`` values under which torch.compile replays the blocks as CUDA graphs."""
+
+
 class TrainSpec(_Section):
     max_train_steps: int = Field(100, ge=1)
     train_batch_size: int = Field(1, ge=1)
@@ -585,7 +589,7 @@ class TrainSpec(_Section):
     @property
     def uses_cuda_graphs(self) -> bool:
         """The blocks are compiled in a mode that replays CUDA graphs (torch's cudagraph trees)."""
-        return self.compile and self.dynamo_mode in ("reduce-overhead", "max-autotune")
+        return self.compile and self.dynamo_mode in CUDA_GRAPH_MODES
 
     @model_validator(mode="after")
     def _check_lr_schedule(self) -> TrainSpec:

@@ -127,13 +127,23 @@ def write_bytes_atomic(uri: str, data: bytes, storage: StorageSpec | None = None
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _replace_local(path, fill)
+
+
+def _replace_local(path: str, fill) -> None:
+    """``fill(tmp)`` makes a temp file beside ``path``; it is fsynced, given open()'s mode and moved over
+    ``path`` with os.replace. On any error the temp file is removed and ``path`` is untouched."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        fill(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
@@ -155,20 +165,7 @@ def put_file_atomic(local_path: str | os.PathLike, uri: str, storage: StorageSpe
             shutil.copyfileobj(src, dst, 16 << 20)
         os.unlink(local_path)
         return
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.move(os.fspath(local_path), tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _replace_local(path, lambda tmp: shutil.move(os.fspath(local_path), tmp))
 
 
 def read_json(uri: str, storage: StorageSpec | None = None) -> Any:

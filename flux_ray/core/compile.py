@@ -15,6 +15,7 @@ import os
 import torch
 
 from flux_ray.core.checkpointing import transformer_blocks
+from flux_ray.spec import CUDA_GRAPH_MODES
 
 
 FAST_RECORDING_ENV = "FLUX_RAY_FAST_GRAPH_RECORDING"
@@ -43,7 +44,7 @@ def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode
     """Compile each block in place (``backend`` other than inductor: tests of the capture on a CPU; ``mode``:
     torch.compile's, e.g. reduce-overhead for CUDA graphs of each block)."""
     fast = os.environ.get(FAST_RECORDING_ENV, "1")
-    if mode in ("reduce-overhead", "max-autotune") and fast in ("1", "check"):
+    if mode in CUDA_GRAPH_MODES and fast in ("1", "check"):
         from flux_ray.core.cudagraph_lookup import install  # CUDA graph trees: record the blocks' graphs faster
 
         install(check=fast == "check")

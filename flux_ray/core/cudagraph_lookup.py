@@ -69,6 +69,8 @@ def is_alias_of_live_recorded_tensor(self, t):
 
 REPLACEMENTS = {"_is_cuda_graph_recorded_tensor": is_cuda_graph_recorded_tensor,
                 "_is_alias_of_live_recorded_tensor": is_alias_of_live_recorded_tensor}
+for _fn in REPLACEMENTS.values():
+    _fn.flux_ray = True  # installed already (as themselves, or wrapped by the check mode)
 CHECKS = {"lookups": 0}
 """How many lookups the ``check`` mode answered both ways (all equal, or it raised)."""
 
@@ -93,7 +95,7 @@ def install(check: bool = False) -> bool:
     ``check``: answer with torch's and compare each answer with ours (slow: torch's walk plus ours)."""
     cls = cudagraph_trees.CUDAGraphNode
     current = {name: getattr(cls, name, None) for name in REPLACEMENTS}
-    if all(getattr(fn, "flux_ray", False) or fn is REPLACEMENTS[name] for name, fn in current.items()):
+    if all(getattr(fn, "flux_ray", False) for fn in current.values()):
         return True
     for name, fn in current.items():
         if fn is None or source_digest(fn) not in CHECKED[name]:
